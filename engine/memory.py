@@ -1,0 +1,146 @@
+"""Live-tensor memory tracking that works on CPU, CUDA and under ``FakeTensorMode``.
+
+Backprop through K sampler steps calls the same modules K times per iteration (forward, recompute,
+backward), which ``torch.distributed._tools.mem_tracker.MemTracker`` refuses. This tracker does not
+care about modules: a ``TorchDispatchMode`` sees every tensor an op returns, registers each new
+storage once with its byte size, and a weakref on the storage subtracts the bytes when the storage
+is freed. The running sum per device is the live-tensor footprint; its maximum is the peak.
+
+Because it only reads ``untyped_storage().nbytes()``, it runs unchanged under ``FakeTensorMode``:
+a full-size model built from fake tensors can be "trained" for one step and measured without
+allocating a byte. On CUDA, ``torch.cuda.max_memory_allocated`` is recorded beside it so the two
+can be compared (the allocator adds block rounding and fragmentation on top of live bytes).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["MemoryReport", "LiveTensorTracker", "track_memory"]
+
+
+@dataclass
+class MemoryReport:
+    """Peak live bytes per device for one tracked region (bytes allocated inside the region)."""
+
+    peak_bytes: int = 0
+    """Peak over the region of the bytes allocated inside it and still alive, summed over devices."""
+    peak_bytes_per_device: dict[str, int] = field(default_factory=dict)
+    """Peak of each device on its own (the per-device peaks need not coincide in time)."""
+    end_bytes: int = 0
+    """Bytes allocated inside the region and still alive when it closed."""
+    cuda_peak_bytes: int | None = None
+    """``torch.cuda.max_memory_allocated`` over the region minus its value at entry, if CUDA ran."""
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Counts bytes of storages created while active, until each is freed.
+
+    Use as a context manager (``with LiveTensorTracker() as tracker: ...``), then read
+    ``tracker.report()``. Storages that existed before entry (parameters, inputs) are not counted;
+    in-place ops and views reuse a counted storage and add nothing.
+    """
+
+    def __init__(self, *, track_cuda: bool | None = None) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._live_bytes: dict[str, int] = defaultdict(int)
+        self._peak_per_device: dict[str, int] = defaultdict(int)
+        self._live_total = 0
+        self._peak_total = 0
+        # id(storage) -> weakref; keeps each storage registered exactly once while it lives.
+        self._seen: dict[int, weakref.ref] = {}
+        self._track_cuda = torch.cuda.is_available() if track_cuda is None else track_cuda
+        self._cuda_start = 0
+        self._cuda_peak: int | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _release(self, key: int, device: str, nbytes: int) -> None:
+        with self._lock:
+            self._seen.pop(key, None)
+            self._live_bytes[device] -= nbytes
+            self._live_total -= nbytes
+
+    def _register(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        with self._lock:
+            ref = self._seen.get(key)
+            if ref is not None and ref() is storage:
+                return
+            nbytes = storage.nbytes()
+            device = str(storage.device)
+            self._seen[key] = weakref.ref(
+                storage, lambda _ref, k=key, d=device, n=nbytes: self._release(k, d, n)
+            )
+            self._live_bytes[device] += nbytes
+            self._live_total += nbytes
+            self._peak_per_device[device] = max(
+                self._peak_per_device[device], self._live_bytes[device]
+            )
+            self._peak_total = max(self._peak_total, self._live_total)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # Views, in-place and out= ops return storages of their inputs: nothing new was allocated
+        # (and a view of a parameter must not count as parameter-sized allocation).
+        inputs, _ = tree_flatten((args, kwargs))
+        input_storages = {
+            id(t.untyped_storage())
+            for t in inputs
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided
+        }
+        flat, _ = tree_flatten(out)
+        for value in flat:
+            if (
+                isinstance(value, torch.Tensor)
+                and value.layout == torch.strided
+                and id(value.untyped_storage()) not in input_storages
+            ):
+                self._register(value)
+        return out
+
+    # -- context -----------------------------------------------------------------------------
+    def __enter__(self) -> LiveTensorTracker:
+        if self._track_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda_start = torch.cuda.memory_allocated()
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if self._track_cuda:
+            torch.cuda.synchronize()
+            self._cuda_peak = torch.cuda.max_memory_allocated() - self._cuda_start
+
+    @property
+    def live_bytes(self) -> int:
+        """Bytes allocated since entry that are alive right now."""
+        return self._live_total
+
+    def report(self) -> MemoryReport:
+        return MemoryReport(
+            peak_bytes=self._peak_total,
+            peak_bytes_per_device=dict(self._peak_per_device),
+            end_bytes=self._live_total,
+            cuda_peak_bytes=self._cuda_peak,
+        )
+
+
+def track_memory(fn, *args, **kwargs) -> tuple[object, MemoryReport]:
+    """Runs ``fn(*args, **kwargs)`` under a :class:`LiveTensorTracker`; returns (result, report).
+
+    The result is kept alive, so its bytes show up in ``report.end_bytes``.
+    """
+    with LiveTensorTracker() as tracker:
+        result = fn(*args, **kwargs)
+    return result, tracker.report()

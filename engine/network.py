@@ -1,0 +1,124 @@
+"""The network seam: one call convention over diffusers denoisers, and per-step copies.
+
+The network knows nothing of noise or schedules: it maps ``(x_t, timestep, conditioning)`` to its
+raw prediction. :func:`denoise` hides the differences between diffusers models (PixArt's
+``added_cond_kwargs``, UNet's positional ``timestep``, learned-sigma outputs with 2C channels,
+``return_dict``) so the sampler and trajectory can treat every denoiser the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Conditioning", "denoise", "per_step_networks", "unwrap"]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Text conditioning of one batch.
+
+    ``encoder_hidden_states``: (B, L, D_text) text-encoder output.
+    ``encoder_attention_mask``: (B, L), 1/True = a real token, 0 = padding; None = no padding.
+    ``added_cond_kwargs``: model-specific extras (PixArt-1024's resolution / aspect ratio).
+    """
+
+    encoder_hidden_states: torch.Tensor
+    encoder_attention_mask: torch.Tensor | None = None
+    added_cond_kwargs: Mapping[str, torch.Tensor | None] | None = None
+
+    def __post_init__(self) -> None:
+        states, mask = self.encoder_hidden_states, self.encoder_attention_mask
+        if states.dim() != 3:
+            raise ValueError(
+                f"encoder_hidden_states must be (B, L, D), got shape {tuple(states.shape)}"
+            )
+        if mask is not None and tuple(mask.shape) != tuple(states.shape[:2]):
+            raise ValueError(
+                f"encoder_attention_mask must be (B, L) = {tuple(states.shape[:2])}, "
+                f"got {tuple(mask.shape)}"
+            )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside wrappers that expose it as ``.module`` (DeepSpeed, DDP)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def denoise(
+    model: nn.Module, sample: torch.Tensor, timestep: int, cond: Conditioning
+) -> torch.Tensor:
+    """Raw network prediction (epsilon / v / x0, per the model) for ``sample`` at ``timestep``.
+
+    ``sample``: (B, C, H, W) latent. Returns (B, C, H, W); of a learned-sigma model's 2C output
+    channels only the first C (the mean prediction) are returned, as diffusers' pipelines do.
+    """
+    accepted = _forward_parameters(type(unwrap(model)))
+    batch = sample.shape[0]
+    if cond.encoder_hidden_states.shape[0] != batch:
+        raise ValueError(
+            f"conditioning batch {cond.encoder_hidden_states.shape[0]} != sample batch {batch}"
+        )
+    kwargs: dict[str, object] = {
+        "timestep": torch.full((batch,), timestep, dtype=torch.long, device=sample.device),
+        "encoder_hidden_states": cond.encoder_hidden_states,
+    }
+    if cond.encoder_attention_mask is not None:
+        if "encoder_attention_mask" not in accepted:
+            raise ValueError(
+                f"{type(unwrap(model)).__name__}.forward takes no encoder_attention_mask, but the "
+                "conditioning has one"
+            )
+        kwargs["encoder_attention_mask"] = cond.encoder_attention_mask
+    if "added_cond_kwargs" in accepted:
+        kwargs["added_cond_kwargs"] = (
+            dict(cond.added_cond_kwargs)
+            if cond.added_cond_kwargs is not None
+            else {"resolution": None, "aspect_ratio": None}
+        )
+    if "return_dict" in accepted:
+        kwargs["return_dict"] = False
+    out = model(sample, **kwargs)
+    if isinstance(out, tuple):
+        out = out[0]
+    elif not isinstance(out, torch.Tensor):
+        out = out.sample
+    channels = sample.shape[1]
+    if out.shape[1] == 2 * channels:
+        out = out[:, :channels]
+    elif out.shape[1] != channels:
+        raise ValueError(
+            f"denoiser returned {out.shape[1]} channels for a {channels}-channel sample "
+            f"(expected {channels} or {2 * channels} with learned sigma)"
+        )
+    return out
+
+
+def per_step_networks(model: nn.Module, num_steps: int) -> nn.ModuleList:
+    """``num_steps`` independent copies of ``model`` (paper App. D.1: no sharing across steps).
+
+    All copies start from the same weights; step ``i`` of the trajectory uses copy ``i``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return nn.ModuleList([copy.deepcopy(model) for _ in range(num_steps)])
+
+
+def step_network(networks: nn.Module | Sequence[nn.Module], index: int) -> nn.Module:
+    """The network of sampler step ``index``: the shared one, or the step's own copy."""
+    if isinstance(networks, nn.ModuleList | list | tuple):
+        return networks[index]
+    return networks

@@ -1,0 +1,38 @@
+"""Distribution `e2ed2`: `engine/` installs as `e2ed2.engine`, `kernels/` as `e2ed2.kernels`."""
+
+from setuptools import setup
+
+setup(
+    name="e2ed2",
+    version="0.1.0",
+    description=(
+        "Memory-optimized DeepSpeed training engine for end-to-end differentiable diffusion "
+        "(backprop through the whole few-step sampler)."
+    ),
+    python_requires=">=3.10",
+    # `e2ed2` itself is an implicit namespace package: the top-level layout has no e2ed2/ folder.
+    packages=["e2ed2.engine", "e2ed2.kernels"],
+    package_dir={"e2ed2.engine": "engine", "e2ed2.kernels": "kernels"},
+    install_requires=[
+        # A plain `torch` requirement lets pip pick the registry's default build (CUDA), whose
+        # torchvision ops load; the lpips package needs torchvision.
+        "torch>=2.4",
+        "torchvision",
+        "deepspeed>=0.15",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "lpips>=0.1.4",
+        "triton; platform_system == 'Linux'",
+        "tensorboard",
+        "safetensors",
+        "numpy",
+        "tqdm",
+        # Embedded default dataset (8x8 digits) and plots for the benchmarks.
+        "scikit-learn",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.6"],
+        "xformers": ["xformers"],
+    },
+)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny diffusers denoisers built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import PixArtTransformer2DModel
+
+from e2ed2.engine import Conditioning
+
+
+def tiny_pixart(
+    *,
+    sample_size: int = 8,
+    num_layers: int = 2,
+    heads: int = 2,
+    head_dim: int = 8,
+    caption_channels: int = 24,
+    seed: int = 0,
+    reinit_zeros: bool = True,
+) -> PixArtTransformer2DModel:
+    """A PixArt-α-shaped transformer (adaLN-single, cross-attention, learned sigma), tiny."""
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=8,
+        num_layers=num_layers,
+        cross_attention_dim=heads * head_dim,
+        sample_size=sample_size,
+        patch_size=2,
+        caption_channels=caption_channels,
+        norm_num_groups=1,
+    )
+    # diffusers zero-initialises the output projection and adaLN; random weights make the
+    # gradient comparisons meaningful (a zero layer would hide errors behind zero gradients).
+    # (Off under fake tensors, whose values cannot be read.)
+    if not reinit_zeros:
+        return model
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return model
+
+
+def text_conditioning(
+    batch: int, *, tokens: int = 7, channels: int = 24, seed: int = 1, padded: bool = True
+) -> Conditioning:
+    """Random text embeddings; with ``padded`` the last sample has 3 padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(batch, tokens, channels, generator=g)
+    mask = None
+    if padded:
+        mask = torch.ones(batch, tokens, dtype=torch.long)
+        mask[-1, -3:] = 0
+    return Conditioning(encoder_hidden_states=states, encoder_attention_mask=mask)
+
+
+@pytest.fixture
+def make_pixart():
+    """Factory for tiny PixArt models (tests pass their own sizes)."""
+    return tiny_pixart
+
+
+@pytest.fixture
+def make_conditioning():
+    return text_conditioning
