@@ -32,7 +32,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.17,<0.18"],
         "xformers": ["xformers"],
     },
 )
