@@ -31,6 +31,7 @@ setup(
         "scikit-learn",
         "matplotlib",
     ],
+    entry_points={"console_scripts": ["e2ed2 = e2ed2.engine.cli:main"]},
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.17,<0.18"],
         "xformers": ["xformers"],

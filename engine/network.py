@@ -59,9 +59,12 @@ def _forward_parameters(cls: type) -> frozenset[str]:
 
 
 def denoise(
-    model: nn.Module, sample: torch.Tensor, timestep: int, cond: Conditioning
+    model: nn.Module, sample: torch.Tensor, timestep: int | torch.Tensor, cond: Conditioning
 ) -> torch.Tensor:
     """Raw network prediction (epsilon / v / x0, per the model) for ``sample`` at ``timestep``.
+
+    ``timestep``: one int for the whole batch (sampler steps), or a (B,) integer tensor (one per
+    sample, as the diffusion objective draws them).
 
     ``sample``: (B, C, H, W) latent. Returns (B, C, H, W); of a learned-sigma model's 2C output
     channels only the first C (the mean prediction) are returned, as diffusers' pipelines do.
@@ -72,8 +75,14 @@ def denoise(
         raise ValueError(
             f"conditioning batch {cond.encoder_hidden_states.shape[0]} != sample batch {batch}"
         )
+    if isinstance(timestep, torch.Tensor):
+        if tuple(timestep.shape) != (batch,):
+            raise ValueError(f"timestep tensor must be ({batch},), got {tuple(timestep.shape)}")
+        timesteps = timestep.to(sample.device)
+    else:
+        timesteps = torch.full((batch,), timestep, dtype=torch.long, device=sample.device)
     kwargs: dict[str, object] = {
-        "timestep": torch.full((batch,), timestep, dtype=torch.long, device=sample.device),
+        "timestep": timesteps,
         "encoder_hidden_states": cond.encoder_hidden_states,
     }
     if cond.encoder_attention_mask is not None:

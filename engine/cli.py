@@ -1,0 +1,42 @@
+"""The ``e2ed2`` command: ``train``, ``precompute``, ``sample``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+_USAGE = """usage: e2ed2 <command> [args]
+
+commands:
+  train       train (end to end through the K-step sampler); `e2ed2 train --help`
+  precompute  encode an image folder with captions into latent shards (local VAE + T5)
+  sample      write a PNG grid of K-step samples from an export or checkpoint
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from .train import main as train_main
+
+        return train_main(rest)
+    if command == "precompute":
+        from .precompute import main as precompute_main
+
+        return precompute_main(rest)
+    if command == "sample":
+        from .sample import main as sample_main
+
+        return sample_main(rest)
+    print(f"e2ed2: unknown command {command!r}\n{_USAGE}", file=sys.stderr, end="")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

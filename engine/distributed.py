@@ -1,0 +1,151 @@
+"""DeepSpeed configuration: the shipped ZeRO JSON plus the values the run config owns.
+
+The JSON files in ``ds_configs/`` describe *how* to shard (ZeRO stage, buckets, prefetch,
+offload). Everything that is also a training setting (batch sizes, accumulation, clipping,
+precision, optimizer, LR schedule) is derived here, in one place, from the run config; a JSON that
+sets one of those keys to a different value is an error rather than a silent override.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["OptimConfig", "resolve_ds_config", "build_ds_config", "init_distributed"]
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup to a fixed learning rate (the paper: fixed LR, weight decay)."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.03
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        for key in ("weight_decay", "eps", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def resolve_ds_config(name_or_path: str) -> Path:
+    """A shipped config by name (``zero2``, ``zero3``, ``zero3_offload``, ``none``) or a path."""
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+        raise FileNotFoundError(
+            f"run.deepspeed_config={name_or_path!r}: no DeepSpeed JSON at {str(path)!r} "
+            f"(shipped: {shipped}, or give a path to a .json file)"
+        )
+    return path
+
+
+def build_ds_config(
+    ds_config: str,
+    *,
+    batch_per_rank: int,
+    grad_accum_steps: int,
+    world_size: int,
+    optim: OptimConfig,
+    precision: Precision,
+) -> dict[str, Any]:
+    """The full DeepSpeed config dict of one engine."""
+    path = resolve_ds_config(ds_config)
+    with open(path) as f:
+        config = json.load(f)
+    derived: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": batch_per_rank,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": batch_per_rank * grad_accum_steps * world_size,
+        "gradient_clipping": optim.grad_clip,
+    }
+    for key, value in derived.items():
+        if key in config and config[key] != value:
+            raise ValueError(
+                f"{path}: {key}={config[key]} disagrees with the run config ({value}); batch "
+                "sizes and clipping are set by the run config (run.batch_per_rank, "
+                "run.grad_accum_steps, optim.grad_clip), remove the key from the JSON"
+            )
+    for owned in ("optimizer", "scheduler", "bf16", "fp16"):
+        if owned in config:
+            raise ValueError(
+                f"{path}: '{owned}' is set by the run config (optim.*, run.precision); remove it"
+            )
+    config.update(derived)
+    config["bf16"] = {"enabled": precision == "bf16"}
+    config["fp16"] = {"enabled": precision == "fp16"}
+    config["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": optim.lr,
+            "betas": [optim.beta1, optim.beta2],
+            "eps": optim.eps,
+            "weight_decay": optim.weight_decay,
+        },
+    }
+    if optim.warmup_steps > 0:
+        # Without warmup no scheduler at all: WarmupLR would give step 0 a learning rate of 0.
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": optim.lr,
+                "warmup_num_steps": optim.warmup_steps,
+                "warmup_type": "linear",
+            },
+        }
+    assert (
+        config["train_batch_size"]
+        == config["train_micro_batch_size_per_gpu"]
+        * config["gradient_accumulation_steps"]
+        * world_size
+    )
+    return config
+
+
+def init_distributed() -> tuple[int, int]:
+    """Starts torch.distributed through DeepSpeed (launcher env, or a 1-process group).
+
+    ``e2ed2 train`` without a launcher runs as a world of one; the rendezvous variables the
+    launcher would set are filled in for that case.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

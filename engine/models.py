@@ -1,0 +1,150 @@
+"""Building the trained denoiser and the frozen autoencoder (diffusers models).
+
+The denoiser is a diffusers ``PixArtTransformer2DModel``: loaded from a local diffusers folder
+(``from_pretrained``; no hub) or, for tiny presets, built from the config. The autoencoder is a
+frozen ``AutoencoderKL`` from a local folder, or the identity (pixel-space presets such as the
+embedded digits). Frozen models are built by the caller outside ``deepspeed.zero.Init`` so ZeRO-3
+never partitions them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, PixArtTransformer2DModel
+from torch import nn
+
+__all__ = [
+    "ModelConfig",
+    "IdentityAutoencoder",
+    "FrozenVAE",
+    "build_denoiser",
+    "build_autoencoder",
+    "resolve_model_folder",
+]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The denoiser (trained) and the autoencoder (frozen).
+
+    Latent channels and latent size are not set here: they follow from the data (pixel space) or
+    the autoencoder, and are passed to :func:`build_denoiser`.
+    """
+
+    # Local diffusers folder of a PixArt transformer: a model folder (config.json) or a pipeline
+    # folder with a transformer/ subfolder. None = build from the fields below.
+    pretrained_path: str | None = None
+    # Local diffusers folder of an AutoencoderKL (or a pipeline folder with vae/). None = pixel
+    # space (identity autoencoder).
+    vae_path: str | None = None
+    # Architecture of a denoiser built from config (PixArt-α-XL/2: 28 layers, 16 heads x 72).
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    attention_head_dim: int = 16
+    patch_size: int = 2
+    learned_sigma: bool = False
+    # Paper App. D.1: one network shared by all K steps (default) or one copy per step.
+    share_across_steps: bool = True
+    # Route attention and the timestep embedding through e2ed2.kernels (Triton on CUDA).
+    fused_kernels: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.attention_head_dim % 8 and self.fused_kernels:
+            raise ValueError(
+                f"model.attention_head_dim={self.attention_head_dim} must be a multiple of 8 "
+                "with model.fused_kernels=true"
+            )
+
+
+def resolve_model_folder(path: str, subfolder: str, key: str) -> str:
+    """``path`` itself if it holds a diffusers ``config.json``, else ``path/subfolder``."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    nested = os.path.join(path, subfolder)
+    if os.path.isfile(os.path.join(nested, "config.json")):
+        return nested
+    raise FileNotFoundError(
+        f"{key}={path!r}: expected a diffusers model folder (config.json + weights) or a pipeline "
+        f"folder with {subfolder}/config.json; found neither"
+    )
+
+
+def build_denoiser(
+    config: ModelConfig, *, latent_channels: int, latent_size: int, text_dim: int
+) -> PixArtTransformer2DModel:
+    """The trainable denoiser, checked against the data's latent and text shapes."""
+    if config.pretrained_path is not None:
+        folder = resolve_model_folder(
+            config.pretrained_path, "transformer", "model.pretrained_path"
+        )
+        model = PixArtTransformer2DModel.from_pretrained(folder)
+        got = (model.config.in_channels, model.config.caption_channels)
+        if got != (latent_channels, text_dim):
+            raise ValueError(
+                f"model.pretrained_path={config.pretrained_path!r} takes in_channels={got[0]}, "
+                f"caption_channels={got[1]}, but the data has {latent_channels} latent channels "
+                f"and {text_dim}-dim text embeddings"
+            )
+    else:
+        if latent_size % config.patch_size:
+            raise ValueError(
+                f"latent size {latent_size} is not divisible by model.patch_size={config.patch_size}"
+            )
+        inner_dim = config.num_attention_heads * config.attention_head_dim
+        model = PixArtTransformer2DModel(
+            num_attention_heads=config.num_attention_heads,
+            attention_head_dim=config.attention_head_dim,
+            in_channels=latent_channels,
+            out_channels=latent_channels * (2 if config.learned_sigma else 1),
+            num_layers=config.num_layers,
+            cross_attention_dim=inner_dim,
+            sample_size=latent_size,
+            patch_size=config.patch_size,
+            caption_channels=text_dim,
+            norm_num_groups=1,
+            use_additional_conditions=False,
+        )
+    if config.fused_kernels:
+        from e2ed2.kernels import install_fused_kernels
+
+        install_fused_kernels(model)
+    return model
+
+
+class IdentityAutoencoder(nn.Module):
+    """Pixel space: latents are the images in [-1, 1]."""
+
+    scaling_factor = 1.0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+class FrozenVAE(nn.Module):
+    """A frozen ``AutoencoderKL`` that decodes *scaled* latents (as stored / trained on)."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> pixels (B, 3, 8h, 8w) in about [-1, 1], with graph."""
+        return self.vae.decode(latents / self.scaling_factor).sample
+
+    def train(self, mode: bool = True) -> FrozenVAE:
+        # Frozen: stays in eval mode whatever the trainer asks.
+        return super().train(False)
+
+
+def build_autoencoder(config: ModelConfig) -> IdentityAutoencoder | FrozenVAE:
+    if config.vae_path is None:
+        return IdentityAutoencoder()
+    folder = resolve_model_folder(config.vae_path, "vae", "model.vae_path")
+    return FrozenVAE(AutoencoderKL.from_pretrained(folder))
