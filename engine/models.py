@@ -50,6 +50,8 @@ class ModelConfig:
     share_across_steps: bool = True
     # Route attention and the timestep embedding through e2ed2.kernels (Triton on CUDA).
     fused_kernels: bool = False
+    # Parameter-name prefixes of the denoiser kept frozen (e.g. ["caption_projection"]).
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size"):
@@ -110,6 +112,13 @@ def build_denoiser(
             norm_num_groups=1,
             use_additional_conditions=False,
         )
+    for prefix in config.freeze:
+        matched = [p for name, p in model.named_parameters() if name.startswith(prefix)]
+        if not matched:
+            top = sorted({name.split(".")[0] for name, _ in model.named_parameters()})
+            raise ValueError(f"model.freeze: {prefix!r} matches no parameter (top level: {top})")
+        for param in matched:
+            param.requires_grad_(False)
     if config.fused_kernels:
         from e2ed2.kernels import install_fused_kernels
 
