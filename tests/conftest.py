@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from diffusers import PixArtTransformer2DModel
+import os
+import shutil
+import subprocess
 
-from e2ed2.engine import Conditioning
+# Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors. Triton picks
+# compiled vs interpreted when `@triton.jit` runs, including for its own standard library at
+# `import triton` (which torch/diffusers trigger below), so this must come before those imports.
+# nvidia-smi is the check because asking torch would import triton first.
+if "TRITON_INTERPRET" not in os.environ:
+    _has_gpu = shutil.which("nvidia-smi") is not None and (
+        subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    )
+    if not _has_gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import PixArtTransformer2DModel  # noqa: E402
+
+from e2ed2.engine import Conditioning  # noqa: E402
 
 
 def tiny_pixart(
