@@ -97,12 +97,17 @@ def _unknown(kind: str, name: str, options: Sequence[str]) -> ConfigError:
     return ConfigError(f"unknown {kind} {name!r}{hint}; allowed: {_allowed(options)}")
 
 
+class _NoneWord(str):
+    """``none`` / ``null`` typed on the command line: None for an optional key, else the word
+    (``trajectory.checkpoint=none`` is the policy named "none", not a missing value)."""
+
+
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """``value`` if it fits ``annotation`` (int->float widened), else a ConfigError naming key."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
-        if value is None and type(None) in options:
+        if (value is None or isinstance(value, _NoneWord)) and type(None) in options:
             return None
         errors = []
         for option in options:
@@ -113,6 +118,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if isinstance(value, _NoneWord):
+        value = str(value)
     if origin is typing.Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
@@ -161,7 +168,7 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     section, key = dotted.strip().split(".")
     raw = raw.strip()
     if raw.lower() in ("none", "null"):
-        return section, key, None
+        return section, key, _NoneWord(raw)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

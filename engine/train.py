@@ -43,7 +43,8 @@ def build_parser(prog: str = "e2ed2 train") -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 train") -> int:
     from .config import ConfigError, config_to_toml, load_config
 
-    args = build_parser(prog).parse_args(argv)
+    # Intermixed: the deepspeed launcher puts --local_rank wherever it likes among the overrides.
+    args = build_parser(prog).parse_intermixed_args(argv)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:

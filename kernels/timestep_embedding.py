@@ -407,15 +407,29 @@ def timestep_embedding(
     )
 
 
+def _register_zero3_external_parameters(module: nn.Module, owners: tuple[nn.Module, ...]) -> None:
+    """Tell ZeRO-3 that ``module``'s forward uses the parameters of ``owners`` (a no-op without it)."""
+    try:
+        from deepspeed.runtime.zero import register_external_parameter
+    except ImportError:  # DeepSpeed is optional for the kernels themselves
+        return
+    for owner in owners:
+        for parameter in owner.parameters():
+            register_external_parameter(module, parameter)
+
+
 class FusedTimestepEmbedding(nn.Module):
     """diffusers' ``Timesteps`` + ``TimestepEmbedding`` as one fused op.
 
     Owns ``linear_1`` and ``linear_2`` (the very ``nn.Linear`` modules of the ``TimestepEmbedding``
     it replaces, so parameters, optimizer state and state-dict keys are unchanged); the sinusoid
     has no parameters. Its ``forward`` reads the Linear weights directly instead of calling the
-    Linear modules, so DeepSpeed ZeRO-3 must gather them when *this* module runs: it is flagged
-    as a ZeRO-3 leaf module (``_z3_leaf``, the attribute ``deepspeed.utils.set_z3_leaf_module``
-    sets), which makes ZeRO-3 fetch all parameters below it in its pre-forward hook.
+    Linear modules, so DeepSpeed ZeRO-3 must gather them when *this* module runs: they are
+    registered as its external parameters (``deepspeed.zero.register_external_parameter``), which
+    ZeRO-3 fetches in this module's pre-forward and pre-backward hooks and reduces through the
+    usual per-parameter gradient hooks. (Not a ZeRO-3 *leaf* module: DeepSpeed reduces a leaf's
+    gradients in a backward hook that fires once per call, and the sampler calls this module K
+    times per iteration, so the first hook would reduce and free a partial gradient.)
     """
 
     def __init__(
@@ -439,7 +453,7 @@ class FusedTimestepEmbedding(nn.Module):
         self.scale = scale
         self.max_period = max_period
         self.backend = backend
-        self._z3_leaf = True
+        _register_zero3_external_parameters(self, (linear_1, linear_2))
         # Frequency table per device (not a buffer: `.half()` / `.to(bf16)` would round it).
         self._freqs: dict[torch.device, torch.Tensor] = {}
 

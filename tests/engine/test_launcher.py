@@ -74,6 +74,21 @@ def single_process_train(output_dir: Path, *overrides: str) -> str:
     return _run(cmd)
 
 
+def zero3_partition_everything(tmp_path: Path) -> str:
+    """The shipped ZeRO-3 config with no persistent parameters, as a JSON path.
+
+    ZeRO-3 keeps parameters under ``stage3_param_persistence_threshold`` elements whole on every
+    rank; with the shipped 1e5 nearly all of a tiny model would be, and the tests would not
+    exercise gathering and partitioning at all.
+    """
+    shipped = Path(__file__).parents[2] / "ds_configs" / "zero3.json"
+    config = json.loads(shipped.read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / "zero3_partition_everything.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
 def _metrics(output_dir: Path) -> dict[int, dict[str, float]]:
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines)}
@@ -85,7 +100,7 @@ def test_zero3_gan_run_resumes_and_continues_identically(tmp_path: Path) -> None
     Run 3 steps, resume the same command to 5; compare with an uninterrupted 5-step run.
     """
     common = (
-        "run.deepspeed_config=zero3",
+        f"run.deepspeed_config={zero3_partition_everything(tmp_path)}",
         'model.freeze=["caption_projection"]',
         "gan.enabled=true",
         "gan.base_channels=8",
@@ -131,10 +146,18 @@ def _trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def test_zero3_two_ranks_match_single_process_without_zero(tmp_path: Path) -> None:
-    """After 3 steps, weights and EMA of 2-rank ZeRO-3 (batch 2 each) equal 1 rank, batch 4."""
+    """After 3 steps, weights and EMA of 2-rank ZeRO-3 (batch 2 each) equal 1 rank, batch 4.
+
+    The ZeRO-3 run also has the fused kernels installed (torch backend on CPU): the fused
+    timestep embedding reads its Linear weights outside their modules and is called K times per
+    iteration, which ZeRO-3 must gather and reduce correctly (a ZeRO-3 leaf module would not).
+    """
     zero3, single = tmp_path / "zero3", tmp_path / "single"
     common = ("run.max_steps=3", "run.checkpoint_every_steps=3", "optim.lr=1e-3")
-    deepspeed_train(zero3, *common, "run.deepspeed_config=zero3")
+    zero3_json = zero3_partition_everything(tmp_path)
+    deepspeed_train(
+        zero3, *common, f"run.deepspeed_config={zero3_json}", "model.fused_kernels=true"
+    )
     single_process_train(single, *common, "run.deepspeed_config=zero2", "run.batch_per_rank=4")
 
     got = _trained_weights(zero3 / "checkpoints" / "step00000003")
