@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import operator
 import os
 import struct
@@ -54,6 +55,8 @@ __all__ = [
     "digits_text_encoder",
     "encode_text",
 ]
+
+logger = logging.getLogger(__name__)
 
 DataSource = Literal["digits", "shards"]
 Split = Literal["train", "holdout"]
@@ -101,6 +104,10 @@ class DataConfig:
     num_workers: int = 0
     # Shards: how many shard files one process keeps open (memory-mapped) at a time.
     shard_cache_size: int = 4
+    # Shards: the largest tolerated share (0..1) of bad samples (unreadable shard, wrong shape or
+    # dtype, NaN/Inf values), as bad samples drawn / max(samples drawn, dataset size). Bad samples
+    # are skipped, counted and logged; past this share the run stops with an error.
+    max_bad_sample_fraction: float = 0.01
 
     def __post_init__(self) -> None:
         if self.source not in _SOURCES:
@@ -133,6 +140,15 @@ class DataConfig:
             raise ValueError(f"data.seed must be < 2**63, got {self.seed}")
         _check_int("data.num_workers", self.num_workers, minimum=0)
         _check_int("data.shard_cache_size", self.shard_cache_size, minimum=1)
+        if (
+            isinstance(self.max_bad_sample_fraction, bool)
+            or not isinstance(self.max_bad_sample_fraction, int | float)
+            or not 0.0 <= self.max_bad_sample_fraction <= 1.0
+        ):
+            raise ValueError(
+                "data.max_bad_sample_fraction must be a number in [0, 1], got "
+                f"{self.max_bad_sample_fraction!r}"
+            )
 
 
 def _check_int(key: str, value: object, *, minimum: int) -> None:
@@ -410,7 +426,6 @@ class LatentShardDataset(Dataset):
     def __init__(self, config: DataConfig) -> None:
         if config.source != "shards" or not config.shard_dir:
             raise ValueError("LatentShardDataset needs data.source='shards' and data.shard_dir")
-        from safetensors import safe_open
 
         self.config = config
         self.root = os.fspath(config.shard_dir)
@@ -437,30 +452,36 @@ class LatentShardDataset(Dataset):
             raise ValueError(f"{self.root}/index.json lists no samples")
 
         # Read every shard's header once (cheap: no tensor data) to check it against the index
-        # and collect the captions.
+        # and collect the captions. A bad shard (missing, unreadable, wrong shape or dtype) does
+        # not stop training: its rows are bad samples, skipped and counted like any other.
         expected = _expected_tensors(self.latent_kind, self._latent_shape, self._text_shape)
+        declared = {
+            "latent": _SAFETENSORS_DTYPES.get(str(latent.get("dtype"))),
+            "text": _SAFETENSORS_DTYPES.get(str(self.index["text"].get("dtype"))),
+        }
         self.captions: list[str] = []
         self.files: list[str | None] = []
-        for path, count in zip(self.shard_files, counts, strict=True):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"shard {path} listed in {self.root}/index.json is missing")
-            with safe_open(path, framework="pt") as handle:
-                for name, row_shape in expected.items():
-                    if name not in handle.keys():  # noqa: SIM118 (safe_open is no mapping)
-                        raise ValueError(f"shard {path} has no tensor {name!r}")
-                    shape = tuple(handle.get_slice(name).get_shape())
-                    if shape != (count, *row_shape):
-                        raise ValueError(
-                            f"shard {path}: {name} has shape {shape}, expected "
-                            f"{(count, *row_shape)} from index.json"
-                        )
-                metadata = handle.metadata() or {}
-            captions = json.loads(metadata.get("captions", "null")) or [""] * count
-            files = json.loads(metadata.get("files", "null")) or [None] * count
-            if len(captions) != count or len(files) != count:
-                raise ValueError(f"shard {path}: metadata lists != {count} captions/files")
+        #: Unusable shards: shard number -> why (every row of one is a bad sample).
+        self.bad_shards: dict[int, str] = {}
+        for number, (path, count) in enumerate(zip(self.shard_files, counts, strict=True)):
+            try:
+                captions, files = _check_shard(path, count, expected, declared)
+            except Exception as error:  # safetensors/OS/JSON raise many types for broken files
+                reason = (
+                    str(error)
+                    if isinstance(error, ValueError | FileNotFoundError)
+                    else f"unreadable ({type(error).__name__}: {error})"
+                )
+                self.bad_shards[number] = reason
+                logger.warning("bad shard %s (its %d samples are skipped): %s", path, count, reason)
+                captions, files = [""] * count, [None] * count
             self.captions.extend(captions)
             self.files.extend(files)
+        if len(self.bad_shards) == len(self.shard_files):
+            number, reason = next(iter(self.bad_shards.items()))
+            raise ValueError(
+                f"{self.root}: no usable shard (first: {self.shard_files[number]}: {reason})"
+            )
         self._open: OrderedDict[int, Any] = OrderedDict()
         self._open_pid = os.getpid()
 
@@ -499,9 +520,45 @@ class LatentShardDataset(Dataset):
         state["_open"] = OrderedDict()
         return state
 
-    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
-        index, epoch = _unpack_key(key, len(self))
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` lives: shard file, row and (if recorded) the source image."""
         shard = bisect.bisect_right(self._starts, index) - 1
+        where = f"{self.shard_files[shard]} row {index - self._starts[shard]}"
+        source = self.files[index]
+        return f"{where} (source {source})" if source else where
+
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        """The item of ``key``; a bad sample is replaced by the next good one (in index order).
+
+        ``bad_count`` (0 or 1) says whether the drawn sample was bad and ``bad_sample`` where it
+        lives and why (empty if good), so the trainer can count and log it; the replacement keeps
+        every batch full, so all ranks run the same collective operations.
+        """
+        index, epoch = _unpack_key(key, len(self))
+        drawn_problem = None
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            try:
+                item = self._read(candidate, epoch)
+                problem = _non_finite(item)
+            except _BadShard as error:
+                problem = str(error)
+            except Exception as error:  # a shard broken past its header
+                problem = f"unreadable ({type(error).__name__}: {error})"
+            if offset == 0 and problem is not None:
+                drawn_problem = f"{self.describe(index)}: {problem}"
+            if problem is None:
+                break
+        else:
+            raise ValueError(f"{self.root}: no usable sample left (last: {drawn_problem})")
+        item["bad_count"] = 0 if drawn_problem is None else 1
+        item["bad_sample"] = drawn_problem or ""
+        return item
+
+    def _read(self, index: int, epoch: int) -> dict[str, Any]:
+        shard = bisect.bisect_right(self._starts, index) - 1
+        if shard in self.bad_shards:
+            raise _BadShard(self.bad_shards[shard])
         row = index - self._starts[shard]
         handle = self._shard(shard)
 
@@ -524,6 +581,62 @@ class LatentShardDataset(Dataset):
             "encoder_attention_mask": read("encoder_attention_mask").long(),
             "index": index,
         }
+
+
+class _BadShard(Exception):
+    def __str__(self) -> str:
+        return f"in a bad shard: {self.args[0]}"
+
+
+# index.json dtype names -> safetensors header dtype names.
+_SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
+_FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
+_MASK_DTYPES = frozenset({"BOOL", "U8", "I8", "I16", "I32", "I64"})
+
+
+def _check_shard(
+    path: str,
+    count: int,
+    expected: dict[str, tuple[int, ...]],
+    declared: dict[str, str | None],
+) -> tuple[list[str], list[str | None]]:
+    """A shard's captions and source files, after checking its header against the index."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError("listed in index.json but missing")
+    with safe_open(path, framework="pt") as handle:
+        for name, row_shape in expected.items():
+            if name not in handle.keys():  # noqa: SIM118 (safe_open is no mapping)
+                raise ValueError(f"no tensor {name!r}")
+            tensor = handle.get_slice(name)
+            shape = tuple(tensor.get_shape())
+            if shape != (count, *row_shape):
+                raise ValueError(
+                    f"{name} has shape {shape}, expected {(count, *row_shape)} from index.json"
+                )
+            dtype = tensor.get_dtype()
+            if name == "encoder_attention_mask":
+                allowed = _MASK_DTYPES
+            else:
+                wanted = declared["text" if name == "encoder_hidden_states" else "latent"]
+                allowed = frozenset({wanted}) if wanted else _FLOAT_DTYPES
+            if dtype not in allowed:
+                raise ValueError(f"{name} has dtype {dtype}, expected one of {sorted(allowed)}")
+        metadata = handle.metadata() or {}
+    captions = json.loads(metadata.get("captions", "null")) or [""] * count
+    files = json.loads(metadata.get("files", "null")) or [None] * count
+    if len(captions) != count or len(files) != count:
+        raise ValueError(f"metadata lists != {count} captions/files")
+    return captions, files
+
+
+def _non_finite(item: dict[str, Any]) -> str | None:
+    """Why an item cannot be trained on (NaN/Inf in a stored tensor), or None."""
+    for name in ("latents", "encoder_hidden_states"):
+        if not torch.isfinite(item[name]).all():
+            return f"non-finite values (NaN/Inf) in {name}"
+    return None
 
 
 def read_index(root: str) -> dict[str, Any]:

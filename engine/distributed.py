@@ -16,7 +16,13 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["OptimConfig", "resolve_ds_config", "build_ds_config", "init_distributed"]
+__all__ = [
+    "OptimConfig",
+    "resolve_ds_config",
+    "build_ds_config",
+    "init_distributed",
+    "shutdown_distributed",
+]
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -72,28 +78,52 @@ def build_ds_config(
 ) -> dict[str, Any]:
     """The full DeepSpeed config dict of one engine."""
     path = resolve_ds_config(ds_config)
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"run.deepspeed_config={str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"run.deepspeed_config={str(path)!r} must hold a JSON object")
     derived: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": batch_per_rank,
         "gradient_accumulation_steps": grad_accum_steps,
         "train_batch_size": batch_per_rank * grad_accum_steps * world_size,
         "gradient_clipping": optim.grad_clip,
     }
+    owner = {
+        "train_micro_batch_size_per_gpu": "run.batch_per_rank",
+        "gradient_accumulation_steps": "run.grad_accum_steps",
+        "train_batch_size": f"run.batch_per_rank x run.grad_accum_steps x {world_size} ranks",
+        "gradient_clipping": "optim.grad_clip",
+    }
     for key, value in derived.items():
         if key in config and config[key] != value:
+            reason = ""
+            if key == "train_batch_size" and isinstance(config[key], int):
+                per_rank = config[key] / (grad_accum_steps * world_size)
+                if not per_rank.is_integer():
+                    reason = f" (not divisible by {world_size} ranks x {grad_accum_steps} accum)"
             raise ValueError(
-                f"{path}: {key}={config[key]} disagrees with the run config ({value}); batch "
-                "sizes and clipping are set by the run config (run.batch_per_rank, "
-                "run.grad_accum_steps, optim.grad_clip), remove the key from the JSON"
+                f"run.deepspeed_config={str(path)!r}: {key}={config[key]}{reason} disagrees "
+                f"with {owner[key]} = {value}; the run config sets it, remove the key from the JSON"
             )
     for owned in ("optimizer", "scheduler", "bf16", "fp16"):
         if owned in config:
             raise ValueError(
-                f"{path}: '{owned}' is set by the run config (optim.*, run.precision); remove it"
+                f"run.deepspeed_config={str(path)!r}: {owned!r} is set by the run config "
+                "(optim.*, run.precision); remove it from the JSON"
             )
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(
+            f"run.deepspeed_config={str(path)!r}: zero_optimization.stage={stage!r} is not one "
+            "of [0, 1, 2, 3]"
+        )
     config.update(derived)
-    config["bf16"] = {"enabled": precision == "bf16"}
+    # Explicit rather than DeepSpeed's default: the trainer relies on a non-finite gradient norm
+    # making the ZeRO / bf16 optimizer skip the step on every rank (see Trainer.train_step).
+    config["bf16"] = {"enabled": precision == "bf16", "check_grad_overflow": True}
     config["fp16"] = {"enabled": precision == "fp16"}
     config["optimizer"] = {
         "type": "AdamW",
@@ -141,6 +171,21 @@ def init_distributed() -> tuple[int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def shutdown_distributed(*, wait_for_peers: bool) -> None:
+    """Tears the process group down before the interpreter exits.
+
+    Left to interpreter teardown, a gloo group whose peer has already exited can abort the
+    process (``terminate called without an active exception``, exit -6), which the ``deepspeed``
+    launcher reports as a failed run although every rank finished. ``wait_for_peers``: meet at a
+    barrier first (after a normal end; not after an error, where a peer may never arrive).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if wait_for_peers:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:

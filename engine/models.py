@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, PixArtTransformer2DModel
 from torch import nn
+
+if TYPE_CHECKING:
+    # Imported where used: the config (ModelConfig) is read and checked before any model is
+    # built, and diffusers' model classes take seconds to import.
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
 
 __all__ = [
     "ModelConfig",
@@ -65,27 +70,39 @@ class ModelConfig:
 
 
 def resolve_model_folder(path: str, subfolder: str, key: str) -> str:
-    """``path`` itself if it holds a diffusers ``config.json``, else ``path/subfolder``."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    nested = os.path.join(path, subfolder)
-    if os.path.isfile(os.path.join(nested, "config.json")):
-        return nested
-    raise FileNotFoundError(
-        f"{key}={path!r}: expected a diffusers model folder (config.json + weights) or a pipeline "
-        f"folder with {subfolder}/config.json; found neither"
+    """``path`` itself if it holds a diffusers ``config.json``, else ``path/subfolder``.
+
+    The folder must also hold its weights as safetensors (a pickle is never loaded: it can run
+    code), so a half-copied model folder fails here, naming the path, not inside diffusers.
+    """
+    expected = (
+        "a diffusers model folder (config.json + *.safetensors weights) or a pipeline folder "
+        f"with {subfolder}/config.json"
     )
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{key}={path!r} does not exist; expected {expected}")
+    for folder in (path, os.path.join(path, subfolder)):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+                raise FileNotFoundError(
+                    f"{key}={path!r}: {folder!r} has config.json but no *.safetensors weights "
+                    "(pickled .bin weights are not loaded; convert them to safetensors)"
+                )
+            return folder
+    raise FileNotFoundError(f"{key}={path!r} holds no config.json; expected {expected}")
 
 
 def build_denoiser(
     config: ModelConfig, *, latent_channels: int, latent_size: int, text_dim: int
 ) -> PixArtTransformer2DModel:
     """The trainable denoiser, checked against the data's latent and text shapes."""
+    from diffusers import PixArtTransformer2DModel
+
     if config.pretrained_path is not None:
         folder = resolve_model_folder(
             config.pretrained_path, "transformer", "model.pretrained_path"
         )
-        model = PixArtTransformer2DModel.from_pretrained(folder)
+        model = PixArtTransformer2DModel.from_pretrained(folder, use_safetensors=True)
         got = (model.config.in_channels, model.config.caption_channels)
         if got != (latent_channels, text_dim):
             raise ValueError(
@@ -156,4 +173,6 @@ def build_autoencoder(config: ModelConfig) -> IdentityAutoencoder | FrozenVAE:
     if config.vae_path is None:
         return IdentityAutoencoder()
     folder = resolve_model_folder(config.vae_path, "vae", "model.vae_path")
-    return FrozenVAE(AutoencoderKL.from_pretrained(folder))
+    from diffusers import AutoencoderKL
+
+    return FrozenVAE(AutoencoderKL.from_pretrained(folder, use_safetensors=True))

@@ -13,10 +13,11 @@ image_dir>, "caption": ...}`` per line; wins when both exist) or a sidecar text 
 image (``cat.txt`` or ``cat.png.txt``). Images are resized (bicubic, shorter side to
 ``resolution``), center-cropped to ``resolution`` x ``resolution`` and scaled to [-1, 1].
 
-Bad inputs (unreadable or truncated images, missing or empty captions, broken jsonl lines) are
-logged with their path, listed under ``skipped`` in ``index.json`` and left out. Shards are
-written under a temporary name and renamed into place; ``index.json`` is written last, so a
-folder with an index is complete. The format is described in :class:`LatentShardDataset`.
+Bad inputs (unreadable or truncated images, missing or empty captions, broken jsonl lines,
+encodings with NaN/Inf) are logged with their path, listed under ``skipped`` in ``index.json``
+and left out. Shards are written under a temporary name and renamed into place; ``index.json``
+is written last, so a folder with an index is complete. The format is described in
+:class:`LatentShardDataset`.
 """
 
 from __future__ import annotations
@@ -169,16 +170,27 @@ def precompute(
             states, mask = encode_text(
                 tokenizer, encoder, captions, caption_max_tokens, device=device
             )
-        writer.add(
-            {
-                "latent_mean": posterior.mean,
-                "latent_std": posterior.std,
-                "encoder_hidden_states": states,
-                "encoder_attention_mask": mask.bool(),
-            },
-            captions,
-            [f for f, _, _ in pending],
-        )
+        encoded = {
+            "latent_mean": posterior.mean,
+            "latent_std": posterior.std,
+            "encoder_hidden_states": states,
+            "encoder_attention_mask": mask.bool(),
+        }
+        # Checked as stored: a value finite in compute_dtype can overflow the storage dtype.
+        finite = torch.ones(len(pending), dtype=torch.bool)
+        for name in ("latent_mean", "latent_std", "encoder_hidden_states"):
+            stored = encoded[name].detach().to("cpu", dtype)
+            finite &= torch.isfinite(stored.flatten(1)).all(dim=1)
+        for ok, (name, _, _) in zip(finite.tolist(), pending, strict=True):
+            if not ok:
+                skip(name, f"non-finite latent or text embedding (NaN/Inf) when stored as {dtype}")
+        keep = finite.nonzero().flatten()
+        if keep.numel():
+            writer.add(
+                {k: v[keep.to(v.device)] for k, v in encoded.items()},
+                [captions[i] for i in keep.tolist()],
+                [pending[i][0] for i in keep.tolist()],
+            )
         pending.clear()
 
     for name in tqdm(files, desc="precompute", unit="img", disable=not progress):
@@ -371,10 +383,13 @@ def _load_models(
     from diffusers import AutoencoderKL
     from transformers import AutoTokenizer, T5EncoderModel
 
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=compute_dtype)
+    # safetensors only: a pickled .bin can run code when loaded.
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=compute_dtype, use_safetensors=True)
     # transformers 5 renamed torch_dtype to dtype.
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    encoder = T5EncoderModel.from_pretrained(encoder_dir, **{dtype_key: compute_dtype})
+    encoder = T5EncoderModel.from_pretrained(
+        encoder_dir, use_safetensors=True, **{dtype_key: compute_dtype}
+    )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     vae.to(device).eval().requires_grad_(False)
     encoder.to(device).eval().requires_grad_(False)

@@ -27,6 +27,10 @@ class RunConfig:
     resume: bool = True
     # Write the EMA (or, with ema disabled, the trained) weights as a diffusers folder at the end.
     export_at_end: bool = True
+    # Optimizer steps in a row whose loss or gradient is NaN/Inf (each one skipped) after which
+    # the run writes a checkpoint and stops. fp16's dynamic loss scale also skips steps while
+    # it calibrates (one per halving of its initial scale, 2**16 by default), which count too.
+    max_consecutive_nonfinite_steps: int = 25
 
     def __post_init__(self) -> None:
         positive = (
@@ -37,6 +41,7 @@ class RunConfig:
             "checkpoint_every_steps",
             "keep_checkpoints",
             "sample_every_steps",
+            "max_consecutive_nonfinite_steps",
         )
         for key in positive:
             if getattr(self, key) < 1:

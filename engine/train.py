@@ -25,7 +25,9 @@ def build_parser(prog: str = "e2ed2 train") -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=None, help="a TOML preset (see configs/)")
     parser.add_argument(
-        "--dry-run", action="store_true", help="print the resolved config as TOML and exit"
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config as TOML, check its DeepSpeed JSON and local paths, exit",
     )
     parser.add_argument(
         "overrides",
@@ -41,7 +43,7 @@ def build_parser(prog: str = "e2ed2 train") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 train") -> int:
-    from .config import ConfigError, config_to_toml, load_config
+    from .config import ConfigError, check_launch, config_to_toml, load_config
 
     # Intermixed: the deepspeed launcher puts --local_rank wherever it likes among the overrides.
     args = build_parser(prog).parse_intermixed_args(argv)
@@ -52,6 +54,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 train") -> int:
         return 2
     if args.dry_run:
         print(config_to_toml(config), end="")
+    try:
+        # The launcher sets WORLD_SIZE before this process starts: the DeepSpeed JSON and the
+        # local weight paths are checked here, in the first second, not after the models load
+        # (a dry run prints the config first, so it can be read on a machine without weights).
+        check_launch(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        print(f"{prog}: config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
         return 0
 
     rank = int(os.environ.get("RANK", "0"))
@@ -59,10 +70,22 @@ def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 train") -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
     )
-    from .trainer import Trainer
+    from .distributed import shutdown_distributed
+    from .trainer import CheckpointMismatchError, DataError, NonFiniteError, Trainer
 
-    trainer = Trainer(config)
-    history = trainer.train()
+    finished = False
+    try:
+        trainer = Trainer(config)
+        history = trainer.train()
+        finished = True
+    except (ConfigError, CheckpointMismatchError) as err:
+        print(f"{prog}: config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, NonFiniteError) as err:
+        print(f"{prog}: stopped: {err}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed(wait_for_peers=finished)
     if rank == 0 and history:
         first, last = history[0], history[-1]
         key = "total" if "total" in last else "diffusion"

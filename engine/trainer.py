@@ -10,6 +10,11 @@ One optimizer step (per rank, per micro-batch)::
       -> objective: L1/L2/LPIPS on ẑ0 (+ GAN term on decoded pixels)   | or the diffusion loss
       -> engine.backward / engine.step (DeepSpeed; ZeRO per ds config) -> EMA update
       -> GAN: discriminator updates on real vs (detached) generated pixels with its own engine
+
+Reliability: a step whose loss or gradient is NaN/Inf on any rank is skipped by every rank (and
+counted; ``run.max_consecutive_nonfinite_steps`` in a row write a checkpoint and stop the run);
+bad data samples arrive already replaced by the dataset and are counted here against
+``data.max_bad_sample_fraction``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import CheckpointStore
-from .config import TrainConfig, config_to_toml
+from .checkpoint import CheckpointStore, use_weights_only_loading
+from .config import ConfigError, TrainConfig, check_launch, config_to_toml
 from .data import build_dataloader, derive_seed
 from .distributed import build_ds_config, init_distributed
 from .ema import ShardedEMA
@@ -43,10 +48,23 @@ from .objectives import E2ED2Loss, diffusion_loss
 from .sample import generate_pixels, sample_conditioning, save_grid
 from .sampler import build_schedule
 from .trajectory import Trajectory, TrajectoryPlan, run_steps
+from .zero_reuse import gathered_once
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "NonFiniteError", "DataError", "CheckpointMismatchError"]
 
 log = logging.getLogger("e2ed2.train")
+
+
+class NonFiniteError(RuntimeError):
+    """``run.max_consecutive_nonfinite_steps`` optimizer steps in a row had a NaN/Inf."""
+
+
+class DataError(RuntimeError):
+    """More bad samples than ``data.max_bad_sample_fraction`` allows."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint to resume was written with a config this run cannot continue."""
 
 
 def _mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -58,6 +76,19 @@ def _mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[s
         dist.all_reduce(packed)
         packed /= dist.get_world_size()
     return dict(zip(keys, packed.tolist(), strict=True))
+
+
+@contextlib.contextmanager
+def _step_disabled(*objects: Any) -> Iterator[None]:
+    """``obj.step()`` does nothing inside the block (an instance attribute shadows the method)."""
+    patched = [obj for obj in objects if obj is not None]
+    for obj in patched:
+        obj.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for obj in patched:
+            del obj.step
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -75,6 +106,12 @@ class Trainer:
         run = config.run
         self.rank, self.world_size = init_distributed()
         self.is_main = self.rank == 0
+        # Before any data or model: the DeepSpeed JSON for this world size and local paths.
+        ds_config = check_launch(config, self.world_size)
+        # e2ed2's own ds_config switch (ds_configs/zero3_reuse.json): gather ZeRO-3 parameters
+        # once per iteration and keep them across the K steps (engine/zero_reuse.py). Popped:
+        # DeepSpeed must not see it.
+        self._gather_once = bool(ds_config.pop("e2ed2_gather_once_per_iteration", False))
         from deepspeed.accelerator import get_accelerator
 
         accelerator = get_accelerator()
@@ -90,10 +127,15 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.toml").write_text(config_to_toml(config))
 
-        # Data: the latent/text shapes decide the denoiser's input/caption sizes.
-        self.loader, self.sampler_state = build_dataloader(
-            config.data, run.batch_per_rank, self.rank, self.world_size
-        )
+        # Data: the latent/text shapes decide the denoiser's input/caption sizes. Still before
+        # any model: a dataset smaller than one global batch or with no usable shard is a
+        # config error, reported in one line.
+        try:
+            self.loader, self.sampler_state = build_dataloader(
+                config.data, run.batch_per_rank, self.rank, self.world_size
+            )
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"[data] {err}") from err
         dataset = self.loader.dataset
         channels, latent_size, _ = dataset.latent_shape
         _, text_dim = dataset.text_shape
@@ -107,18 +149,17 @@ class Trainer:
         module: nn.Module = (
             denoiser if config.model.share_across_steps else per_step_networks(denoiser, num_steps)
         )
-        ds_config = build_ds_config(
-            run.deepspeed_config,
-            batch_per_rank=run.batch_per_rank,
-            grad_accum_steps=run.grad_accum_steps,
-            world_size=self.world_size,
-            optim=config.optim,
-            precision=run.precision,
-        )
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=module,
             model_parameters=[p for p in module.parameters() if p.requires_grad],
             config=ds_config,
+        )
+        use_weights_only_loading(self.engine)
+        # ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers skip a step whose all-reduced gradient
+        # norm is NaN/Inf (counted in engine.skipped_steps); plain fp32 without ZeRO does not,
+        # so the trainer checks the gradients itself there (see train_step).
+        self._check_grads_before_step = (
+            self.engine.zero_optimization_stage() == 0 and run.precision == "fp32"
         )
         self.compute_dtype = {
             "fp32": torch.float32,
@@ -162,6 +203,7 @@ class Trainer:
             self.disc_engine, _, _, _ = deepspeed.initialize(
                 model=disc, model_parameters=list(disc.parameters()), config=disc_ds
             )
+            use_weights_only_loading(self.disc_engine)
 
         self.store = CheckpointStore(
             self.output_dir / "checkpoints",
@@ -170,14 +212,24 @@ class Trainer:
             keep=run.keep_checkpoints,
         )
         self.step = 0
+        # Reliability counters (global: summed over ranks; saved in checkpoints).
+        self.skipped_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient
+        self.consecutive_skipped_steps = 0
+        self.bad_samples = 0  # samples drawn that were bad (and replaced by the dataset)
+        self.samples_drawn = 0
+        self.history: list[dict[str, float]] = []
+        if run.resume and (latest := self.store.latest()) is not None:
+            self._resume(latest)
         self.writer = None
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-        self.history: list[dict[str, float]] = []
-        if run.resume and (latest := self.store.latest()) is not None:
-            self._resume(latest)
+            # purge_step: events a killed run logged after its last checkpoint (steps > step)
+            # are dropped, so the resumed curve has no duplicated or diverging tail.
+            self.writer = SummaryWriter(
+                str(self.output_dir / "tensorboard"),
+                purge_step=self.step + 1 if self.step else None,
+            )
 
     # -- state ---------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
@@ -191,26 +243,62 @@ class Trainer:
             "ema.enabled": c.ema.enabled,
         }
 
-    def _resume(self, path: Path) -> None:
-        state, ema_state = self.store.load(path, engine=self.engine, disc_engine=self.disc_engine)
-        mismatched = [
-            k
-            for k, v in self._fingerprint().items()
-            if json.loads(json.dumps(v)) != state["fingerprint"].get(k)
+    def _check_fingerprint(self, path: Path, saved: dict[str, Any]) -> None:
+        def flat(prefix: str, value: Any) -> dict[str, Any]:
+            if isinstance(value, dict):
+                return {
+                    k: v
+                    for key, sub in value.items()
+                    for k, v in flat(f"{prefix}.{key}", sub).items()
+                }
+            return {prefix: value}
+
+        ours = flat("", json.loads(json.dumps(self._fingerprint())))
+        theirs = flat("", saved)
+        differ = [
+            f"{key[1:]}: checkpoint {theirs.get(key, '(absent)')!r}, config {ours[key]!r}"
+            for key in ours
+            if theirs.get(key, "(absent)") != ours[key]
         ]
-        if mismatched:
-            raise ValueError(
-                f"checkpoint {path} was written with a different config: {mismatched} differ "
+        if differ:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was written with a different config: {'; '.join(differ)} "
                 "(start a new run.output_dir or set run.resume=false)"
             )
+
+    def _resume(self, path: Path) -> None:
+        # The fingerprint first: loading a differently shaped model into the engines would fail
+        # with a shape error deep inside DeepSpeed instead of naming the key.
+        self._check_fingerprint(path, self.store.read_state(path)["fingerprint"])
+        state, ema_state = self.store.load(path, engine=self.engine, disc_engine=self.disc_engine)
         if self.ema is not None:
             if ema_state is None:
                 raise FileNotFoundError(f"checkpoint {path} has no EMA for rank {self.rank}")
             self.ema.load_state_dict(ema_state)
         self.sampler_state.load_state_dict(state["data"])
         self.step = state["step"]
+        counters = state.get("counters", {})
+        self.skipped_steps = counters.get("skipped_steps", 0)
+        self.consecutive_skipped_steps = counters.get("consecutive_skipped_steps", 0)
+        self.bad_samples = counters.get("bad_samples", 0)
+        self.samples_drawn = counters.get("samples_drawn", 0)
         if self.is_main:
+            self._truncate_metrics(self.step)
             log.info("resumed from %s at step %d", path, self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drops metrics.jsonl records past ``step`` (written by a run killed after it)."""
+        metrics = self.output_dir / "metrics.jsonl"
+        if not metrics.is_file():
+            return
+        kept = [
+            line
+            for line in metrics.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        temporary = metrics.with_name(f".{metrics.name}.tmp")
+        temporary.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(temporary, metrics)
 
     def save_checkpoint(self) -> Path:
         return self.store.save(
@@ -222,6 +310,12 @@ class Trainer:
                 "step": self.step,
                 "data": self.sampler_state.state_dict(),
                 "fingerprint": self._fingerprint(),
+                "counters": {
+                    "skipped_steps": self.skipped_steps,
+                    "consecutive_skipped_steps": self.consecutive_skipped_steps,
+                    "bad_samples": self.bad_samples,
+                    "samples_drawn": self.samples_drawn,
+                },
             },
             # Each checkpoint carries its EMA as a diffusers export, so `e2ed2 sample` and
             # `from_pretrained` work on any checkpoint without DeepSpeed.
@@ -321,23 +415,123 @@ class Trainer:
             losses.append(loss.item())
         return {"gan_discriminator": sum(losses) / len(losses)}
 
+    def _any_rank(self, flag: bool) -> bool:
+        if not (dist.is_initialized() and self.world_size > 1):
+            return flag
+        packed = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        return bool(packed.item())
+
+    def _grads_finite(self) -> bool:
+        return all(
+            torch.isfinite(p.grad).all()
+            for p in self.engine.module.parameters()
+            if p.grad is not None
+        )
+
+    def _count_bad_samples(self, batch: dict[str, Any]) -> int:
+        for where in batch.get("bad_sample", ()):
+            if where:
+                log.warning("step %d: skipped bad sample %s", self.step + 1, where)
+        counts = batch.get("bad_count")
+        return 0 if counts is None else int(counts.sum())
+
     def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:
-        """One optimizer step (``grad_accum_steps`` micro-batches); returns rank-mean scalars."""
+        """One optimizer step (``grad_accum_steps`` micro-batches); returns rank-mean scalars.
+
+        A NaN/Inf loss on any rank, or a NaN/Inf gradient, skips the optimizer step on every
+        rank: the loss is poisoned to NaN so that the gradient norm DeepSpeed all-reduces before
+        its step is NaN everywhere, and DeepSpeed's ZeRO / bf16 / fp16 optimizer then clears the
+        gradients and skips the update, the LR schedule and its own micro-step bookkeeping
+        staying consistent (engine.skipped_steps counts it). Without ZeRO in fp32 DeepSpeed's
+        step runs (its micro-step bookkeeping and zero_grad) with the optimizer's and the LR
+        schedule's ``step`` disabled for that one call: clearing the gradients instead would
+        still apply weight decay and momentum, and DeepSpeed's clipping fails on no gradients.
+        """
         terms: dict[str, float] = {}
-        accum = self.config.run.grad_accum_steps
+        run = self.config.run
+        accum = run.grad_accum_steps
+        skipped_before = self.engine.skipped_steps
+        cleared = local_nonfinite = False
+        bad = drawn = 0
         for micro_step in range(accum):
-            latents, cond = self._batch_to_device(next(batches))
-            loss, logged, real, fake = self._generator_loss(latents, cond, micro_step)
-            self.engine.backward(loss)
-            self.engine.step()
-            if self.disc_engine is not None:
+            batch = next(batches)
+            bad += self._count_bad_samples(batch)
+            drawn += len(batch["latents"])
+            latents, cond = self._batch_to_device(batch)
+            with gathered_once(self.engine.module, enabled=self._gather_once):
+                loss, logged, real, fake = self._generator_loss(latents, cond, micro_step)
+                if not math.isfinite(logged.get("total", logged.get("diffusion", 0.0))):
+                    local_nonfinite = True
+                    loss = loss * float("nan")
+                self.engine.backward(loss)
+            if (
+                self._check_grads_before_step
+                and self.engine.is_gradient_accumulation_boundary()
+                and self._any_rank(not self._grads_finite())
+            ):
+                with _step_disabled(self.engine.optimizer, self.engine.lr_scheduler):
+                    self.engine.step()
+                cleared = True
+            else:
+                self.engine.step()
+            # The discriminator learns from this micro-batch's generated pixels only if they
+            # are finite on every rank (its engine is plain data parallel: NaN would spread).
+            if self.disc_engine is not None and not self._any_rank(local_nonfinite):
                 logged.update(self._discriminator_updates(real, fake))
             for name, value in logged.items():
                 terms[name] = terms.get(name, 0.0) + value / accum
-        if self.ema is not None:
-            self.ema.update()
+        skipped = cleared or self.engine.skipped_steps > skipped_before
+        # One small all-reduce per step: every rank must agree on the skip (a disagreement
+        # would be a DeepSpeed bug that silently desynchronises the replicas) and the data
+        # counters are global.
+        stats = torch.tensor([float(skipped), float(bad), float(drawn)], dtype=torch.float64)
+        if dist.is_initialized() and self.world_size > 1:
+            stats = stats.to(self.device)
+            dist.all_reduce(stats)
+        ranks_skipping, bad, drawn = (int(v) for v in stats.tolist())
+        if 0 < ranks_skipping < self.world_size:
+            raise RuntimeError(
+                f"step {self.step + 1}: {ranks_skipping} of {self.world_size} ranks skipped the "
+                "optimizer step; the replicas are no longer in sync"
+            )
         self.step += 1
+        if skipped:
+            self.skipped_steps += 1
+            self.consecutive_skipped_steps += 1
+            if self.is_main:
+                log.warning(
+                    "step %d: NaN/Inf %s, optimizer step skipped (%d in a row, %d in total)",
+                    self.step,
+                    "loss" if local_nonfinite else "loss or gradient on some rank",
+                    self.consecutive_skipped_steps,
+                    self.skipped_steps,
+                )
+        else:
+            self.consecutive_skipped_steps = 0
+            if self.ema is not None:
+                self.ema.update()
+        self.bad_samples += bad
+        self.samples_drawn += drawn
+        if self.is_main and (skipped or bad):
+            self.writer.add_scalar("train/skipped_nonfinite_steps", self.skipped_steps, self.step)
+            self.writer.add_scalar("data/bad_samples", self.bad_samples, self.step)
+        self._check_bad_fraction()
         return terms
+
+    def _check_bad_fraction(self) -> None:
+        limit = self.config.data.max_bad_sample_fraction
+        # Relative to the dataset until an epoch has been drawn: a few bad files among the
+        # first batches are a small share of the data, not half of it.
+        share = self.bad_samples / max(self.samples_drawn, len(self.loader.dataset))
+        if share > limit:
+            if self.writer is not None:
+                self.writer.flush()
+            raise DataError(
+                f"{self.bad_samples} of {self.samples_drawn} samples drawn were bad (share "
+                f"{share:.4f} > data.max_bad_sample_fraction={limit}); the log names each one. "
+                "Fix or re-run `e2ed2 precompute` on the data, or raise the limit"
+            )
 
     # -- sampling and export -------------------------------------------------------------------
     def write_samples(self) -> Path | None:
@@ -411,7 +605,13 @@ class Trainer:
                 terms = _mean_across_ranks(terms, self.device)
                 images_per_s = steps_since_log * images_per_step / (now - last_log)
                 last_log, steps_since_log = now, 0
-                record = {"step": self.step, **terms, "images_per_s": images_per_s}
+                record = {
+                    "step": self.step,
+                    **terms,
+                    "images_per_s": images_per_s,
+                    "skipped_nonfinite_steps": self.skipped_steps,
+                    "bad_samples": self.bad_samples,
+                }
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None and math.isfinite(float(grad_norm)):
                     record["grad_norm"] = float(grad_norm)
@@ -428,6 +628,17 @@ class Trainer:
                     self.writer.flush()
                     with open(self.output_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
+            if self.consecutive_skipped_steps >= run.max_consecutive_nonfinite_steps:
+                path = self.save_checkpoint()
+                if self.writer is not None:
+                    self.writer.flush()
+                raise NonFiniteError(
+                    f"{self.consecutive_skipped_steps} optimizer steps in a row (up to step "
+                    f"{self.step}) had a NaN/Inf loss or gradient and were skipped "
+                    f"(run.max_consecutive_nonfinite_steps={run.max_consecutive_nonfinite_steps});"
+                    f" the weights of the last good step are in {path}. Lower optim.lr, check "
+                    "the data, or use run.precision='fp32'"
+                )
             if self.step % run.checkpoint_every_steps == 0 or self.step == run.max_steps:
                 self.save_checkpoint()
             if self.step % run.sample_every_steps == 0 or self.step == run.max_steps:
