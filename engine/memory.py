@@ -50,7 +50,9 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def __init__(self, *, track_cuda: bool | None = None) -> None:
         super().__init__()
-        self._lock = threading.Lock()
+        # Reentrant: a garbage collection triggered while a storage is being registered can free
+        # another one, whose weakref callback then runs on this thread with the lock held.
+        self._lock = threading.RLock()
         self._live_bytes: dict[str, int] = defaultdict(int)
         self._peak_per_device: dict[str, int] = defaultdict(int)
         self._live_total = 0
@@ -62,9 +64,11 @@ class LiveTensorTracker(TorchDispatchMode):
         self._cuda_peak: int | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def _release(self, key: int, device: str, nbytes: int) -> None:
+    def _release(self, ref: weakref.ref, key: int, device: str, nbytes: int) -> None:
         with self._lock:
-            self._seen.pop(key, None)
+            # Only our own entry: a new storage may already have reused the id of this dead one.
+            if self._seen.get(key) is ref:
+                del self._seen[key]
             self._live_bytes[device] -= nbytes
             self._live_total -= nbytes
 
@@ -78,7 +82,7 @@ class LiveTensorTracker(TorchDispatchMode):
             nbytes = storage.nbytes()
             device = str(storage.device)
             self._seen[key] = weakref.ref(
-                storage, lambda _ref, k=key, d=device, n=nbytes: self._release(k, d, n)
+                storage, lambda ref, k=key, d=device, n=nbytes: self._release(ref, k, d, n)
             )
             self._live_bytes[device] += nbytes
             self._live_total += nbytes

@@ -13,6 +13,12 @@ Memory is the whole problem. Plain autograd keeps every activation of all K netw
              block inputs plus one block's activations.
 ``offload``  ``step`` whose saved latents live on the host (``offload_device``), copied back for
              the recompute.
+``selective`` ``step`` whose checkpoints keep the outputs of the expensive ops (matmuls and fused
+             attention, :data:`SELECTIVE_SAVE_OPS`) through ``create_selective_checkpoint_contexts``:
+             the recompute in backward redoes only the cheap elementwise ops (norms, adaLN
+             modulation, GELU, residual adds). Compute ~ ``none``; memory grows with K at the
+             rate of the kept matmul outputs (less than ``none``, more than ``step``). No policy
+             can have both: flat-in-K memory means each step's forward is rerun (>= 4/3 FLOPs).
 
 Truncation (DRaFT / AlignProp style): ``full`` backpropagates through every step run; ``last_k``
 through the last ``grad_steps`` steps only (earlier steps run without a graph); ``random_k``
@@ -30,26 +36,71 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy as SavePolicy
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from .network import Conditioning, denoise, step_network, unwrap
 from .sampler import SamplerSchedule
 
 __all__ = [
     "CHECKPOINT_POLICIES",
+    "SELECTIVE_SAVE_OPS",
+    "selective_context_fn",
     "TrajectoryConfig",
     "TrajectoryPlan",
     "Trajectory",
     "run_steps",
 ]
 
-CheckpointPolicy = Literal["none", "step", "block", "offload"]
+CheckpointPolicy = Literal["none", "step", "block", "offload", "selective"]
 Truncation = Literal["full", "last_k", "random_k"]
 StartKind = Literal["noise", "noised_latent"]
 
-CHECKPOINT_POLICIES: tuple[str, ...] = ("none", "step", "block", "offload")
+CHECKPOINT_POLICIES: tuple[str, ...] = ("none", "step", "block", "offload", "selective")
 _TRUNCATIONS = ("full", "last_k", "random_k")
 _STARTS = ("noise", "noised_latent")
+
+_aten = torch.ops.aten
+# What ``selective`` keeps of each step. Matmuls and fused attention are where a transformer step
+# spends nearly all its FLOPs (O(N D^2) and O(N^2 D)), while each output is one (B, N, D)-sized
+# tensor (4D for the MLP's first projection; attention keeps its output and logsumexp, never the
+# N x N scores). Everything else in a PixArt block (LayerNorm, adaLN modulation, GELU, residual
+# adds, reshapes) is elementwise: each intermediate is about as large to keep as a matmul output
+# but nearly free to recompute, so it is recomputed. The kept bytes per step are therefore roughly
+# the matmul outputs instead of every intermediate, and the recompute costs no matmul FLOPs.
+# (Fused Triton attention is not a dispatcher op: under ``model.fused_kernels`` its projections
+# are kept and the kernel itself is recomputed.)
+SELECTIVE_SAVE_OPS: frozenset = frozenset(
+    {
+        _aten.mm.default,
+        _aten.addmm.default,
+        _aten.bmm.default,
+        _aten.baddbmm.default,
+        _aten.convolution.default,  # the patch embedding: a matmul over patches
+        _aten._scaled_dot_product_flash_attention.default,
+        _aten._scaled_dot_product_efficient_attention.default,
+        _aten._scaled_dot_product_cudnn_attention.default,
+        _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    }
+)
+
+
+def _save_expensive_ops(ctx: object, op: object, *args: object, **kwargs: object) -> SavePolicy:
+    return SavePolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else SavePolicy.PREFER_RECOMPUTE
+
+
+def _linear_mutates_its_matmul_output() -> bool:
+    # DeepSpeed's ZeRO-3 ``memory_efficient_linear`` (on by default) replaces
+    # ``torch.nn.functional.linear`` process-wide with an autograd function that adds the bias
+    # *in place* to its matmul output. A selective checkpoint keeps that matmul output by
+    # reference, so the in-place add corrupts what the recompute replays (wrong gradients, no
+    # error). The trainer turns the option off for ``selective``; this catches everyone else.
+    return getattr(torch.nn.functional.linear, "__module__", "").startswith("deepspeed")
+
+
+def selective_context_fn() -> tuple[object, object]:
+    """``context_fn`` for ``torch.utils.checkpoint`` that keeps :data:`SELECTIVE_SAVE_OPS`."""
+    return create_selective_checkpoint_contexts(_save_expensive_ops)
 
 
 @dataclass(frozen=True)
@@ -204,6 +255,17 @@ def run_steps(
 
     used = [step_network(networks, i) for i in range(start_index, num_steps)]
     _set_block_checkpointing(used, checkpoint_policy == "block")
+    if checkpoint_policy == "selective":
+        if context_fn is not None:
+            raise ValueError("checkpoint_policy='selective' brings its own context_fn; pass none")
+        if _linear_mutates_its_matmul_output():
+            raise RuntimeError(
+                "checkpoint_policy='selective' cannot run while DeepSpeed's ZeRO-3 "
+                "memory_efficient_linear has replaced torch.nn.functional.linear (its in-place "
+                "bias add corrupts the kept matmul outputs); set "
+                '"zero_optimization": {"memory_efficient_linear": false} in the DeepSpeed JSON'
+            )
+        context_fn = selective_context_fn
     offload_to = torch.device(offload_device)
 
     x = sample

@@ -206,3 +206,80 @@ def test_per_step_network_count_must_match(make_pixart, make_conditioning) -> No
     nets = per_step_networks(make_pixart(), 3)
     with pytest.raises(ValueError, match="3 per-step networks for 4"):
         run_steps(nets, schedule, make_conditioning(BATCH), torch.randn(LATENT))
+
+
+@pytest.mark.parametrize("start_index", [0, 1], ids=["from_noise", "from_noised_latent"])
+def test_selective_policy_matches_plain_autograd(
+    make_pixart, make_conditioning, start_index: int
+) -> None:
+    """`selective` (step checkpoints keeping matmul/attention outputs) = plain autograd."""
+    model = make_pixart()
+    cond = make_conditioning(BATCH)
+    clean = torch.randn(LATENT, generator=torch.Generator().manual_seed(5))
+    plan = TrajectoryPlan(
+        num_steps=NUM_STEPS, start_index=start_index, grad_start_index=start_index
+    )
+    ref_loss, ref = _grads(model, "none", plan, cond, clean)
+    loss, got = _grads(model, "selective", plan, cond, clean)
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    assert all(r.abs().sum() > 0 for r in ref if r is not None)
+    err = _max_relative_error(got, ref)
+    assert err <= 1e-5, f"selective: max relative gradient error {err:.3e} > 1e-5"
+
+
+def test_selective_policy_recomputes_no_matmul(make_pixart, make_conditioning) -> None:
+    """FLOPs (matmuls + attention) of `selective` equal plain autograd's: only elementwise ops
+    are recomputed. (Its memory is measured by benchmarks/bench_selective_checkpointing.py: on a
+    toy this small the gradient buffers, not activations, decide the peak.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_pixart(sample_size=16, num_layers=2, heads=4, head_dim=16)
+    cond = make_conditioning(2)
+    clean = torch.randn(2, 4, 16, 16)
+    flops = {}
+    for policy in ("none", "step", "selective"):
+        trajectory = Trajectory(
+            TrajectoryConfig(num_steps=4, checkpoint=policy), build_schedule(SamplerConfig(), 4)
+        )
+        with FlopCounterMode(display=False) as counter:
+            sample, _ = trajectory(model, cond, clean=clean)
+            (sample - clean).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        flops[policy] = counter.get_total_flops()
+    assert flops["selective"] == flops["none"] < flops["step"], flops
+
+
+def test_selective_policy_rejects_a_second_context_fn(make_pixart, make_conditioning) -> None:
+    schedule = build_schedule(SamplerConfig(), 2)
+    with pytest.raises(ValueError, match="own context_fn"):
+        run_steps(
+            make_pixart(),
+            schedule,
+            make_conditioning(BATCH),
+            torch.randn(LATENT),
+            checkpoint_policy="selective",
+            context_fn=lambda: None,
+        )
+
+
+def test_selective_policy_refuses_deepspeeds_in_place_linear(
+    make_pixart, make_conditioning, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeepSpeed ZeRO-3's memory_efficient_linear (process-wide F.linear replacement) adds the
+    bias in place to the matmul output that `selective` keeps: wrong gradients without a word.
+    `selective` refuses to run under it; the guard is not vacuous (bypassed, gradients break)."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    import e2ed2.engine.trajectory as trajectory_module
+
+    model = make_pixart()
+    cond = make_conditioning(BATCH)
+    clean = torch.randn(LATENT, generator=torch.Generator().manual_seed(5))
+    plan = TrajectoryPlan(num_steps=NUM_STEPS, start_index=0, grad_start_index=0)
+    _, ref = _grads(model, "none", plan, cond, clean)
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    with pytest.raises(RuntimeError, match="memory_efficient_linear"):
+        _grads(model, "selective", plan, cond, clean)
+    monkeypatch.setattr(trajectory_module, "_linear_mutates_its_matmul_output", lambda: False)
+    _, got = _grads(model, "selective", plan, cond, clean)
+    assert _max_relative_error(got, ref) > 1e-3
