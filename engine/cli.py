@@ -1,4 +1,4 @@
-"""The ``e2ed2`` command: ``train``, ``precompute``, ``sample``."""
+"""The ``e2ed2`` command: ``train``, ``precompute``, ``sample``, ``evaluate``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ commands:
   train       train (end to end through the K-step sampler); `e2ed2 train --help`
   precompute  encode an image folder with captions into latent shards (local VAE + T5)
   sample      write a PNG grid of K-step samples from an export or checkpoint
+  evaluate    score an export's samples at several K (digits: classifier FD and accuracy)
 """
 
 
@@ -34,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .sample import main as sample_main
 
         return sample_main(rest)
+    if command == "evaluate":
+        from .evaluate import main as evaluate_main
+
+        return evaluate_main(rest)
     print(f"e2ed2: unknown command {command!r}\n{_USAGE}", file=sys.stderr, end="")
     return 2
 
