@@ -63,7 +63,6 @@ def worker(args: argparse.Namespace) -> None:
         OptimConfig,
         build_ds_config,
         init_distributed,
-        shutdown_distributed,
     )
     from e2ed2.engine.estimate import DenoiserShape, build_pixart, make_inputs, make_trajectory
 
@@ -137,7 +136,6 @@ def worker(args: argparse.Namespace) -> None:
         del engine
     if rank == 0:
         (Path(args.out) / f"traffic_{args.ds_config}.json").write_text(json.dumps(results))
-    shutdown_distributed(wait_for_peers=True)
 
 
 # -- driver ----------------------------------------------------------------------------------
@@ -262,4 +260,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    worker(arguments) if arguments.worker else main(arguments)
+    if arguments.worker:
+        from e2ed2.engine.distributed import exit_process
+
+        worker(arguments)
+        exit_process(0)
+    main(arguments)

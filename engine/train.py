@@ -70,22 +70,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 train") -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
     )
-    from .distributed import shutdown_distributed
     from .trainer import CheckpointMismatchError, DataError, NonFiniteError, Trainer
 
-    finished = False
     try:
         trainer = Trainer(config)
         history = trainer.train()
-        finished = True
     except (ConfigError, CheckpointMismatchError) as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
     except (DataError, NonFiniteError) as err:
         print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 1
-    finally:
-        shutdown_distributed(wait_for_peers=finished)
     if rank == 0 and history:
         first, last = history[0], history[-1]
         key = "total" if "total" in last else "diffusion"
@@ -98,4 +93,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 train") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The deepspeed launcher's entry (`--module e2ed2.engine.train`): see exit_process.
+    from .distributed import exit_process
+
+    exit_process(main())

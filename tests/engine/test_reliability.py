@@ -711,6 +711,9 @@ for ds_config in ("none", f"{out}/zero3.json"):
     with open(f"{out}/{name}-rank{trainer.rank}.json", "w") as f:
         json.dump({"moved": moved, "skipped": trainer.skipped_steps,
                    "finite": all(bool(torch.isfinite(t).all()) for t in snapshots[-1])}, f)
+
+from e2ed2.engine.distributed import exit_process
+exit_process(0)
 """
 
 
