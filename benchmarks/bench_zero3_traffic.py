@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,12 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("zero3", "zero3_reuse")
 NUM_STEPS = (1, 2, 4, 8)
 WORLD_SIZE = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- worker: runs under the deepspeed launcher ------------------------------------------------
@@ -140,12 +133,14 @@ def worker(args: argparse.Namespace) -> None:
 
 # -- driver ----------------------------------------------------------------------------------
 def launch(ds_config: str, args: argparse.Namespace, out: Path) -> list[dict]:
+    from e2ed2.engine.distributed import free_port
+
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"),
         "--num_gpus",
         str(WORLD_SIZE),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(Path(__file__).resolve()),
         "--worker",
         "--ds-config",

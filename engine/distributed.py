@@ -24,6 +24,7 @@ __all__ = [
     "build_ds_config",
     "init_distributed",
     "exit_process",
+    "free_port",
 ]
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -169,7 +170,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -198,7 +199,8 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a rendezvous on this machine)."""
     import socket
 
     with socket.socket() as s:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 from e2ed2.engine.checkpoint import CheckpointStore
+from e2ed2.engine.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +39,6 @@ TINY = [
     "run.checkpoint_every_steps=2",
     "run.keep_checkpoints=2",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -69,7 +63,7 @@ def _command(output_dir: Path, zero3: str) -> list[str]:
         "--num_gpus",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "--module",
         "e2ed2.engine.train",
         f"run.output_dir={output_dir}",

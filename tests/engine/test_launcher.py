@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from e2ed2.engine.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +31,6 @@ TINY = [
     "trajectory.num_steps=4",
     "trajectory.checkpoint=step",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -59,7 +54,7 @@ def deepspeed_train(output_dir: Path, *overrides: str, ranks: int = 2) -> str:
         "--num_gpus",
         str(ranks),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "--module",
         "e2ed2.engine.train",
         f"run.output_dir={output_dir}",

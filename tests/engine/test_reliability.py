@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 
 from e2ed2.engine.config import ConfigError, check_launch, load_config
 from e2ed2.engine.data import INDEX_FORMAT, INDEX_VERSION, DataConfig, LatentShardDataset
+from e2ed2.engine.distributed import free_port
 
 ENGINE = Path(__file__).parents[2] / "engine"
 # A trainer that builds in seconds: 1 block, 8x8 digits, K = 2.
@@ -43,12 +43,6 @@ TINY = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """The launcher's variables for one rank, removed again after the test (subprocesses that
@@ -58,7 +52,7 @@ def world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }.items():
         monkeypatch.setenv(key, value)
     # An in-process ZeRO-3 engine replaces torch.nn.functional.linear for the whole process
@@ -735,7 +729,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_all_ranks(tmp_path: Path) -> None:
             "--num_gpus",
             "2",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             str(script),
             str(tmp_path),
             json.dumps(TINY),
