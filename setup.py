@@ -30,6 +30,9 @@ setup(
         # Embedded default dataset (8x8 digits) and plots for the benchmarks.
         "scikit-learn",
         "matplotlib",
+        # FID / CLIP score for `e2ed2 evaluate` on real data (latent-shard exports).
+        "torchmetrics>=1.4",
+        "torch-fidelity>=0.3",
     ],
     entry_points={"console_scripts": ["e2ed2 = e2ed2.engine.cli:main"]},
     extras_require={

@@ -13,9 +13,13 @@ reports what real images score: train-split images (a generator that reproduced 
 data exactly) and per-class mean images (a perfectly conditioned generator without diversity,
 what an L2-trained few-step sampler tends towards).
 
-Real data: :func:`real_data_metrics` wires torchmetrics' ``FrechetInceptionDistance`` and
-``CLIPScore`` with weights from local paths only (InceptionV3 FID weights as torch-fidelity's
-``pt_inception-2015-12-05`` file, a local ``transformers`` CLIP folder).
+Real data (``data.source="shards"``): :class:`RealDataScorer` wires torchmetrics'
+``FrechetInceptionDistance`` and ``CLIPScore`` with weights from local paths only (InceptionV3 FID
+weights as torch-fidelity's ``pt_inception-2015-12-05`` file, a local ``transformers`` CLIP
+folder). :func:`evaluate_shard_export` prompts an export with the first N samples of a shard
+folder and scores its images against those samples' latents decoded by the same decoder, i.e.
+VAE *reconstructions* of the real images (the shards hold no pixels), so the FID measures the
+denoiser, not the VAE. :func:`real_data_metrics` scores two given image batches.
 """
 
 from __future__ import annotations
@@ -41,10 +45,14 @@ __all__ = [
     "DigitClassifier",
     "DigitEvaluator",
     "DigitScores",
+    "RealDataScorer",
+    "check_metric_paths",
     "evaluate_export",
+    "evaluate_shard_export",
     "frechet_distance",
     "main",
     "real_data_metrics",
+    "to_uint8",
     "train_digit_classifier",
 ]
 
@@ -281,6 +289,19 @@ def _digit_prompts(dataset: DigitsDataset, per_class: int) -> tuple[Any, torch.T
     return Conditioning(states, mask), labels
 
 
+def _load_export(export_dir: str | Path, device: torch.device) -> tuple[Any, nn.Module, Any]:
+    """An export's config, its networks (eval mode, on ``device``) and its decoder (the VAE of
+    ``model.vae_path``, or the identity in pixel space), as ``e2ed2 sample`` loads them."""
+    from .config import load_config
+    from .export import CONFIG_NAME, load_exported_networks
+    from .models import build_autoencoder
+
+    config = load_config(str(Path(export_dir) / CONFIG_NAME))
+    networks = load_exported_networks(export_dir, config.trajectory.num_steps).to(device).eval()
+    decode = build_autoencoder(config.model).to(device).decode
+    return config, networks, decode
+
+
 def evaluate_export(
     export_dir: str | Path,
     *,
@@ -297,20 +318,15 @@ def evaluate_export(
     scored only at the K they were trained for. ``grid_dir``: also write a PNG of the first
     seed's first ten images per digit at each K.
     """
-    from .config import load_config
-    from .export import CONFIG_NAME, load_exported_networks
-    from .models import build_autoencoder
     from .sample import generate_pixels, save_grid
     from .sampler import build_schedule
 
     export_dir = Path(export_dir)
-    config = load_config(str(export_dir / CONFIG_NAME))
+    device = torch.device(device)
+    config, networks, decode = _load_export(export_dir, device)
     if evaluator is None:
         evaluator = DigitEvaluator(config.data)
-    device = torch.device(device)
     trained_steps = config.trajectory.num_steps
-    networks = load_exported_networks(export_dir, trained_steps).to(device).eval()
-    decode = build_autoencoder(config.model).to(device).decode
     cond, labels = _digit_prompts(evaluator.train_set, evaluator.per_class)
     results: dict[str, Any] = {"export": str(export_dir), "per_class": evaluator.per_class}
     by_k: dict[str, Any] = {}
@@ -339,6 +355,142 @@ def evaluate_export(
     return results
 
 
+def check_metric_paths(
+    inception_weights: str | Path | None, clip_model: str | Path | None = None
+) -> None:
+    """Raises FileNotFoundError naming the option when a local metric weight path is unusable."""
+    if inception_weights is None or not Path(inception_weights).is_file():
+        raise FileNotFoundError(
+            f"--inception-weights {str(inception_weights)!r} does not exist; expected torch-"
+            "fidelity's InceptionV3 FID weights (pt_inception-2015-12-05-6726825d.pth)"
+        )
+    if clip_model is not None and not (Path(clip_model) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--clip-model {str(clip_model)!r} holds no config.json; expected a local "
+            "transformers CLIP folder (e.g. openai/clip-vit-large-patch14 saved to disk)"
+        )
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images (N, C, H, W), C = 1 or 3 -> uint8 (N, 3, H, W) in [0, 255] (1 channel is
+    repeated to 3), the input FID and CLIP score take."""
+    if pixels.ndim != 4 or pixels.shape[1] not in (1, 3):
+        raise ValueError(f"expected (N, 1 or 3, H, W) images, got {tuple(pixels.shape)}")
+    if pixels.shape[1] == 1:
+        pixels = pixels.repeat(1, 3, 1, 1)
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class _ClipEmbeddings(nn.Module):
+    """A ``CLIPModel`` whose ``get_image_features`` / ``get_text_features`` return the projected
+    embeddings as tensors: transformers >= 5 returns output objects (``pooler_output``), which
+    torchmetrics' CLIP score (<= 1.9) does not unpack."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out: Any) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _clip_score_metric(folder: Path) -> Any:
+    """torchmetrics' ``CLIPScore`` with the model and processor of a local folder."""
+    import inspect
+
+    from torchmetrics.functional.multimodal.clip_score import _get_clip_model_and_processor
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    def load() -> tuple[Any, Any]:
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = _ClipEmbeddings(CLIPModel.from_pretrained(folder).eval())
+        return model, CLIPProcessor.from_pretrained(folder)
+
+    # Newer torchmetrics accept only hub names they know, or a callable returning (model,
+    # processor); older ones pass any string to from_pretrained.
+    takes_callable = "Callable" in str(
+        inspect.signature(_get_clip_model_and_processor).parameters["model_name_or_path"]
+    )
+    return CLIPScore(model_name_or_path=load if takes_callable else str(folder))
+
+
+class RealDataScorer:
+    """FID against a fixed reference set, and the CLIP score of generated images vs captions.
+
+    Reference images are fed once (:meth:`add_reference`); each generated set is fed with
+    :meth:`add_generated` and scored with :meth:`compute`, which then forgets the generated set
+    but keeps the reference statistics (``reset_real_features=False``), so several K and seeds
+    are scored against one pass over the reference. Images: uint8 (N, 3, H, W), fed in batches
+    of any size. Weights come from local paths only; nothing is downloaded.
+    """
+
+    def __init__(
+        self,
+        *,
+        inception_weights: str | Path,
+        clip_model: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        check_metric_paths(inception_weights, clip_model)
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+        except ImportError as err:
+            raise ImportError(
+                "FID / CLIP score on real data need torchmetrics and torch-fidelity "
+                "(pip install torchmetrics torch-fidelity)"
+            ) from err
+        self.device = torch.device(device)
+        self.fid = FrechetInceptionDistance(
+            feature=2048,
+            reset_real_features=False,
+            feature_extractor_weights_path=str(inception_weights),
+        ).to(self.device)
+        self.clip = None if clip_model is None else _clip_score_metric(Path(clip_model))
+        if self.clip is not None:
+            self.clip = self.clip.to(self.device)
+        self.num_reference = 0
+        self.num_generated = 0
+
+    @torch.no_grad()
+    def add_reference(self, images: torch.Tensor) -> None:
+        self.fid.update(images.to(self.device), real=True)
+        self.num_reference += len(images)
+
+    @torch.no_grad()
+    def add_generated(self, images: torch.Tensor, captions: Sequence[str] | None = None) -> None:
+        if self.clip is not None:
+            if captions is None or len(captions) != len(images):
+                raise ValueError("the CLIP score needs one caption per generated image")
+            self.clip.update(images.to(self.device), list(captions))
+        self.fid.update(images.to(self.device), real=False)
+        self.num_generated += len(images)
+
+    @torch.no_grad()
+    def compute(self) -> dict[str, float]:
+        """Scores of the images added since the last call; the reference is kept."""
+        if self.num_reference < 2 or self.num_generated < 2:
+            raise ValueError(
+                f"FID needs at least 2 reference and 2 generated images, got "
+                f"{self.num_reference} and {self.num_generated}"
+            )
+        out = {"fid": float(self.fid.compute())}
+        self.fid.reset()
+        if self.clip is not None:
+            out["clip_score"] = float(self.clip.compute())
+            self.clip.reset()
+        self.num_generated = 0
+        return out
+
+
 def real_data_metrics(
     generated: torch.Tensor,
     reference: torch.Tensor,
@@ -349,93 +501,248 @@ def real_data_metrics(
 ) -> dict[str, float]:
     """FID (torchmetrics, InceptionV3 weights from ``inception_weights``) between uint8 image
     batches (N, 3, H, W), and the CLIP score of ``generated`` vs ``captions`` when a local
-    ``clip_model`` folder is given. Nothing is downloaded: missing paths fail, naming them."""
-    inception_weights = Path(inception_weights)
-    if not inception_weights.is_file():
-        raise FileNotFoundError(
-            f"--inception-weights {str(inception_weights)!r} does not exist; expected torch-"
-            "fidelity's InceptionV3 FID weights (pt_inception-2015-12-05-6726825d.pth)"
-        )
-    if clip_model is not None and not (Path(clip_model) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--clip-model {str(clip_model)!r} holds no config.json; expected a local "
-            "transformers CLIP folder (e.g. openai/clip-vit-large-patch14 saved to disk)"
-        )
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError as err:
-        raise ImportError(
-            "FID / CLIP score on real data need torchmetrics and torch-fidelity "
-            "(pip install torchmetrics torch-fidelity)"
-        ) from err
-    fid = FrechetInceptionDistance(
-        feature=2048, feature_extractor_weights_path=str(inception_weights)
-    )
-    fid.update(reference, real=True)
-    fid.update(generated, real=False)
-    out = {"fid": float(fid.compute())}
-    if clip_model is not None:
-        if captions is None or len(captions) != len(generated):
-            raise ValueError("the CLIP score needs one caption per generated image")
-        from torchmetrics.multimodal.clip_score import CLIPScore
+    ``clip_model`` folder is given. Nothing is downloaded: missing paths fail, naming them.
+    To score several generated sets against one reference, use :class:`RealDataScorer`."""
+    check_metric_paths(inception_weights, clip_model)
+    if clip_model is not None and (captions is None or len(captions) != len(generated)):
+        raise ValueError("the CLIP score needs one caption per generated image")
+    scorer = RealDataScorer(inception_weights=inception_weights, clip_model=clip_model)
+    scorer.add_reference(reference)
+    scorer.add_generated(generated, captions)
+    return scorer.compute()
 
-        clip = CLIPScore(model_name_or_path=str(clip_model))
-        out["clip_score"] = float(clip(generated, list(captions)))
+
+def _shard_batches(dataset: Any, count: int, batch_size: int):
+    """(conditioning, latents, captions) of the first ``count`` samples, ``batch_size`` at a
+    time (a bad sample is replaced by the dataset's next good one, caption included)."""
+    from .network import Conditioning
+
+    for start in range(0, count, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        cond = Conditioning(
+            torch.stack([it["encoder_hidden_states"] for it in items]),
+            torch.stack([it["encoder_attention_mask"] for it in items]),
+        )
+        captions = [dataset.captions[int(it["index"])] for it in items]
+        yield cond, torch.stack([it["latents"] for it in items]), captions
+
+
+def _real_summary(scores: Sequence[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in ("fid", "clip_score"):
+        values = np.array([s[key] for s in scores if key in s])
+        if len(values):
+            out[f"{key}_mean"] = float(values.mean())
+            out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    out["num_seeds"] = len(scores)
     return out
 
 
+def evaluate_shard_export(
+    export_dir: str | Path,
+    *,
+    inception_weights: str | Path,
+    clip_model: str | Path | None = None,
+    shard_dir: str | Path | None = None,
+    num_images: int = 1000,
+    num_steps: Sequence[int] = (1, 2, 4),
+    seeds: Sequence[int] = (0, 1, 2),
+    batch_size: int = 32,
+    grid_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """FID (and CLIP score) of a latent-shard export at each K in ``num_steps``, per seed.
+
+    Prompts are the stored text embeddings of the first ``num_images`` samples of ``shard_dir``
+    (default: the export's ``data.shard_dir``), capped at the dataset size. The FID reference is
+    those samples' latents decoded by the export's decoder: VAE reconstructions of the real
+    images, not the originals. Images are generated and scored ``batch_size`` at a time; batch
+    ``b`` of seed ``s`` starts from the noise of seed ``derive_seed(s, "evaluate", b)``, so
+    exports are compared on identical noise. Per-step networks are scored only at their K.
+    """
+    import dataclasses
+
+    from .data import build_dataset, derive_seed
+    from .sample import generate_pixels, save_grid
+    from .sampler import build_schedule
+
+    export_dir = Path(export_dir)
+    device = torch.device(device)
+    check_metric_paths(inception_weights, clip_model)
+    config, networks, decode = _load_export(export_dir, device)
+    data_config = config.data
+    if shard_dir is not None:
+        data_config = dataclasses.replace(data_config, shard_dir=str(shard_dir))
+    dataset = build_dataset(data_config)
+    count = min(num_images, len(dataset))
+    scorer = RealDataScorer(
+        inception_weights=inception_weights, clip_model=clip_model, device=device
+    )
+    with torch.no_grad():
+        for _, latents, _ in _shard_batches(dataset, count, batch_size):
+            scorer.add_reference(to_uint8(decode(latents.to(device))))
+
+    trained_steps = config.trajectory.num_steps
+    by_k: dict[str, Any] = {}
+    for k in num_steps:
+        if not config.model.share_across_steps and k != trained_steps:
+            by_k[str(k)] = {"skipped": f"per-step networks trained for K={trained_steps}"}
+            continue
+        schedule = build_schedule(config.sampler, k)
+        scores = []
+        for seed in seeds:
+            batches = _shard_batches(dataset, count, batch_size)
+            for number, (cond, _, captions) in enumerate(batches):
+                pixels = generate_pixels(
+                    networks,
+                    schedule,
+                    decode,
+                    cond,
+                    dataset.latent_shape,
+                    seed=derive_seed(seed, "evaluate", number),
+                    device=device,
+                )
+                if grid_dir is not None and seed == seeds[0] and number == 0:
+                    save_grid(pixels[:64].cpu(), Path(grid_dir) / f"K{k}.png", nrow=8)
+                scorer.add_generated(to_uint8(pixels), captions)
+            scores.append({"seed": seed, **scorer.compute()})
+        by_k[str(k)] = {"per_seed": scores, **_real_summary(scores)}
+    return {
+        "export": str(export_dir),
+        "shard_dir": str(data_config.shard_dir),
+        "num_images": count,
+        "reference": "the prompts' own latents decoded by the export's decoder "
+        "(VAE reconstructions of the real images)",
+        "clip_model": None if clip_model is None else str(clip_model),
+        "num_steps": by_k,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``e2ed2 evaluate EXPORT_OR_RUN_DIR``: digit FD / accuracy at several K, as JSON."""
+    """``e2ed2 evaluate EXPORT_OR_RUN_DIR``: scores at several K, as JSON.
+
+    data.source='digits' exports: digit FD / accuracy (offline, nothing to download).
+    data.source='shards' exports: FID (and CLIP score with --clip-model) of images generated for
+    the first --num-images shard prompts, against those samples' latents decoded by the export's
+    VAE (VAE reconstructions of the real images); weights from local paths only.
+    """
     from .config import ConfigError, load_config
     from .export import CONFIG_NAME
 
-    parser = argparse.ArgumentParser(prog="e2ed2 evaluate", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="e2ed2 evaluate",
+        description=main.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("path", help="an export folder, or a run output_dir (uses its export/)")
     parser.add_argument("--num-steps", type=int, nargs="+", default=[1, 2, 4], help="K values")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
     parser.add_argument("--out", default=None, help="JSON path (default: stdout)")
     parser.add_argument("--grid-dir", default=None, help="also write a sample grid per K here")
-    parser.add_argument(
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    digits = parser.add_argument_group("digits exports (data.source='digits')")
+    digits.add_argument(
         "--classifier-cache", default=None, help="folder caching the digit classifier's weights"
     )
-    parser.add_argument(
+    digits.add_argument(
         "--noise-floor", action="store_true", help="also report real-vs-real reference scores"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    real = parser.add_argument_group(
+        "latent-shard exports (data.source='shards'): FID against VAE reconstructions of the "
+        "prompts' real images, CLIP score against their captions"
+    )
+    real.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        default=None,
+        help="required: torch-fidelity's InceptionV3 FID weights file "
+        "(pt_inception-2015-12-05-6726825d.pth)",
+    )
+    real.add_argument(
+        "--clip-model",
+        metavar="DIR",
+        default=None,
+        help="a local transformers CLIP folder (config.json, weights, processor); adds clip_score",
+    )
+    real.add_argument(
+        "--shard-dir",
+        metavar="DIR",
+        default=None,
+        help="shard folder with the prompts and reference latents (default: the export "
+        "config's data.shard_dir)",
+    )
+    real.add_argument(
+        "--num-images",
+        metavar="N",
+        type=int,
+        default=1000,
+        help="prompts / reference images: the first N samples (capped at the dataset size)",
+    )
+    real.add_argument(
+        "--batch-size", type=int, default=32, help="images generated and scored at a time"
+    )
     args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"e2ed2 evaluate: {message}", file=sys.stderr)
+        return 2
 
     root = Path(args.path)
     export = root if (root / CONFIG_NAME).is_file() else root / "export"
     if not (export / CONFIG_NAME).is_file():
-        print(f"e2ed2 evaluate: no {CONFIG_NAME} in {root} or {root / 'export'}", file=sys.stderr)
-        return 2
+        return fail(f"no {CONFIG_NAME} in {root} or {root / 'export'}")
     try:
         config = load_config(str(export / CONFIG_NAME))
     except ConfigError as err:
-        print(f"e2ed2 evaluate: {err}", file=sys.stderr)
-        return 2
-    if config.data.source != "digits":
-        print(
-            "e2ed2 evaluate: only data.source='digits' exports are scored from the command "
-            "line; for real data call e2ed2.engine.evaluate.real_data_metrics with local "
-            "InceptionV3 / CLIP weights",
-            file=sys.stderr,
-        )
-        return 2
+        return fail(str(err))
     if any(k < 1 for k in args.num_steps):
-        print("e2ed2 evaluate: --num-steps values must be >= 1", file=sys.stderr)
-        return 2
-    evaluator = DigitEvaluator(config.data, cache_dir=args.classifier_cache)
-    results = evaluate_export(
-        export,
-        num_steps=args.num_steps,
-        seeds=args.seeds,
-        evaluator=evaluator,
-        grid_dir=args.grid_dir,
-        device=args.device,
-    )
-    if args.noise_floor:
-        results["noise_floor"] = evaluator.noise_floor()
+        return fail("--num-steps values must be >= 1")
+    if config.data.source == "shards":
+        if args.inception_weights is None:
+            return fail(
+                "--inception-weights PATH is required for data.source='shards' exports "
+                "(torch-fidelity's InceptionV3 FID weights, pt_inception-2015-12-05-6726825d.pth)"
+            )
+        if args.num_images < 2 or args.batch_size < 1:
+            return fail("--num-images must be >= 2 and --batch-size >= 1")
+        try:
+            check_metric_paths(args.inception_weights, args.clip_model)
+        except FileNotFoundError as err:
+            return fail(str(err))
+        shard_dir = args.shard_dir or config.data.shard_dir
+        option = "--shard-dir" if args.shard_dir else "data.shard_dir (from the export config)"
+        if not (Path(shard_dir) / "index.json").is_file():
+            hint = "" if args.shard_dir else "; pass --shard-dir to use another folder"
+            return fail(
+                f"{option} {shard_dir!r} has no index.json (make it with `e2ed2 precompute`)" + hint
+            )
+        try:
+            results = evaluate_shard_export(
+                export,
+                inception_weights=args.inception_weights,
+                clip_model=args.clip_model,
+                shard_dir=shard_dir,
+                num_images=args.num_images,
+                num_steps=args.num_steps,
+                seeds=args.seeds,
+                batch_size=args.batch_size,
+                grid_dir=args.grid_dir,
+                device=args.device,
+            )
+        except ImportError as err:
+            return fail(str(err))
+    else:
+        evaluator = DigitEvaluator(config.data, cache_dir=args.classifier_cache)
+        results = evaluate_export(
+            export,
+            num_steps=args.num_steps,
+            seeds=args.seeds,
+            evaluator=evaluator,
+            grid_dir=args.grid_dir,
+            device=args.device,
+        )
+        if args.noise_floor:
+            results["noise_floor"] = evaluator.noise_floor()
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
