@@ -214,6 +214,7 @@ class Trainer:
         self.step = 0
         # Reliability counters (global: summed over ranks; saved in checkpoints).
         self.skipped_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient
+        self.skipped_disc_steps = 0  # discriminator steps skipped likewise (fp32)
         self.consecutive_skipped_steps = 0
         self.bad_samples = 0  # samples drawn that were bad (and replaced by the dataset)
         self.samples_drawn = 0
@@ -279,6 +280,7 @@ class Trainer:
         self.step = state["step"]
         counters = state.get("counters", {})
         self.skipped_steps = counters.get("skipped_steps", 0)
+        self.skipped_disc_steps = counters.get("skipped_disc_steps", 0)
         self.consecutive_skipped_steps = counters.get("consecutive_skipped_steps", 0)
         self.bad_samples = counters.get("bad_samples", 0)
         self.samples_drawn = counters.get("samples_drawn", 0)
@@ -312,6 +314,7 @@ class Trainer:
                 "fingerprint": self._fingerprint(),
                 "counters": {
                     "skipped_steps": self.skipped_steps,
+                    "skipped_disc_steps": self.skipped_disc_steps,
                     "consecutive_skipped_steps": self.consecutive_skipped_steps,
                     "bad_samples": self.bad_samples,
                     "samples_drawn": self.samples_drawn,
@@ -411,8 +414,28 @@ class Trainer:
                 self.disc_engine, real, fake.detach(), loss=self.config.gan.loss
             )
             self.disc_engine.backward(loss)
-            self.disc_engine.step()
+            # The discriminator's engine is plain data parallel: DeepSpeed skips a non-finite
+            # step by itself only in bf16/fp16. In fp32 the trainer does it (as for the
+            # generator), on every rank alike, so a NaN never reaches the discriminator weights.
+            if self.disc_engine.bfloat16_enabled() or self.disc_engine.fp16_enabled():
+                self.disc_engine.step()
+            elif self._any_rank(not self._grads_finite(self.disc_engine.module)):
+                with _step_disabled(self.disc_engine.optimizer, self.disc_engine.lr_scheduler):
+                    self.disc_engine.step()
+                self.skipped_disc_steps += 1
+                if self.is_main:
+                    log.warning(
+                        "step %d: NaN/Inf discriminator gradient, discriminator step skipped "
+                        "(%d in total)",
+                        self.step + 1,
+                        self.skipped_disc_steps,
+                    )
+                continue
+            else:
+                self.disc_engine.step()
             losses.append(loss.item())
+        if not losses:  # every discriminator step of this micro-batch was skipped (logged)
+            return {}
         return {"gan_discriminator": sum(losses) / len(losses)}
 
     def _any_rank(self, flag: bool) -> bool:
@@ -422,12 +445,9 @@ class Trainer:
         dist.all_reduce(packed, op=dist.ReduceOp.MAX)
         return bool(packed.item())
 
-    def _grads_finite(self) -> bool:
-        return all(
-            torch.isfinite(p.grad).all()
-            for p in self.engine.module.parameters()
-            if p.grad is not None
-        )
+    def _grads_finite(self, module: nn.Module | None = None) -> bool:
+        module = self.engine.module if module is None else module
+        return all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
 
     def _count_bad_samples(self, batch: dict[str, Any]) -> int:
         for where in batch.get("bad_sample", ()):

@@ -420,6 +420,57 @@ def test_nonfinite_loss_or_gradient_skips_the_step(
         assert trainer.engine.skipped_steps == 2
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nonfinite_discriminator_step_is_skipped(
+    tmp_path: Path, world_of_one: None, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    """A NaN discriminator loss (2nd discriminator update of step 2) leaves the discriminator's
+    weights untouched in fp32 (the trainer skips it) and bf16 (DeepSpeed does); the others
+    train and every weight stays finite."""
+    import e2ed2.engine.trainer as trainer_module
+
+    calls = {"n": 0}
+    original = trainer_module.discriminator_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 + 2 else loss  # 2 updates per step
+
+    monkeypatch.setattr(trainer_module, "discriminator_loss", poisoned)
+    trainer = _trainer(
+        tmp_path,
+        "gan.enabled=true",
+        "gan.disc_steps_per_gen_step=2",
+        f"run.precision={precision}",
+        "run.max_steps=3",
+    )
+    disc = trainer.disc_engine.module
+    weights = [[p.detach().clone() for p in disc.parameters()]]
+    steps_seen = []
+    original_step = trainer.disc_engine.step
+
+    def recording_step(*args, **kwargs):
+        result = original_step(*args, **kwargs)
+        steps_seen.append([p.detach().clone() for p in disc.parameters()])
+        return result
+
+    monkeypatch.setattr(trainer.disc_engine, "step", recording_step)
+    batches = iter(trainer.loader)
+    for _ in range(3):
+        trainer.train_step(batches)
+    weights += steps_seen
+    # weights[i]: after the i-th discriminator update; update 4 had the NaN loss.
+    assert len(weights) == 7
+    assert not _same(weights[3], weights[2])
+    assert _same(weights[4], weights[3])
+    assert not _same(weights[5], weights[4])
+    assert all(torch.isfinite(w).all() for w in weights[-1])
+    if precision == "fp32":
+        assert trainer.skipped_disc_steps == 1
+    assert trainer.skipped_steps == 0  # the generator trained every step
+
+
 def test_nonfinite_steps_in_a_row_stop_after_a_checkpoint(
     tmp_path: Path,
     world_of_one: None,
