@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -263,22 +263,38 @@ class DigitEvaluator:
         return {
             "per_class": self.per_class,
             "holdout_self_accuracy": holdout_accuracy,
-            "train_real": _summary(draws),
+            "train_real": _seed_summary([asdict(d) for d in draws], ("fd", "accuracy")),
             "class_means": asdict(self.score(means[wanted], wanted)),
             "gaussian_noise": asdict(self.score(noise, wanted)),
         }
 
 
-def _summary(scores: Sequence[DigitScores]) -> dict[str, float]:
-    fd = np.array([s.fd for s in scores])
-    acc = np.array([s.accuracy for s in scores])
-    return {
-        "fd_mean": float(fd.mean()),
-        "fd_std": float(fd.std(ddof=1)) if len(fd) > 1 else 0.0,
-        "accuracy_mean": float(acc.mean()),
-        "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-        "num_seeds": len(scores),
-    }
+def _seed_summary(per_seed: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
+    """``<key>_mean`` / ``<key>_std`` (sample std; 0 for one seed) over the seeds that report
+    ``key`` (a key no seed reports is left out), and ``num_seeds``."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = np.array([s[key] for s in per_seed if key in s])
+        if len(values):
+            out[f"{key}_mean"] = float(values.mean())
+            out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    out["num_seeds"] = len(per_seed)
+    return out
+
+
+def _scored_schedules(
+    config: Any, num_steps: Sequence[int], by_k: dict[str, Any]
+) -> Iterator[tuple[int, Any]]:
+    """(K, sampler schedule) for each K an export can be sampled at; a K that per-step networks
+    were not trained for is recorded in ``by_k`` as skipped instead."""
+    from .sampler import build_schedule
+
+    trained_steps = config.trajectory.num_steps
+    for k in num_steps:
+        if not config.model.share_across_steps and k != trained_steps:
+            by_k[str(k)] = {"skipped": f"per-step networks trained for K={trained_steps}"}
+            continue
+        yield k, build_schedule(config.sampler, k)
 
 
 def _digit_prompts(dataset: DigitsDataset, per_class: int) -> tuple[Any, torch.Tensor]:
@@ -319,22 +335,16 @@ def evaluate_export(
     seed's first ten images per digit at each K.
     """
     from .sample import generate_pixels, save_grid
-    from .sampler import build_schedule
 
     export_dir = Path(export_dir)
     device = torch.device(device)
     config, networks, decode = _load_export(export_dir, device)
     if evaluator is None:
         evaluator = DigitEvaluator(config.data)
-    trained_steps = config.trajectory.num_steps
     cond, labels = _digit_prompts(evaluator.train_set, evaluator.per_class)
     results: dict[str, Any] = {"export": str(export_dir), "per_class": evaluator.per_class}
     by_k: dict[str, Any] = {}
-    for k in num_steps:
-        if not config.model.share_across_steps and k != trained_steps:
-            by_k[str(k)] = {"skipped": f"per-step networks trained for K={trained_steps}"}
-            continue
-        schedule = build_schedule(config.sampler, k)
+    for k, schedule in _scored_schedules(config, num_steps, by_k):
         scores = []
         for seed in seeds:
             pixels = generate_pixels(
@@ -350,7 +360,8 @@ def evaluate_export(
             if grid_dir is not None and seed == seeds[0]:
                 first = torch.cat([pixels[c * evaluator.per_class :][:10] for c in range(10)]).cpu()
                 save_grid(first, Path(grid_dir) / f"K{k}.png", nrow=10)
-        by_k[str(k)] = {"per_seed": [asdict(s) for s in scores], **_summary(scores)}
+        per_seed = [asdict(s) for s in scores]
+        by_k[str(k)] = {"per_seed": per_seed, **_seed_summary(per_seed, ("fd", "accuracy"))}
     results["num_steps"] = by_k
     return results
 
@@ -527,17 +538,6 @@ def _shard_batches(dataset: Any, count: int, batch_size: int):
         yield cond, torch.stack([it["latents"] for it in items]), captions
 
 
-def _real_summary(scores: Sequence[dict[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key in ("fid", "clip_score"):
-        values = np.array([s[key] for s in scores if key in s])
-        if len(values):
-            out[f"{key}_mean"] = float(values.mean())
-            out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-    out["num_seeds"] = len(scores)
-    return out
-
-
 def evaluate_shard_export(
     export_dir: str | Path,
     *,
@@ -564,7 +564,6 @@ def evaluate_shard_export(
 
     from .data import build_dataset, derive_seed
     from .sample import generate_pixels, save_grid
-    from .sampler import build_schedule
 
     export_dir = Path(export_dir)
     device = torch.device(device)
@@ -582,13 +581,8 @@ def evaluate_shard_export(
         for _, latents, _ in _shard_batches(dataset, count, batch_size):
             scorer.add_reference(to_uint8(decode(latents.to(device))))
 
-    trained_steps = config.trajectory.num_steps
     by_k: dict[str, Any] = {}
-    for k in num_steps:
-        if not config.model.share_across_steps and k != trained_steps:
-            by_k[str(k)] = {"skipped": f"per-step networks trained for K={trained_steps}"}
-            continue
-        schedule = build_schedule(config.sampler, k)
+    for k, schedule in _scored_schedules(config, num_steps, by_k):
         scores = []
         for seed in seeds:
             batches = _shard_batches(dataset, count, batch_size)
@@ -606,7 +600,7 @@ def evaluate_shard_export(
                     save_grid(pixels[:64].cpu(), Path(grid_dir) / f"K{k}.png", nrow=8)
                 scorer.add_generated(to_uint8(pixels), captions)
             scores.append({"seed": seed, **scorer.compute()})
-        by_k[str(k)] = {"per_seed": scores, **_real_summary(scores)}
+        by_k[str(k)] = {"per_seed": scores, **_seed_summary(scores, ("fid", "clip_score"))}
     return {
         "export": str(export_dir),
         "shard_dir": str(data_config.shard_dir),
