@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -41,21 +42,6 @@ TINY = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def _zero3_json(tmp_path: Path) -> str:
-    """The shipped ZeRO-3 config with every parameter partitioned (none kept whole)."""
-    config = json.loads((Path(__file__).parents[2] / "ds_configs" / "zero3.json").read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / "zero3_partition_everything.json"
-    path.write_text(json.dumps(config))
-    return str(path)
-
-
 def _command(output_dir: Path, zero3: str) -> list[str]:
     # The port is part of "the same command": a restarted job gets the launcher line it had.
     return [
@@ -72,13 +58,6 @@ def _command(output_dir: Path, zero3: str) -> list[str]:
     ]
 
 
-def _run(cmd: list[str], timeout: int = 600) -> str:
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{output[-4000:]}"
-    return output
-
-
 def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process | None:
     for child in launcher.children(recursive=True):
         try:
@@ -91,11 +70,13 @@ def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process | None:
     return None
 
 
-def _kill_rank_during_save(cmd: list[str], checkpoints: Path, log: Path) -> None:
+def _kill_rank_during_save(
+    cmd: list[str], checkpoints: Path, log: Path, env: dict[str, str]
+) -> None:
     """Starts ``cmd`` and SIGKILLs rank 1 as soon as the step-4 save has begun."""
     with open(log, "w") as out:
         launcher = subprocess.Popen(
-            cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         deadline = time.monotonic() + 400
@@ -129,12 +110,19 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=checkpoint.name)
 
 
-def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_path: Path) -> None:
-    zero3 = _zero3_json(tmp_path)
+def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(
+    tmp_path: Path,
+    launcher_env: dict[str, str],
+    run_checked: Callable[..., str],
+    zero3_partition_everything: str,
+) -> None:
+    zero3 = zero3_partition_everything
     crashed, straight = tmp_path / "crashed", tmp_path / "straight"
     checkpoints = crashed / "checkpoints"
 
-    _kill_rank_during_save(_command(crashed, zero3), checkpoints, tmp_path / "killed.log")
+    _kill_rank_during_save(
+        _command(crashed, zero3), checkpoints, tmp_path / "killed.log", launcher_env
+    )
     on_disk = sorted(p.name for p in checkpoints.iterdir())
     store = CheckpointStore(checkpoints, rank=0, world_size=2, keep=2)
     resume_from = store.latest()
@@ -145,10 +133,10 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_pat
         assert on_disk == [".tmp-step00000004", "step00000002"], on_disk
     resume_step = int(resume_from.name.removeprefix("step"))
 
-    output = _run(_command(crashed, zero3))
+    output = run_checked(_command(crashed, zero3))
     assert f"resumed from {resume_from} at step {resume_step}" in output
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step00000004", "step00000006"]
-    _run(_command(straight, zero3))
+    run_checked(_command(straight, zero3))
 
     got, ref = _losses(crashed), _losses(straight)
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4, 5, 6]

@@ -7,9 +7,8 @@ they are the only tests that exercise multi-rank ZeRO-3.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,22 +32,9 @@ TINY = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def _run(cmd: list[str], timeout: int = 600) -> str:
-    done = subprocess.run(
-        cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=Path.cwd()
-    )
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{output[-4000:]}"
-    return output
-
-
-def deepspeed_train(output_dir: Path, *overrides: str, ranks: int = 2) -> str:
+def deepspeed_train(
+    run: Callable[..., str], output_dir: Path, *overrides: str, ranks: int = 2
+) -> str:
     cmd = [
         str(BIN / "deepspeed"),
         "--num_gpus",
@@ -61,27 +47,12 @@ def deepspeed_train(output_dir: Path, *overrides: str, ranks: int = 2) -> str:
         *TINY,
         *overrides,
     ]
-    return _run(cmd)
+    return run(cmd)
 
 
-def single_process_train(output_dir: Path, *overrides: str) -> str:
+def single_process_train(run: Callable[..., str], output_dir: Path, *overrides: str) -> str:
     cmd = [str(BIN / "e2ed2"), "train", f"run.output_dir={output_dir}", *TINY, *overrides]
-    return _run(cmd)
-
-
-def zero3_partition_everything(tmp_path: Path) -> str:
-    """The shipped ZeRO-3 config with no persistent parameters, as a JSON path.
-
-    ZeRO-3 keeps parameters under ``stage3_param_persistence_threshold`` elements whole on every
-    rank; with the shipped 1e5 nearly all of a tiny model would be, and the tests would not
-    exercise gathering and partitioning at all.
-    """
-    shipped = Path(__file__).parents[2] / "ds_configs" / "zero3.json"
-    config = json.loads(shipped.read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / "zero3_partition_everything.json"
-    path.write_text(json.dumps(config))
-    return str(path)
+    return run(cmd)
 
 
 def _metrics(output_dir: Path) -> dict[int, dict[str, float]]:
@@ -89,27 +60,29 @@ def _metrics(output_dir: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: r for r in map(json.loads, lines)}
 
 
-def test_zero3_gan_run_resumes_and_continues_identically(tmp_path: Path) -> None:
+def test_zero3_gan_run_resumes_and_continues_identically(
+    tmp_path: Path, run_checked: Callable[..., str], zero3_partition_everything: str
+) -> None:
     """ZeRO-3, K=4, `step` checkpointing, a frozen submodule and the GAN term, on 2 ranks.
 
     Run 3 steps, resume the same command to 5; compare with an uninterrupted 5-step run.
     """
     common = (
-        f"run.deepspeed_config={zero3_partition_everything(tmp_path)}",
+        f"run.deepspeed_config={zero3_partition_everything}",
         'model.freeze=["caption_projection"]',
         "gan.enabled=true",
         "gan.base_channels=8",
         "run.checkpoint_every_steps=2",
     )
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    deepspeed_train(resumed, *common, "run.max_steps=3")
+    deepspeed_train(run_checked, resumed, *common, "run.max_steps=3")
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == [
         "step00000002",
         "step00000003",
     ]
-    out = deepspeed_train(resumed, *common, "run.max_steps=5")
+    out = deepspeed_train(run_checked, resumed, *common, "run.max_steps=5")
     assert "resumed from" in out and "at step 3" in out
-    deepspeed_train(straight, *common, "run.max_steps=5")
+    deepspeed_train(run_checked, straight, *common, "run.max_steps=5")
 
     got, ref = _metrics(resumed), _metrics(straight)
     assert sorted(got) == [1, 2, 3, 4, 5]
@@ -140,7 +113,9 @@ def _trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=checkpoint.name)
 
 
-def test_zero3_two_ranks_match_single_process_without_zero(tmp_path: Path) -> None:
+def test_zero3_two_ranks_match_single_process_without_zero(
+    tmp_path: Path, run_checked: Callable[..., str], zero3_partition_everything: str
+) -> None:
     """After 3 steps, weights and EMA of 2-rank ZeRO-3 (batch 2 each) equal 1 rank, batch 4.
 
     The ZeRO-3 run also has the fused kernels installed (torch backend on CPU): the fused
@@ -149,11 +124,16 @@ def test_zero3_two_ranks_match_single_process_without_zero(tmp_path: Path) -> No
     """
     zero3, single = tmp_path / "zero3", tmp_path / "single"
     common = ("run.max_steps=3", "run.checkpoint_every_steps=3", "optim.lr=1e-3")
-    zero3_json = zero3_partition_everything(tmp_path)
     deepspeed_train(
-        zero3, *common, f"run.deepspeed_config={zero3_json}", "model.fused_kernels=true"
+        run_checked,
+        zero3,
+        *common,
+        f"run.deepspeed_config={zero3_partition_everything}",
+        "model.fused_kernels=true",
     )
-    single_process_train(single, *common, "run.deepspeed_config=zero2", "run.batch_per_rank=4")
+    single_process_train(
+        run_checked, single, *common, "run.deepspeed_config=zero2", "run.batch_per_rank=4"
+    )
 
     got = _trained_weights(zero3 / "checkpoints" / "step00000003")
     ref = _trained_weights(single / "checkpoints" / "step00000003")
