@@ -1,6 +1,18 @@
-"""Distribution `e2ed2`: `engine/` installs as `e2ed2.engine`, `kernels/` as `e2ed2.kernels`."""
+"""Distribution `e2ed2`: `engine/` installs as `e2ed2.engine`, `kernels/` as `e2ed2.kernels`, and
+the presets (`configs/`) and DeepSpeed JSONs (`ds_configs/`) as package data `e2ed2.configs` /
+`e2ed2.ds_configs`, read through importlib.resources."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# The top level has no e2ed2/ folder: each top-level folder maps onto a subpackage of the
+# implicit namespace package `e2ed2`, with its own subpackages found below it.
+_FOLDERS = {"engine": "e2ed2.engine", "kernels": "e2ed2.kernels"}
+_DATA = {"configs": "e2ed2.configs", "ds_configs": "e2ed2.ds_configs"}
+_PACKAGES = [
+    f"{name}.{sub}" if sub else name
+    for folder, name in _FOLDERS.items()
+    for sub in ["", *find_packages(folder)]
+] + list(_DATA.values())
 
 setup(
     name="e2ed2",
@@ -10,9 +22,9 @@ setup(
         "(backprop through the whole few-step sampler)."
     ),
     python_requires=">=3.10",
-    # `e2ed2` itself is an implicit namespace package: the top-level layout has no e2ed2/ folder.
-    packages=["e2ed2.engine", "e2ed2.kernels"],
-    package_dir={"e2ed2.engine": "engine", "e2ed2.kernels": "kernels"},
+    packages=_PACKAGES,
+    package_dir={name: folder for folder, name in {**_FOLDERS, **_DATA}.items()},
+    package_data={"e2ed2.configs": ["*.toml"], "e2ed2.ds_configs": ["*.json"]},
     install_requires=[
         # A plain `torch` requirement lets pip pick the registry's default build (CUDA), whose
         # torchvision ops load; the lpips package needs torchvision.
@@ -34,7 +46,7 @@ setup(
         "torchmetrics>=1.4",
         "torch-fidelity>=0.3",
     ],
-    entry_points={"console_scripts": ["e2ed2 = e2ed2.engine.cli:main"]},
+    entry_points={"console_scripts": ["e2ed2 = e2ed2.engine.cli.main:main"]},
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.17,<0.18"],
         "xformers": ["xformers"],

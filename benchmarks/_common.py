@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from e2ed2.engine import LiveTensorTracker
-from e2ed2.engine.estimate import (
+from e2ed2.engine.core.estimate import (
     DenoiserShape,
     build_pixart,
     make_inputs,

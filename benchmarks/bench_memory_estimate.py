@@ -5,7 +5,7 @@ Question: what does one E2ED2 iteration of PixArt-α-XL/2 (28 blocks, hidden 115
 checkpoint policy with ZeRO-3 on 8 and 64 ranks, and which is the largest resolution that fits
 40 GB and 80 GB?
 
-Method (``e2ed2.engine.estimate``): the activation peak is measured by running the real diffusers
+Method (``e2ed2.engine.core.estimate``): the activation peak is measured by running the real diffusers
 model through the real trajectory under ``FakeTensorMode`` (nothing allocated) with the
 live-tensor tracker, full gradients dropped as ZeRO-3's hooks do; the ZeRO-3 terms (gathered
 bf16 weights, partitioned params / grads / AdamW state, buckets) come from the ds_config
@@ -37,8 +37,7 @@ import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from e2ed2.engine import LiveTensorTracker  # noqa: E402
-from e2ed2.engine.distributed import resolve_ds_config  # noqa: E402
-from e2ed2.engine.estimate import (  # noqa: E402
+from e2ed2.engine.core.estimate import (
     PIXART_ALPHA_XL_2,
     VAE_DOWNSAMPLE,
     DenoiserShape,
@@ -50,6 +49,7 @@ from e2ed2.engine.estimate import (  # noqa: E402
     run_iteration,
     step_peak_bytes,
 )
+from e2ed2.engine.train.distributed import resolve_ds_config  # noqa: E402
 
 POLICIES = ("none", "step", "block", "selective")
 RESOLUTIONS = (512, 1024, 2048)

@@ -32,9 +32,10 @@ import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from e2ed2.engine.estimate import make_trajectory, run_iteration  # noqa: E402
-from e2ed2.engine.models import ModelConfig, build_denoiser  # noqa: E402
-from e2ed2.engine.network import Conditioning  # noqa: E402
+from e2ed2.engine.config.model import ModelConfig  # noqa: E402
+from e2ed2.engine.core.estimate import make_trajectory, run_iteration  # noqa: E402
+from e2ed2.engine.core.models import build_denoiser  # noqa: E402
+from e2ed2.engine.core.network import Conditioning  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Question: how many bytes does ZeRO-3 move per E2ED2 iteration (K forwards, K recomputes, K
 backwards through one shared denoiser), for the shipped ``ds_configs``, and does gathering the
 parameters once per iteration (``engine.zero_reuse.gathered_once``, switched on by
-``ds_configs/zero3_reuse.json``) bring all-gather bytes down to ~1x the parameter bytes without
+``run.zero3_gather_once``) bring all-gather bytes down to ~1x the parameter bytes without
 changing the gradients?
 
 Runs the real ``deepspeed`` launcher on 2 CPU ranks (gloo) with DeepSpeed's comms logger
@@ -28,7 +28,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("zero3", "zero3_reuse")
+# Recipe name -> (shipped DeepSpeed JSON, run.zero3_gather_once).
+RECIPES = {"zero3": ("zero3", False), "zero3_reuse": ("zero3", True)}
+CONFIGS = tuple(RECIPES)
 NUM_STEPS = (1, 2, 4, 8)
 WORLD_SIZE = 2
 
@@ -38,7 +40,7 @@ def _iteration(engine, trajectory, clean, cond, gather_once: bool, seed: int) ->
     """Forward through K steps, backward, optimizer step (the same noise every call)."""
     import torch
 
-    from e2ed2.engine.zero_reuse import gathered_once
+    from e2ed2.engine.train.gather_once import gathered_once
 
     with gathered_once(engine.module, enabled=gather_once):
         generator = torch.Generator().manual_seed(seed)
@@ -52,12 +54,9 @@ def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
 
-    from e2ed2.engine.distributed import (
-        OptimConfig,
-        build_ds_config,
-        init_distributed,
-    )
-    from e2ed2.engine.estimate import DenoiserShape, build_pixart, make_inputs, make_trajectory
+    from e2ed2.engine.config.optim import OptimConfig
+    from e2ed2.engine.core.estimate import DenoiserShape, build_pixart, make_inputs, make_trajectory
+    from e2ed2.engine.train.distributed import build_ds_config, init_distributed
 
     torch.set_num_threads(1)
     rank, world = init_distributed()
@@ -72,15 +71,15 @@ def worker(args: argparse.Namespace) -> None:
     )
     results = []
     for k in args.num_steps:
+        ds_name, gather_once = RECIPES[args.ds_config]
         config = build_ds_config(
-            args.ds_config,
+            ds_name,
             batch_per_rank=1,
             grad_accum_steps=1,
             world_size=world,
             optim=OptimConfig(lr=1e-3, grad_clip=0.0),
             precision="fp32",
         )
-        gather_once = bool(config.pop("e2ed2_gather_once_per_iteration", False))
         config["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
         model = build_pixart(shape, args.latent, seed=0)
         with torch.no_grad():  # diffusers zero-inits adaLN / output: make every grad non-zero
@@ -133,7 +132,7 @@ def worker(args: argparse.Namespace) -> None:
 
 # -- driver ----------------------------------------------------------------------------------
 def launch(ds_config: str, args: argparse.Namespace, out: Path) -> list[dict]:
-    from e2ed2.engine.distributed import free_port
+    from e2ed2.engine.train.distributed import free_port
 
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"),
@@ -256,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.worker:
-        from e2ed2.engine.distributed import exit_process
+        from e2ed2.engine.train.distributed import exit_process
 
         worker(arguments)
         exit_process(0)

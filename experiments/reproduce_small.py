@@ -13,7 +13,7 @@ What it does, all through the engine's ``e2ed2 train`` (one subprocess per run):
    - per-step networks at K = 4 with L2+LPIPS (the paper's App. D.1 setting), against the
      shared network of the same loss.
 3. Score every model (and the pretrained baseline) at K = 1, 2, 4 sampling steps on the same
-   sampling seeds with :mod:`e2ed2.engine.evaluate` (digit-classifier Fréchet distance to the
+   sampling seeds with :mod:`e2ed2.engine.eval.digits` (digit-classifier Fréchet distance to the
    held-out split, prompted-digit accuracy) and the real-vs-real noise floor.
 4. Write ``results.md`` (tables), ``results.json``, plots and sample grids into ``--results``.
 
@@ -153,7 +153,7 @@ def train(run_dir: Path, overrides: dict[str, object], max_steps: int) -> float:
         "run.sample_every_steps": max_steps,
         "run.keep_checkpoints": 1,
     }
-    command = [sys.executable, "-m", "e2ed2.engine.cli", "train", *_override_args(settings)]
+    command = [sys.executable, "-m", "e2ed2.engine.cli.main", "train", *_override_args(settings)]
     # One thread per run: on 2 shared cores, oversubscribed BLAS threads cost far more than they
     # bring (measured: a diffusion step ran ~5x slower with 2 threads per process under load).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -335,10 +335,10 @@ def write_plots(results_dir: Path, evals: dict[str, list[dict]], floor: dict) ->
 @torch.no_grad()
 def write_sample_figure(results_dir: Path, exports: dict[str, Path], evaluator) -> None:
     """One row per model (first fine-tune seed), one column per digit, at each K; seed 0."""
-    from e2ed2.engine.config import load_config
-    from e2ed2.engine.export import load_exported_networks
-    from e2ed2.engine.sample import generate_pixels, save_grid
-    from e2ed2.engine.sampler import build_schedule
+    from e2ed2.engine.config.loader import load_config
+    from e2ed2.engine.core.sampler import build_schedule
+    from e2ed2.engine.core.sampling import generate_pixels, save_grid
+    from e2ed2.engine.train.export import load_exported_networks
 
     cond, _ = evaluator_prompts(evaluator)
     real = torch.stack(
@@ -370,8 +370,8 @@ def write_sample_figure(results_dir: Path, exports: dict[str, Path], evaluator) 
 
 
 def evaluator_prompts(evaluator):
-    from e2ed2.engine.data import DIGIT_WORDS
-    from e2ed2.engine.network import Conditioning
+    from e2ed2.engine.core.network import Conditioning
+    from e2ed2.engine.data.digits import DIGIT_WORDS
 
     states, mask = evaluator.train_set.encode([f"a handwritten digit {w}" for w in DIGIT_WORDS])
     return Conditioning(states, mask), torch.arange(10)
@@ -397,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         args.work = str(Path(args.work).with_name("smoke"))
         args.results = str(Path(args.results).with_name("results_smoke"))
 
-    from e2ed2.engine.config import load_config
-    from e2ed2.engine.evaluate import DigitEvaluator, evaluate_export
+    from e2ed2.engine.config.loader import load_config
+    from e2ed2.engine.eval.digits import DigitEvaluator, evaluate_export
 
     torch.set_num_threads(1)
     work, results_dir = Path(args.work), Path(args.results)

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from diffusers import PixArtTransformer2DModel  # noqa: E402
 
 from e2ed2.engine import Conditioning  # noqa: E402
+from e2ed2.engine.core.models import pixart_transformer  # noqa: E402
 
 
 def tiny_pixart(
@@ -36,17 +37,14 @@ def tiny_pixart(
 ) -> PixArtTransformer2DModel:
     """A PixArt-α-shaped transformer (adaLN-single, cross-attention, learned sigma), tiny."""
     torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
+    model = pixart_transformer(
+        num_layers=num_layers,
         num_attention_heads=heads,
         attention_head_dim=head_dim,
         in_channels=4,
         out_channels=8,
-        num_layers=num_layers,
-        cross_attention_dim=heads * head_dim,
         sample_size=sample_size,
-        patch_size=2,
         caption_channels=caption_channels,
-        norm_num_groups=1,
     )
     # diffusers zero-initialises the output projection and adaLN; random weights make the
     # gradient comparisons meaningful (a zero layer would hide errors behind zero gradients).

@@ -1,0 +1,65 @@
+"""``e2ed2 precompute``: an image folder with captions -> latent shards (see data/precompute.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``e2ed2 precompute IMAGE_DIR OUT_DIR --vae PATH --text-encoder PATH [...]``."""
+    from ..data.precompute import STORAGE_DTYPES, precompute
+
+    parser = argparse.ArgumentParser(
+        prog="e2ed2 precompute",
+        description="Encode an image folder with captions into latent shards for training.",
+    )
+    parser.add_argument("image_dir", help="images (png/jpg/webp, recursive) with captions")
+    parser.add_argument("out_dir", help="shard folder to write (index.json + *.safetensors)")
+    parser.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder")
+    parser.add_argument("--text-encoder", required=True, help="local transformers T5 folder")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: T5's)")
+    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--max-tokens", type=int, default=120, help="caption length in tokens")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
+    parser.add_argument("--shard-size", type=int, default=1024, help="samples per shard file")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float16", help="storage")
+    parser.add_argument("--compute-dtype", choices=list(STORAGE_DTYPES), default="float32")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        index = precompute(
+            args.image_dir,
+            args.out_dir,
+            vae_path=args.vae,
+            text_encoder_path=args.text_encoder,
+            tokenizer_path=args.tokenizer,
+            resolution=args.resolution,
+            caption_max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            device=args.device,
+            dtype=STORAGE_DTYPES[args.dtype],
+            compute_dtype=STORAGE_DTYPES[args.compute_dtype],
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {index['num_samples']} samples in {len(index['shards'])} shards to "
+        f"{args.out_dir} ({len(index['skipped'])} inputs skipped, listed in index.json)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Training entry point: ``e2ed2 train`` and ``deepspeed --module e2ed2.engine.cli.train``.
+
+    e2ed2 train [--config PRESET.toml] [--dry-run] [section.key=value ...]
+    deepspeed --num_gpus 8 --module e2ed2.engine.train --config configs/pixart_alpha_512.toml
+
+Thin on purpose: it resolves the config (failing before any model is built), then hands over to
+the :class:`~e2ed2.engine.trainer.Trainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser(prog: str = "e2ed2 train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a diffusion transformer end to end through its K-step sampler.",
+    )
+    parser.add_argument("--config", default=None, help="a TOML preset (see configs/)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config as TOML, check its DeepSpeed JSON and local paths, exit",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="overrides on top of the preset, e.g. run.max_steps=50 trajectory.checkpoint=block",
+    )
+    # Set by the deepspeed launcher; the rank is read from the environment.
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 train") -> int:
+    from ..config import ConfigError, config_to_toml, load_config
+    from ..train.launch import check_launch
+
+    # Intermixed: the deepspeed launcher puts --local_rank wherever it likes among the overrides.
+    args = build_parser(prog).parse_intermixed_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"{prog}: config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(config_to_toml(config), end="")
+    try:
+        # The launcher sets WORLD_SIZE before this process starts: the DeepSpeed JSON and the
+        # local weight paths are checked here, in the first second, not after the models load
+        # (a dry run prints the config first, so it can be read on a machine without weights).
+        check_launch(config, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        print(f"{prog}: config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+    )
+    from ..train.trainer import CheckpointMismatchError, DataError, NonFiniteError, Trainer
+
+    try:
+        trainer = Trainer(config)
+        history = trainer.train()
+    except (ConfigError, CheckpointMismatchError) as err:
+        print(f"{prog}: config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, NonFiniteError) as err:
+        print(f"{prog}: stopped: {err}", file=sys.stderr)
+        return 1
+    if rank == 0 and history:
+        first, last = history[0], history[-1]
+        key = "total" if "total" in last else "diffusion"
+        print(
+            f"done: {trainer.step} steps; loss {first.get(key, float('nan')):.4f} (step "
+            f"{first['step']}) -> {last.get(key, float('nan')):.4f} (step {last['step']}); "
+            f"outputs in {config.run.output_dir}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    # The deepspeed launcher's entry (`--module e2ed2.engine.train`): see exit_process.
+    from ..train.distributed import exit_process
+
+    exit_process(main())

@@ -1,0 +1,107 @@
+"""``[objective]``: what the trainer minimises (see objectives/)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from .base import check_fields
+
+__all__ = ["LPIPS_MIN_SIZE_PX", "TORCHVISION_MODELS", "ObjectiveConfig", "ObjectiveKind"]
+
+ObjectiveKind = Literal["e2ed2", "diffusion"]
+LpipsNet = Literal["vgg", "alex", "squeeze"]
+
+_WEIGHTS = ("l1_weight", "l2_weight", "lpips_weight")
+#: The smallest image side (pixels) each LPIPS backbone accepts: below it a pooling layer sees an
+#: empty input. Measured with the lpips 0.1.4 networks.
+LPIPS_MIN_SIZE_PX: dict[str, int] = {"vgg": 16, "alex": 31, "squeeze": 17}
+#: The torchvision model whose ``features`` each LPIPS backbone slices.
+TORCHVISION_MODELS: dict[str, str] = {"vgg": "vgg16", "alex": "alexnet", "squeeze": "squeezenet1_1"}
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the trainer minimises. Weights apply to ``kind='e2ed2'`` (eq. 7); each is >= 0.
+
+    ``lpips_backbone_path``: a local torchvision state dict of the LPIPS backbone (``vgg16``,
+    ``alexnet`` or ``squeezenet1_1``, e.g. the file torchvision caches as ``vgg16-397923af.pth``;
+    only its ``features.*`` entries are used). The LPIPS linear heads ship inside the ``lpips``
+    package. ``lpips_random_backbone``: keep the backbone randomly initialised instead (tests and
+    tiny presets only: the distance is then not perceptual).
+    ``decode_checkpoint``: activation-checkpoint the sample's VAE decode (keep only the latent,
+    re-run the decoder in backward). ``lpips_checkpoint``: likewise for the LPIPS network on the
+    decoded pixels (its activations at 512 px and up are several GB per batch).
+    """
+
+    kind: ObjectiveKind = "e2ed2"
+    """``e2ed2``: a loss on the final sample of the unroll; ``diffusion``: the standard one-
+    timestep loss.
+    """
+    l1_weight: float = 0.0
+    """Weight of the L1 distance between final and target latents (eq. 7)."""
+    l2_weight: float = 1.0
+    """Weight of the squared L2 distance between final and target latents (eq. 7)."""
+    lpips_weight: float = 0.0
+    """Weight of LPIPS between the decoded final sample and the decoded target (eq. 7)."""
+    lpips_net: LpipsNet = "vgg"
+    """LPIPS backbone: vgg, alex or squeeze."""
+    lpips_backbone_path: str | None = None
+    """Local torchvision state dict of the LPIPS backbone (only its features.* are used)."""
+    lpips_random_backbone: bool = False
+    """Keep the LPIPS backbone randomly initialised (tests and tiny presets only)."""
+    decode_checkpoint: bool = True
+    """Activation-checkpoint the sample's VAE decode (keep the latent, re-run the decoder in
+    backward).
+    """
+    lpips_checkpoint: bool = True
+    """Activation-checkpoint the LPIPS network on the decoded pixels."""
+
+    def __post_init__(self) -> None:
+        check_fields("objective", self)
+        for key in _WEIGHTS:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"objective.{key} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"objective.{key} must be a finite number >= 0, got {value}")
+        if self.kind == "e2ed2" and not any(getattr(self, key) > 0 for key in _WEIGHTS):
+            raise ValueError(
+                f"objective: kind='e2ed2' needs at least one positive weight among {list(_WEIGHTS)}"
+            )
+        if self.kind == "diffusion":
+            for key in ("l1_weight", "lpips_weight"):
+                if getattr(self, key) > 0:
+                    raise ValueError(
+                        f"objective.{key} applies to kind='e2ed2' only; kind='diffusion' is the "
+                        "MSE of the network's prediction (eq. 3), set it to 0"
+                    )
+        if self.lpips_backbone_path is not None and not self.lpips_backbone_path:
+            raise ValueError("objective.lpips_backbone_path is empty; leave it unset instead")
+        if self.lpips_backbone_path is not None and self.lpips_random_backbone:
+            raise ValueError(
+                "objective.lpips_backbone_path and objective.lpips_random_backbone=true both set; "
+                "choose one"
+            )
+        if (
+            self.lpips_weight > 0
+            and self.lpips_backbone_path is None
+            and not self.lpips_random_backbone
+        ):
+            raise ValueError(
+                "objective.lpips_weight > 0 needs objective.lpips_backbone_path (a local "
+                f"torchvision {TORCHVISION_MODELS[self.lpips_net]} state dict) or "
+                "objective.lpips_random_backbone=true"
+            )
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether the objective compares decoded pixels (LPIPS on). The GAN needs them too."""
+        return self.kind == "e2ed2" and self.lpips_weight > 0
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The positive weights of eq. 7's hybrid metric, by term name."""
+        named = {"l1": self.l1_weight, "l2": self.l2_weight, "lpips": self.lpips_weight}
+        return {name: float(w) for name, w in named.items() if w > 0}

@@ -1,0 +1,77 @@
+"""``[run]``: length, batch, precision, outputs and cadence of one training run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .base import check_fields
+
+__all__ = ["Precision", "RunConfig"]
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What one training run does: length, batch, precision, outputs and their cadence."""
+
+    output_dir: str = "runs/e2ed2"
+    """Where the run writes config, metrics, TensorBoard, samples, checkpoints and the export."""
+    max_steps: int = 400
+    """optimizer steps"""
+    batch_per_rank: int = 8
+    """micro-batch per rank (the paper: 8 per GPU)"""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    """Seed of the run's draws (weights init, plans, noise; derived per purpose)."""
+    precision: Precision = "fp32"
+    """Compute precision of the denoiser: fp32, bf16 or fp16 (DeepSpeed's mixed precision)."""
+    deepspeed_config: str = "zero2"
+    """A shipped DeepSpeed config by name (ds_configs/<name>.json) or a path to a JSON file."""
+    zero3_gather_once: bool = False
+    """ZeRO-3 only: gather each partitioned parameter once per micro-batch and keep it across the
+    K sampler steps (forwards, recomputes, backwards), instead of up to 3K all-gathers per
+    iteration. Costs the full low-precision weights on every rank during the iteration
+    (PixArt-α-XL/2: 1.2 GB in bf16); gradients are unchanged (benchmarks/README.md, section 4).
+    """
+    log_every_steps: int = 10
+    """Optimizer steps between metrics.jsonl / TensorBoard records."""
+    checkpoint_every_steps: int = 200
+    """Optimizer steps between checkpoints (and one at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    sample_every_steps: int = 200
+    """Optimizer steps between sample grids (and one at the end)."""
+    num_sample_images: int = 20
+    """Images in each sample grid (0 = no grids)."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in output_dir, if there is one."""
+    export_at_end: bool = True
+    """Write the EMA (or, with ema disabled, the trained) weights as a diffusers folder at the end."""
+    max_consecutive_nonfinite_steps: int = 25
+    """Optimizer steps in a row whose loss or gradient is NaN/Inf (each one skipped) after which
+    the run writes a checkpoint and stops. fp16's dynamic loss scale also skips steps while it
+    calibrates (one per halving of its initial scale, 2**16 by default), which count too.
+    """
+
+    def __post_init__(self) -> None:
+        check_fields("run", self)
+        positive = (
+            "max_steps",
+            "batch_per_rank",
+            "grad_accum_steps",
+            "log_every_steps",
+            "checkpoint_every_steps",
+            "keep_checkpoints",
+            "sample_every_steps",
+            "max_consecutive_nonfinite_steps",
+        )
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"run.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_sample_images < 0:
+            raise ValueError(f"run.num_sample_images must be >= 0, got {self.num_sample_images}")
+        if not self.output_dir:
+            raise ValueError("run.output_dir must not be empty")

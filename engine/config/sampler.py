@@ -1,0 +1,156 @@
+"""``[sampler]``: the noise schedule and few-step sampler (diffusers' LCM / DDIM fields)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal
+
+from .base import check_fields
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin
+
+__all__ = ["SCHEDULER_CLASS_NAMES", "SamplerConfig", "SamplerKind", "PredictionType"]
+
+SamplerKind = Literal["lcm", "ddim"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+
+#: The diffusers scheduler class each sampler kind is checked against (and exported as).
+SCHEDULER_CLASS_NAMES: dict[str, str] = {"lcm": "LCMScheduler", "ddim": "DDIMScheduler"}
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The noise schedule and few-step sampler. Defaults: the paper's LCM with a linear schedule.
+
+    Field names and meanings are those of diffusers' ``LCMScheduler`` / ``DDIMScheduler``. To match
+    a pretrained checkpoint, build it from the checkpoint's ``scheduler_config.json`` with
+    :meth:`from_diffusers_config` (PixArt-LCM ships ``scaled_linear`` 0.00085..0.012).
+    """
+
+    kind: SamplerKind = "lcm"
+    """The few-step sampler: ``lcm`` (the paper) or ``ddim``."""
+    prediction_type: PredictionType = "epsilon"
+    """What the network predicts: epsilon, v (v_prediction) or the clean sample."""
+    num_train_timesteps: int = 1000
+    """Length of the discrete noise schedule the network was trained on."""
+    beta_schedule: BetaSchedule = "linear"
+    """diffusers' beta schedule name (PixArt-LCM: scaled_linear)."""
+    beta_start: float = 0.0001
+    """First beta of the schedule."""
+    beta_end: float = 0.02
+    """Last beta of the schedule."""
+    rescale_betas_zero_snr: bool = False
+    """Rescale the schedule to zero terminal SNR (Lin et al. 2024)."""
+    timestep_spacing: TimestepSpacing = "leading"
+    """How the K sampling timesteps are spread over the schedule (diffusers' names)."""
+    steps_offset: int = 0
+    """Offset added to every sampling timestep (diffusers' steps_offset)."""
+    set_alpha_to_one: bool = True
+    """DDIM: the final step's previous alpha is 1 (else alphas_cumprod[0])."""
+    clip_sample: bool = False
+    """Clip the predicted clean sample to [-clip_sample_range, clip_sample_range]."""
+    clip_sample_range: float = 1.0
+    """The clipping range of clip_sample."""
+    original_inference_steps: int = 50
+    """LCM only: the skipping-step grid the consistency model was distilled on, and the scale of
+    the timestep inside the boundary-condition scalings c_skip / c_out.
+    """
+    timestep_scaling: float = 10.0
+    """LCM only: scale of the timestep inside the boundary-condition scalings c_skip / c_out."""
+    eta: float = 0.0
+    """DDIM only: stochasticity (0 = deterministic DDIM)."""
+
+    def __post_init__(self) -> None:
+        check_fields("sampler", self)
+        if self.num_train_timesteps < 2:
+            raise ValueError(
+                f"sampler.num_train_timesteps must be >= 2, got {self.num_train_timesteps}"
+            )
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ValueError(
+                "sampler.beta_start/beta_end must satisfy 0 < beta_start < beta_end < 1, got "
+                f"{self.beta_start}, {self.beta_end}"
+            )
+        if self.eta < 0:
+            raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
+        if self.kind == "lcm" and self.eta != 0:
+            raise ValueError("sampler.eta applies to kind='ddim' only; LCM's noise is fixed")
+        if self.original_inference_steps < 1:
+            raise ValueError(
+                f"sampler.original_inference_steps must be >= 1, got {self.original_inference_steps}"
+            )
+
+    @classmethod
+    def from_diffusers_config(
+        cls, config: Mapping[str, Any] | str | os.PathLike, **overrides: Any
+    ) -> SamplerConfig:
+        """From a diffusers scheduler config (a dict, a ``scheduler_config.json`` or its folder).
+
+        The kind comes from ``_class_name`` unless given in ``overrides``. Keys this sampler does
+        not model (e.g. ``thresholding=True``, ``trained_betas``) raise instead of being dropped.
+        """
+        if not isinstance(config, Mapping):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "scheduler_config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"no diffusers scheduler config at {path!r} (expected scheduler_config.json)"
+                )
+            with open(path) as f:
+                config = json.load(f)
+        values = dict(config)
+        class_name = values.pop("_class_name", None)
+        values = {k: v for k, v in values.items() if not k.startswith("_")}
+        if "kind" not in overrides:
+            by_class = {c: kind for kind, c in SCHEDULER_CLASS_NAMES.items()}
+            if class_name not in by_class:
+                raise ValueError(
+                    f"scheduler _class_name {class_name!r} is not supported; expected one of "
+                    f"{sorted(by_class)} (or pass kind=...)"
+                )
+            overrides["kind"] = by_class[class_name]
+        if values.pop("thresholding", False):
+            raise ValueError("scheduler config sets thresholding=True, which is not supported")
+        if values.pop("trained_betas", None) is not None:
+            raise ValueError("scheduler config sets trained_betas, which is not supported")
+        for ignored in ("dynamic_thresholding_ratio", "sample_max_value"):
+            values.pop(ignored, None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"scheduler config has keys this sampler does not model: {unknown}")
+        values.update(overrides)
+        return cls(**values)
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of the matching diffusers scheduler class."""
+        kwargs = {
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "beta_schedule": self.beta_schedule,
+            "clip_sample": self.clip_sample,
+            "clip_sample_range": self.clip_sample_range,
+            "set_alpha_to_one": self.set_alpha_to_one,
+            "steps_offset": self.steps_offset,
+            "prediction_type": self.prediction_type,
+            "timestep_spacing": self.timestep_spacing,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+        }
+        if self.kind == "lcm":
+            kwargs["original_inference_steps"] = self.original_inference_steps
+            kwargs["timestep_scaling"] = self.timestep_scaling
+        return kwargs
+
+    def to_diffusers(self) -> SchedulerMixin:
+        """The equivalent diffusers scheduler (for pipelines, export and the reference tests)."""
+        import diffusers
+
+        return getattr(diffusers, SCHEDULER_CLASS_NAMES[self.kind])(**self.diffusers_kwargs())

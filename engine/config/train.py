@@ -1,0 +1,63 @@
+"""``TrainConfig``: every section of a run, and the checks that span sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import ConfigError
+from .data import DataConfig
+from .ema import EmaConfig
+from .gan import GanConfig
+from .model import ModelConfig
+from .objective import ObjectiveConfig
+from .optim import OptimConfig
+from .run import RunConfig
+from .sampler import SamplerConfig
+from .trajectory import TrajectoryConfig
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # The embedded default trains from scratch in pixel space; v-prediction keeps the x0 estimate
+    # bounded at t = 999, where epsilon-prediction divides by sqrt(alphas_cumprod) ~ 0.006.
+    # Presets for pretrained PixArt set prediction_type = "epsilon" (its training target).
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(prediction_type="v_prediction")
+    )
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        traj, sampler = self.trajectory, self.sampler
+        if sampler.kind == "lcm" and traj.num_steps > sampler.original_inference_steps:
+            raise ConfigError(
+                f"trajectory.num_steps={traj.num_steps} exceeds "
+                f"sampler.original_inference_steps={sampler.original_inference_steps} (LCM)"
+            )
+        if self.objective.kind == "diffusion":
+            if not self.model.share_across_steps:
+                raise ConfigError(
+                    "model.share_across_steps=false needs objective.kind='e2ed2' (the diffusion "
+                    "objective trains one network)"
+                )
+            if self.gan.enabled:
+                raise ConfigError("gan.enabled=true needs objective.kind='e2ed2'")
+        if self.data.source == "digits" and self.model.vae_path is not None:
+            raise ConfigError(
+                "model.vae_path is set but data.source='digits' is pixel space; unset it "
+                "(model.vae_path=none)"
+            )
+        needs_pixels = self.objective.needs_pixels or self.gan.enabled
+        if self.data.source == "shards" and needs_pixels and self.model.vae_path is None:
+            raise ConfigError(
+                "LPIPS / GAN on latent shards need a decoder: set model.vae_path to a local "
+                "AutoencoderKL folder"
+            )

@@ -1,0 +1,49 @@
+"""``[trajectory]``: how the K-step unroll is run and differentiated (see core/trajectory.py)."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
+from .base import check_fields
+
+__all__ = ["CHECKPOINT_POLICIES", "CheckpointPolicy", "TrajectoryConfig"]
+
+CheckpointPolicy = Literal["none", "step", "block", "offload", "selective"]
+Truncation = Literal["full", "last_k", "random_k"]
+StartKind = Literal["noise", "noised_latent"]
+
+CHECKPOINT_POLICIES: tuple[str, ...] = typing.get_args(CheckpointPolicy)
+
+
+@dataclass(frozen=True)
+class TrajectoryConfig:
+    """How the K-step trajectory is run and differentiated."""
+
+    num_steps: int = 4
+    """K: sampler steps run with gradients from the start to the final sample."""
+    checkpoint: CheckpointPolicy = "step"
+    """Memory policy of the unroll: none, step, block, offload or selective (core/trajectory.py)."""
+    truncation: Truncation = "full"
+    """Backprop through every step (full), the last grad_steps (last_k) or a random 1..grad_steps
+    (random_k).
+    """
+    grad_steps: int = 1
+    """k for ``last_k``; the largest k for ``random_k``. Ignored for ``full``."""
+    start: StartKind = "noise"
+    """Start from pure noise, or from the clean latent noised to a random sampler step
+    (noised_latent).
+    """
+    offload_device: str = "cpu"
+    """Where ``offload`` keeps the saved latents (a torch device, e.g. cpu)."""
+
+    def __post_init__(self) -> None:
+        check_fields("trajectory", self)
+        if self.num_steps < 1:
+            raise ValueError(f"trajectory.num_steps must be >= 1, got {self.num_steps}")
+        if self.truncation != "full" and not 1 <= self.grad_steps <= self.num_steps:
+            raise ValueError(
+                f"trajectory.grad_steps must be in 1..num_steps={self.num_steps} for "
+                f"truncation={self.truncation!r}, got {self.grad_steps}"
+            )

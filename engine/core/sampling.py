@@ -1,0 +1,59 @@
+"""K-step sampling without gradients, to pixels and PNG grids: the trainer's sample grids,
+``e2ed2 sample`` and ``e2ed2 evaluate`` all draw through :func:`generate_pixels`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config.trajectory import TrajectoryConfig
+from .network import Conditioning
+from .sampler import SamplerSchedule
+from .trajectory import Trajectory
+
+__all__ = ["generate_pixels", "save_grid"]
+
+
+@torch.no_grad()
+def generate_pixels(
+    networks: nn.Module,
+    schedule: SamplerSchedule,
+    decode,
+    cond: Conditioning,
+    latent_shape: Sequence[int],
+    *,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Pixels in [-1, 1], (B, C, H, W): K sampler steps from pure noise, then ``decode``."""
+    batch = cond.encoder_hidden_states.shape[0]
+    # No graph: plain autograd ("none") costs nothing here and checkpointing would only add work.
+    trajectory = Trajectory(
+        TrajectoryConfig(num_steps=schedule.num_steps, checkpoint="none"), schedule
+    )
+    plan = trajectory.plan()
+    g = torch.Generator(device=device).manual_seed(seed)
+    start, noises = trajectory.draw_noise(
+        plan, (batch, *latent_shape), generator=g, device=device, dtype=dtype
+    )
+    cond = Conditioning(
+        cond.encoder_hidden_states.to(device, dtype),
+        None if cond.encoder_attention_mask is None else cond.encoder_attention_mask.to(device),
+    )
+    sample = trajectory.run(networks, cond, start, noises, plan)
+    return decode(sample).float().clamp(-1, 1)
+
+
+def save_grid(pixels: torch.Tensor, path: str | Path, nrow: int = 10) -> torch.Tensor:
+    """Writes a PNG grid of [-1, 1] images; returns the grid (C, H, W) in [0, 1]."""
+    import torchvision
+
+    grid = torchvision.utils.make_grid((pixels + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image(grid, str(path))
+    return grid

@@ -1,0 +1,43 @@
+"""Training data: the embedded digits default, precomputed latent shards, and resumable batching.
+
+Every dataset item is a dict that torch's default collate stacks::
+
+    "latents"                (C, h, w) float32   what the trajectory starts from / is scored against
+    "encoder_hidden_states"  (L, D) float32      text-encoder output
+    "encoder_attention_mask" (L,) long           1 = token, 0 = padding
+    "index"                  int                 position of the sample in the dataset (global,
+                                                 the same on every rank)
+    "label"                  int                 digits only: the digit 0..9
+
+Modules: ``digits`` (the embedded default), ``shards`` (the latent-shard format, read and
+written), ``text`` (caption encoding), ``batching`` (the resumable distributed sampler and
+loader), ``seeding`` (every random draw of the data is seeded by :func:`derive_seed` from
+``(config.seed, purpose, integers...)``, never the global RNG), ``precompute`` (images ->
+shards), ``prompts`` (prompts for sample grids).
+"""
+
+from .batching import ResumableBatchSampler, ResumableDataLoader, build_dataloader, build_dataset
+from .digits import DIGIT_WORDS, DigitsDataset, digit_prompt
+from .prompts import sample_conditioning
+from .seeding import SampleKey, derive_seed
+from .shards import INDEX_FORMAT, INDEX_VERSION, LatentShardDataset, read_index
+from .text import digits_text_encoder, encode_text
+
+__all__ = [
+    "DIGIT_WORDS",
+    "INDEX_FORMAT",
+    "INDEX_VERSION",
+    "DigitsDataset",
+    "LatentShardDataset",
+    "ResumableBatchSampler",
+    "ResumableDataLoader",
+    "SampleKey",
+    "build_dataloader",
+    "build_dataset",
+    "derive_seed",
+    "digit_prompt",
+    "digits_text_encoder",
+    "encode_text",
+    "read_index",
+    "sample_conditioning",
+]

@@ -1,0 +1,383 @@
+"""Precompute: an image folder with captions -> latent shards for ``data.source='shards'``.
+
+Training never runs the VAE encoder or the text encoder: both are frozen, and T5-XXL alone is
+larger than the denoiser. This runs them once, PixArt-style, and stores per image
+
+* the VAE posterior ``latent_mean`` / ``latent_std`` (unscaled; the loader draws
+  ``scaling_factor * (mean + std * eps)``), and
+* the text encoder's ``encoder_hidden_states`` (L, D) with its ``encoder_attention_mask`` (L,).
+
+Inputs: images (``.png .jpg .jpeg .webp``, found recursively, processed in sorted order) under
+``image_dir``; captions from ``image_dir/captions.jsonl`` (one ``{"file": <path relative to
+image_dir>, "caption": ...}`` per line; wins when both exist) or a sidecar text file next to the
+image (``cat.txt`` or ``cat.png.txt``). Images are resized (bicubic, shorter side to
+``resolution``), center-cropped to ``resolution`` x ``resolution`` and scaled to [-1, 1].
+
+Bad inputs (unreadable or truncated images, missing or empty captions, broken jsonl lines,
+encodings with NaN/Inf) are logged with their path, listed under ``skipped`` in ``index.json``
+and left out. Shards are written under a temporary name and renamed into place; ``index.json``
+is written last, so a folder with an index is complete. The format is described in
+:class:`LatentShardDataset`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_atomic
+from .text import encode_text
+
+__all__ = ["IMAGE_EXTENSIONS", "STORAGE_DTYPES", "load_image", "precompute"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTIONS_FILE = "captions.jsonl"
+#: ``--dtype`` / ``--compute-dtype`` names.
+STORAGE_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+
+
+def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
+    """An image file -> (3, resolution, resolution) float32 in [-1, 1].
+
+    Transparent pixels are composited onto white (not left as whatever color they hide). The
+    shorter side is resized to ``resolution`` (bicubic; PIL antialiases when shrinking), then
+    the center is cropped.
+    """
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        opened.load()  # decode now: truncated files fail here, not later
+        image = opened
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        image = image.convert("RGB")
+    width, height = image.size
+    if min(width, height) < 1:
+        raise ValueError(f"empty image ({width}x{height})")
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def precompute(
+    image_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    vae_path: str | os.PathLike,
+    text_encoder_path: str | os.PathLike,
+    tokenizer_path: str | os.PathLike | None = None,
+    resolution: int,
+    caption_max_tokens: int = 120,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float16,
+    compute_dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encodes every usable image of ``image_dir`` into shards in ``out_dir``; returns the index.
+
+    ``vae_path``: a local diffusers ``AutoencoderKL`` folder (or a pipeline folder with
+    ``vae/``). ``text_encoder_path``: a local transformers T5 encoder folder (or a pipeline folder
+    with ``text_encoder/``); its tokenizer comes from ``tokenizer_path``, else from
+    ``text_encoder_path`` itself, its ``tokenizer/`` subfolder or a sibling ``tokenizer/``.
+    ``caption_max_tokens``: 120 is PixArt-α's T5 length. ``batch_size``: images per encoder call.
+    ``shard_size``: samples per shard file. ``dtype``: storage dtype of latents and text states;
+    ``compute_dtype``: the encoders' dtype (T5 overflows in float16; use bfloat16 or float32).
+    ``overwrite``: replace an existing shard folder (its index is removed first).
+    """
+    for key, value in (
+        ("resolution", resolution),
+        ("caption_max_tokens", caption_max_tokens),
+        ("batch_size", batch_size),
+        ("shard_size", shard_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    for key, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
+        if value not in STORAGE_DTYPES.values():
+            raise ValueError(f"{key}={value} is not one of {list(STORAGE_DTYPES)}")
+    image_root = Path(image_dir)
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"image_dir {os.fspath(image_dir)!r} is not a folder")
+    vae_dir = _model_folder(
+        vae_path, "vae", "vae_path", "a diffusers AutoencoderKL folder (config.json + weights)"
+    )
+    encoder_dir = _model_folder(
+        text_encoder_path,
+        "text_encoder",
+        "text_encoder_path",
+        "a transformers T5 encoder folder (config.json + weights)",
+    )
+    tokenizer_dir = _tokenizer_folder(tokenizer_path, text_encoder_path, encoder_dir)
+    out = Path(out_dir)
+    _prepare_out_dir(out, overwrite)
+
+    skipped: list[dict[str, str]] = []
+
+    def skip(path: str, reason: str) -> None:
+        logger.warning("skipping %s: %s", path, reason)
+        skipped.append({"path": path, "reason": reason})
+
+    files = sorted(
+        p.relative_to(image_root).as_posix()
+        for p in image_root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    listed = _read_captions_jsonl(image_root, skip)
+    for name in sorted(set(listed) - set(files)):
+        skip(name, f"listed in {CAPTIONS_FILE} but no such image")
+
+    device = torch.device(device)
+    vae, encoder, tokenizer = _load_models(
+        vae_dir, encoder_dir, tokenizer_dir, device, compute_dtype
+    )
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(
+            f"resolution={resolution} must be a multiple of the VAE's downsampling factor {factor}"
+        )
+
+    writer = ShardWriter(out, shard_size, dtype)
+    pending: list[tuple[str, str, torch.Tensor]] = []  # (file, caption, pixels)
+
+    def flush() -> None:
+        if not pending:
+            return
+        pixels = torch.stack([p for _, _, p in pending]).to(device, compute_dtype)
+        captions = [c for _, c, _ in pending]
+        with torch.no_grad():
+            posterior = vae.encode(pixels).latent_dist
+            states, mask = encode_text(
+                tokenizer, encoder, captions, caption_max_tokens, device=device
+            )
+        encoded = {
+            "latent_mean": posterior.mean,
+            "latent_std": posterior.std,
+            "encoder_hidden_states": states,
+            "encoder_attention_mask": mask.bool(),
+        }
+        # Checked as stored: a value finite in compute_dtype can overflow the storage dtype.
+        finite = torch.ones(len(pending), dtype=torch.bool)
+        for name in ("latent_mean", "latent_std", "encoder_hidden_states"):
+            stored = encoded[name].detach().to("cpu", dtype)
+            finite &= torch.isfinite(stored.flatten(1)).all(dim=1)
+        for ok, (name, _, _) in zip(finite.tolist(), pending, strict=True):
+            if not ok:
+                skip(name, f"non-finite latent or text embedding (NaN/Inf) when stored as {dtype}")
+        keep = finite.nonzero().flatten()
+        if keep.numel():
+            writer.add(
+                {k: v[keep.to(v.device)] for k, v in encoded.items()},
+                [captions[i] for i in keep.tolist()],
+                [pending[i][0] for i in keep.tolist()],
+            )
+        pending.clear()
+
+    for name in tqdm(files, desc="precompute", unit="img", disable=not progress):
+        caption = listed.get(name)
+        if caption is None:
+            caption = _sidecar_caption(image_root / name)
+        if caption is None or not caption.strip():
+            skip(name, f"no caption (not in {CAPTIONS_FILE}, no sidecar .txt, or empty)")
+            continue
+        try:
+            pixels = load_image(image_root / name, resolution)
+        except Exception as error:  # PIL raises many types for malformed files
+            skip(name, f"unreadable image ({type(error).__name__}: {error})")
+            continue
+        pending.append((name, caption.strip(), pixels))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    writer.close()
+    if writer.num_samples == 0:
+        raise ValueError(
+            f"no usable images in {os.fspath(image_dir)!r} ({len(files)} found, "
+            f"{len(skipped)} skipped; see the warnings)"
+        )
+
+    index = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "num_samples": writer.num_samples,
+        "shards": writer.shards,
+        "latent": {
+            "kind": "distribution",
+            "shape": list(writer.shapes["latent_mean"]),
+            "dtype": _dtype_name(dtype),
+        },
+        "text": {
+            "shape": list(writer.shapes["encoder_hidden_states"]),
+            "dtype": _dtype_name(dtype),
+            "max_tokens": caption_max_tokens,
+        },
+        "resolution": resolution,
+        "vae": {
+            "class": type(vae).__name__,
+            "path": os.path.abspath(vae_dir),
+            "scaling_factor": vae.config.scaling_factor,
+            "shift_factor": getattr(vae.config, "shift_factor", None),
+        },
+        "text_encoder": {
+            "class": type(encoder).__name__,
+            "path": os.path.abspath(encoder_dir),
+            "tokenizer": os.path.abspath(tokenizer_dir),
+        },
+        "source": {
+            "image_dir": os.path.abspath(image_dir),
+            "images_found": len(files),
+            "captions": f"{CAPTIONS_FILE}, else sidecar .txt",
+        },
+        "compute_dtype": _dtype_name(compute_dtype),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "skipped": skipped,
+    }
+    write_atomic(out / "index.json", json.dumps(index, indent=2).encode())
+    return index
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    index_path = out / "index.json"
+    if index_path.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{os.fspath(out)!r} already holds shards (index.json); pass overwrite=True "
+                "(--overwrite) to replace them"
+            )
+        try:
+            old = json.loads(index_path.read_text())
+            old_files = [s["file"] for s in old.get("shards", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            old_files = []
+        index_path.unlink()  # first, so the folder never looks complete with mixed shards
+        for name in old_files:
+            (out / posixpath.basename(name)).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _model_folder(path: str | os.PathLike | None, subfolder: str, key: str, expected: str) -> str:
+    """The folder holding ``config.json``: ``path`` itself or ``path/subfolder`` (a pipeline)."""
+    if path is None:
+        raise ValueError(f"{key} is required: {expected}")
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{key} {root!r} does not exist; expected {expected}")
+    for candidate in (root, os.path.join(root, subfolder)):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    raise FileNotFoundError(
+        f"{key} {root!r} has no config.json (nor {subfolder}/config.json); expected {expected}"
+    )
+
+
+def _tokenizer_folder(
+    tokenizer_path: str | os.PathLike | None,
+    text_encoder_path: str | os.PathLike,
+    encoder_dir: str,
+) -> str:
+    if tokenizer_path is not None:
+        candidates = [os.fspath(tokenizer_path)]
+    else:
+        root = os.fspath(text_encoder_path)
+        candidates = [
+            encoder_dir,
+            os.path.join(root, "tokenizer"),
+            os.path.join(os.path.dirname(os.path.abspath(encoder_dir)), "tokenizer"),
+        ]
+    markers = ("tokenizer_config.json", "tokenizer.json", "spiece.model")
+    for candidate in candidates:
+        if any(os.path.isfile(os.path.join(candidate, m)) for m in markers):
+            return candidate
+    key = "tokenizer_path" if tokenizer_path is not None else "tokenizer (from text_encoder_path)"
+    raise FileNotFoundError(
+        f"{key}: no tokenizer files ({', '.join(markers)}) in {candidates}; pass tokenizer_path"
+    )
+
+
+def _load_models(
+    vae_dir: str,
+    encoder_dir: str,
+    tokenizer_dir: str,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+) -> tuple[Any, Any, Any]:
+    import transformers
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    # safetensors only: a pickled .bin can run code when loaded.
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=compute_dtype, use_safetensors=True)
+    # transformers 5 renamed torch_dtype to dtype.
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    encoder = T5EncoderModel.from_pretrained(
+        encoder_dir, use_safetensors=True, **{dtype_key: compute_dtype}
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vae.to(device).eval().requires_grad_(False)
+    encoder.to(device).eval().requires_grad_(False)
+    return vae, encoder, tokenizer
+
+
+def _read_captions_jsonl(image_root: Path, skip: Any) -> dict[str, str]:
+    """``{relative posix path: caption}`` from ``captions.jsonl``; bad lines go to ``skip``."""
+    path = image_root / CAPTIONS_FILE
+    if not path.is_file():
+        return {}
+    captions: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{CAPTIONS_FILE}:{number}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                skip(where, f"not JSON ({error})")
+                continue
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("file"), str)
+                or not isinstance(entry.get("caption"), str)
+            ):
+                skip(where, 'expected {"file": <relative path>, "caption": <text>}')
+                continue
+            name = posixpath.normpath(entry["file"].replace("\\", "/"))
+            captions[name] = entry["caption"]
+    return captions
+
+
+def _sidecar_caption(image: Path) -> str | None:
+    for candidate in (image.with_suffix(".txt"), image.with_name(image.name + ".txt")):
+        if candidate.is_file():
+            try:
+                return candidate.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                return None
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

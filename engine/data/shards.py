@@ -1,0 +1,390 @@
+"""The latent-shard format, written by ``e2ed2 precompute`` and read for training: one module
+for both sides, so the writer and the reader cannot drift apart."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..config.data import DataConfig
+from .seeding import SampleKey, seeded_generator, unpack_key
+
+__all__ = [
+    "INDEX_FORMAT",
+    "INDEX_VERSION",
+    "LatentShardDataset",
+    "ShardWriter",
+    "read_index",
+    "write_atomic",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``index.json`` of a shard folder: ``format`` must equal INDEX_FORMAT, ``version`` INDEX_VERSION.
+INDEX_FORMAT = "e2ed2-latent-shards"
+INDEX_VERSION = 1
+
+
+class LatentShardDataset(Dataset):
+    """Latents and text embeddings from a folder written by ``e2ed2 precompute``.
+
+    Folder layout (``index.json`` is written last, so its presence means the folder is complete)::
+
+        index.json                  {"format": "e2ed2-latent-shards", "version": 1,
+                                     "num_samples": N,
+                                     "shards": [{"file": "shard-00000.safetensors",
+                                                 "num_samples": n}, ...],
+                                     "latent": {"kind": "distribution" | "sample",
+                                                "shape": [C, h, w], "dtype": "float16"},
+                                     "text": {"shape": [L, D], "dtype": "float16"},
+                                     "vae": {"scaling_factor": 0.18215, "shift_factor": null,
+                                             ...},
+                                     "skipped": [{"path": ..., "reason": ...}], ...}
+        shard-00000.safetensors     latent_mean, latent_std (n, C, h, w)   ("distribution")
+                                    or latents (n, C, h, w)                 ("sample")
+                                    encoder_hidden_states (n, L, D)
+                                    encoder_attention_mask (n, L) bool / uint8 / int
+                                    metadata: "captions" (JSON list of n strings),
+                                              "files" (JSON list of n source paths, optional)
+
+    Stored latents are the VAE's raw (unscaled) outputs. An item's latent is
+    ``scaling_factor * (z - shift_factor)`` with ``z = mean + std * eps`` for a distribution
+    shard (``z = latents`` otherwise), as float32.
+
+    ``eps`` is drawn from a generator seeded by ``(config.seed, epoch, index)``: a fresh posterior
+    sample of every image in every epoch (the augmentation PixArt gets from sampling the latent
+    distribution), yet a pure function of the key, so batches do not depend on workers and a
+    resumed run sees the same latents. The epoch arrives with the key (:class:`SampleKey`); a
+    plain ``int`` key means epoch 0.
+
+    Shards are opened lazily with ``safetensors.safe_open`` (memory-mapped; an item reads only
+    its own rows) and at most ``config.shard_cache_size`` stay open per process.
+    """
+
+    def __init__(self, config: DataConfig) -> None:
+        if config.source != "shards" or not config.shard_dir:
+            raise ValueError("LatentShardDataset needs data.source='shards' and data.shard_dir")
+
+        self.config = config
+        self.root = os.fspath(config.shard_dir)
+        self.index = read_index(self.root)
+        latent = self.index["latent"]
+        self.latent_kind: str = latent["kind"]
+        self._latent_shape = tuple(int(s) for s in latent["shape"])
+        self._text_shape = tuple(int(s) for s in self.index["text"]["shape"])
+        vae = self.index.get("vae") or {}
+        self.scaling_factor = float(vae.get("scaling_factor") or 1.0)
+        self.shift_factor = float(vae.get("shift_factor") or 0.0)
+
+        self.shard_files = [os.path.join(self.root, s["file"]) for s in self.index["shards"]]
+        counts = [int(s["num_samples"]) for s in self.index["shards"]]
+        self._starts = [0]
+        for count in counts:
+            self._starts.append(self._starts[-1] + count)
+        if self._starts[-1] != int(self.index["num_samples"]):
+            raise ValueError(
+                f"{self.root}/index.json: shard sample counts sum to {self._starts[-1]}, "
+                f"but num_samples is {self.index['num_samples']}"
+            )
+        if self._starts[-1] == 0:
+            raise ValueError(f"{self.root}/index.json lists no samples")
+
+        # Read every shard's header once (cheap: no tensor data) to check it against the index
+        # and collect the captions. A bad shard (missing, unreadable, wrong shape or dtype) does
+        # not stop training: its rows are bad samples, skipped and counted like any other.
+        expected = _expected_tensors(self.latent_kind, self._latent_shape, self._text_shape)
+        declared = {
+            "latent": _SAFETENSORS_DTYPES.get(str(latent.get("dtype"))),
+            "text": _SAFETENSORS_DTYPES.get(str(self.index["text"].get("dtype"))),
+        }
+        self.captions: list[str] = []
+        self.files: list[str | None] = []
+        #: Unusable shards: shard number -> why (every row of one is a bad sample).
+        self.bad_shards: dict[int, str] = {}
+        for number, (path, count) in enumerate(zip(self.shard_files, counts, strict=True)):
+            try:
+                captions, files = _check_shard(path, count, expected, declared)
+            except Exception as error:  # safetensors/OS/JSON raise many types for broken files
+                reason = (
+                    str(error)
+                    if isinstance(error, ValueError | FileNotFoundError)
+                    else f"unreadable ({type(error).__name__}: {error})"
+                )
+                self.bad_shards[number] = reason
+                logger.warning("bad shard %s (its %d samples are skipped): %s", path, count, reason)
+                captions, files = [""] * count, [None] * count
+            self.captions.extend(captions)
+            self.files.extend(files)
+        if len(self.bad_shards) == len(self.shard_files):
+            number, reason = next(iter(self.bad_shards.items()))
+            raise ValueError(
+                f"{self.root}: no usable shard (first: {self.shard_files[number]}: {reason})"
+            )
+        self._open: OrderedDict[int, Any] = OrderedDict()
+        self._open_pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of ``item["latents"]``."""
+        return self._latent_shape  # type: ignore[return-value]
+
+    @property
+    def text_shape(self) -> tuple[int, int]:
+        """(L, D) of ``item["encoder_hidden_states"]``."""
+        return self._text_shape  # type: ignore[return-value]
+
+    def _shard(self, shard: int) -> Any:
+        from safetensors import safe_open
+
+        if self._open_pid != os.getpid():  # a forked worker: do not share the parent's handles
+            self._open = OrderedDict()
+            self._open_pid = os.getpid()
+        handle = self._open.get(shard)
+        if handle is None:
+            handle = safe_open(self.shard_files[shard], framework="pt")
+            self._open[shard] = handle
+            while len(self._open) > self.config.shard_cache_size:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(shard)
+        return handle
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open safetensors handles cannot be pickled (spawned workers); they reopen lazily.
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` lives: shard file, row and (if recorded) the source image."""
+        shard = bisect.bisect_right(self._starts, index) - 1
+        where = f"{self.shard_files[shard]} row {index - self._starts[shard]}"
+        source = self.files[index]
+        return f"{where} (source {source})" if source else where
+
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        """The item of ``key``; a bad sample is replaced by the next good one (in index order).
+
+        ``bad_count`` (0 or 1) says whether the drawn sample was bad and ``bad_sample`` where it
+        lives and why (empty if good), so the trainer can count and log it; the replacement keeps
+        every batch full, so all ranks run the same collective operations.
+        """
+        index, epoch = unpack_key(key, len(self))
+        drawn_problem = None
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            try:
+                item = self._read(candidate, epoch)
+                problem = _non_finite(item)
+            except _BadShard as error:
+                problem = str(error)
+            except Exception as error:  # a shard broken past its header
+                problem = f"unreadable ({type(error).__name__}: {error})"
+            if offset == 0 and problem is not None:
+                drawn_problem = f"{self.describe(index)}: {problem}"
+            if problem is None:
+                break
+        else:
+            raise ValueError(f"{self.root}: no usable sample left (last: {drawn_problem})")
+        item["bad_count"] = 0 if drawn_problem is None else 1
+        item["bad_sample"] = drawn_problem or ""
+        return item
+
+    def _read(self, index: int, epoch: int) -> dict[str, Any]:
+        shard = bisect.bisect_right(self._starts, index) - 1
+        if shard in self.bad_shards:
+            raise _BadShard(self.bad_shards[shard])
+        row = index - self._starts[shard]
+        handle = self._shard(shard)
+
+        def read(name: str) -> torch.Tensor:
+            return handle.get_slice(name)[row : row + 1][0]
+
+        if self.latent_kind == "distribution":
+            mean = read("latent_mean").float()
+            std = read("latent_std").float()
+            eps = torch.randn(
+                mean.shape, generator=seeded_generator(self.config.seed, "latent-eps", epoch, index)
+            )
+            z = mean + std * eps
+        else:
+            z = read("latents").float()
+        latents = self.scaling_factor * (z - self.shift_factor)
+        return {
+            "latents": latents,
+            "encoder_hidden_states": read("encoder_hidden_states").float(),
+            "encoder_attention_mask": read("encoder_attention_mask").long(),
+            "index": index,
+        }
+
+
+class _BadShard(Exception):
+    def __str__(self) -> str:
+        return f"in a bad shard: {self.args[0]}"
+
+
+# index.json dtype names -> safetensors header dtype names.
+_SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
+_FLOAT_DTYPES = frozenset(_SAFETENSORS_DTYPES.values())
+_MASK_DTYPES = frozenset({"BOOL", "U8", "I8", "I16", "I32", "I64"})
+
+
+def _check_shard(
+    path: str,
+    count: int,
+    expected: dict[str, tuple[int, ...]],
+    declared: dict[str, str | None],
+) -> tuple[list[str], list[str | None]]:
+    """A shard's captions and source files, after checking its header against the index."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError("listed in index.json but missing")
+    with safe_open(path, framework="pt") as handle:
+        for name, row_shape in expected.items():
+            if name not in handle.keys():  # noqa: SIM118 (safe_open is no mapping)
+                raise ValueError(f"no tensor {name!r}")
+            tensor = handle.get_slice(name)
+            shape = tuple(tensor.get_shape())
+            if shape != (count, *row_shape):
+                raise ValueError(
+                    f"{name} has shape {shape}, expected {(count, *row_shape)} from index.json"
+                )
+            dtype = tensor.get_dtype()
+            if name == "encoder_attention_mask":
+                allowed = _MASK_DTYPES
+            else:
+                wanted = declared["text" if name == "encoder_hidden_states" else "latent"]
+                allowed = frozenset({wanted}) if wanted else _FLOAT_DTYPES
+            if dtype not in allowed:
+                raise ValueError(f"{name} has dtype {dtype}, expected one of {sorted(allowed)}")
+        metadata = handle.metadata() or {}
+    captions = json.loads(metadata.get("captions", "null")) or [""] * count
+    files = json.loads(metadata.get("files", "null")) or [None] * count
+    if len(captions) != count or len(files) != count:
+        raise ValueError(f"metadata lists != {count} captions/files")
+    return captions, files
+
+
+def _non_finite(item: dict[str, Any]) -> str | None:
+    """Why an item cannot be trained on (NaN/Inf in a stored tensor), or None."""
+    for name in ("latents", "encoder_hidden_states"):
+        if not torch.isfinite(item[name]).all():
+            return f"non-finite values (NaN/Inf) in {name}"
+    return None
+
+
+def read_index(root: str) -> dict[str, Any]:
+    """``root/index.json`` of a shard folder, checked for format, version and required keys."""
+    path = os.path.join(root, "index.json")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.shard_dir {root!r} does not exist")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"data.shard_dir {root!r} has no index.json (make it with `e2ed2 precompute`; an "
+            "interrupted run leaves no index)"
+        )
+    with open(path) as f:
+        index = json.load(f)
+    if index.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: format {index.get('format')!r} is not {INDEX_FORMAT!r}")
+    if index.get("version") != INDEX_VERSION:
+        raise ValueError(
+            f"{path}: version {index.get('version')!r} is not supported (expected {INDEX_VERSION})"
+        )
+    for key in ("num_samples", "shards", "latent", "text"):
+        if key not in index:
+            raise ValueError(f"{path}: missing key {key!r}")
+    kinds = ("distribution", "sample")
+    if index["latent"].get("kind") not in kinds:
+        raise ValueError(f"{path}: latent.kind={index['latent'].get('kind')!r} not in {kinds}")
+    return index
+
+
+def _expected_tensors(
+    kind: str, latent_shape: tuple[int, ...], text_shape: tuple[int, ...]
+) -> dict[str, tuple[int, ...]]:
+    """Per-row shapes of the tensors a shard must hold."""
+    latents = (
+        {"latent_mean": latent_shape, "latent_std": latent_shape}
+        if kind == "distribution"
+        else {"latents": latent_shape}
+    )
+    return {
+        **latents,
+        "encoder_hidden_states": text_shape,
+        "encoder_attention_mask": text_shape[:1],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Writing (``e2ed2 precompute``)
+
+
+class ShardWriter:
+    """Buffers encoded rows and writes ``shard-NNNNN.safetensors`` files of ``shard_size`` rows."""
+
+    def __init__(self, out: Path, shard_size: int, dtype: torch.dtype) -> None:
+        self.out, self.shard_size, self.dtype = out, shard_size, dtype
+        self.buffers: dict[str, list[torch.Tensor]] = {}
+        self.captions: list[str] = []
+        self.files: list[str] = []
+        self.shards: list[dict[str, Any]] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.num_samples = 0
+
+    def add(self, tensors: dict[str, torch.Tensor], captions: list[str], files: list[str]) -> None:
+        for name, value in tensors.items():
+            value = value.detach().to("cpu")
+            if value.is_floating_point():
+                value = value.to(self.dtype)
+            self.buffers.setdefault(name, []).append(value)
+            self.shapes[name] = tuple(value.shape[1:])
+        self.captions.extend(captions)
+        self.files.extend(files)
+        while len(self.captions) >= self.shard_size:
+            self._write(self.shard_size)
+
+    def close(self) -> None:
+        if self.captions:
+            self._write(len(self.captions))
+
+    def _write(self, count: int) -> None:
+        from safetensors.torch import save
+
+        tensors, rest = {}, {}
+        for name, parts in self.buffers.items():
+            joined = torch.cat(parts)
+            tensors[name] = joined[:count].contiguous()
+            rest[name] = [joined[count:]] if joined.shape[0] > count else []
+        metadata = {
+            "captions": json.dumps(self.captions[:count]),
+            "files": json.dumps(self.files[:count]),
+        }
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        write_atomic(self.out / name, save(tensors, metadata=metadata))
+        self.shards.append({"file": name, "num_samples": count})
+        self.num_samples += count
+        self.buffers = rest
+        self.captions, self.files = self.captions[count:], self.files[count:]
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Writes ``payload`` to a temporary file beside ``path`` and renames it into place."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,335 @@
+"""Training objectives: the E2ED2 reconstruction loss on the final sample, and the standard loss.
+
+``kind='e2ed2'`` (paper Sec. 3.2): the trajectory runs the K-step sampler with gradients and the
+loss sits on its final sample only (eq. 7)::
+
+    L = w_l1 * |ẑ0 - z0|_1 + w_l2 * |ẑ0 - z0|_2^2 + w_lpips * LPIPS(D(ẑ0), D(z0))
+
+L1 and L2 compare latents; LPIPS compares VAE-decoded pixels (``D`` = the frozen decoder). The
+sample's decode stays in the graph (activation-checkpointed by default: only the latent is kept,
+the decoder is re-run in backward); the target's decode runs without a graph. The GAN term of eq. 8
+lives in :mod:`e2ed2.engine.gan` and uses the same decoded pixels, so decode once::
+
+    fake_px = loss_fn.decode_sample(z_hat)      # in the graph (checkpointed)
+    real_px = loss_fn.decode_target(z0)         # no graph; also the discriminator's positives
+    terms = loss_fn(z_hat, z0, sample_pixels=fake_px, target_pixels=real_px)
+
+``kind='diffusion'`` (eqs. 3/6): one random timestep per sample, the noised latent, and the MSE
+between the network's prediction and its epsilon / v / x0 target — :func:`diffusion_loss`, so the
+same engine pretrains baselines.
+
+Default weights are L2 only (``l2_weight=1``, ``lpips_weight=0``): right for the embedded
+pixel-space default, which has no LPIPS backbone on disk. The paper's best mix is L2 + LPIPS
+(App. D.1); presets for real models set ``lpips_weight`` and ``lpips_backbone_path``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config.objective import LPIPS_MIN_SIZE_PX, TORCHVISION_MODELS, ObjectiveConfig
+from ..config.sampler import SamplerConfig
+from ..core.network import Conditioning, denoise
+
+__all__ = [
+    "LPIPS_MIN_SIZE_PX",
+    "E2ED2Loss",
+    "ObjectiveConfig",
+    "build_lpips",
+    "diffusion_input_and_target",
+    "diffusion_loss",
+    "load_lpips_backbone",
+]
+
+logger = logging.getLogger(__name__)
+
+Decode = Callable[[torch.Tensor], torch.Tensor]
+
+
+# --- LPIPS --------------------------------------------------------------------------------------
+
+
+def load_lpips_backbone(lpips_model: nn.Module, path: str | os.PathLike) -> None:
+    """Loads a torchvision state dict's ``features.*`` weights into an ``lpips.LPIPS`` backbone.
+
+    The lpips package slices torchvision's ``features`` into ``slice1..sliceN`` keeping each
+    layer's index as its name, so ``net.slice2.5.weight`` is torchvision's ``features.5.weight``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LPIPS backbone weights not found: {path!r}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"LPIPS backbone file {path!r} holds a {type(state).__name__}, not a state dict"
+        )
+    backbone = lpips_model.net
+    ours = backbone.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    for key, tensor in ours.items():
+        _slice, index, rest = key.split(".", 2)
+        source = f"features.{index}.{rest}"
+        if source not in state:
+            missing.append(source)
+            continue
+        if tuple(state[source].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"LPIPS backbone file {path!r}: {source} has shape {tuple(state[source].shape)}, "
+                f"expected {tuple(tensor.shape)} ({lpips_model.pnet_type} backbone)"
+            )
+        mapped[key] = state[source]
+    if missing:
+        raise ValueError(
+            f"LPIPS backbone file {path!r} lacks {len(missing)} of the {len(ours)} "
+            f"{lpips_model.pnet_type} backbone tensors (e.g. {missing[0]!r}); expected a torchvision "
+            f"{TORCHVISION_MODELS[lpips_model.pnet_type]} state dict"
+        )
+    backbone.load_state_dict(mapped, strict=True)
+
+
+def build_lpips(config: ObjectiveConfig) -> nn.Module:
+    """The frozen ``lpips.LPIPS`` network of ``config``, without any download.
+
+    The linear heads come from the ``lpips`` package's own files (``pretrained=True``); the
+    backbone is built random (``pnet_rand=True``, so torchvision downloads nothing) and then
+    loaded from ``lpips_backbone_path``, unless ``lpips_random_backbone``.
+    """
+    import lpips
+
+    if config.lpips_backbone_path is None and not config.lpips_random_backbone:
+        raise ValueError(
+            "objective.lpips_backbone_path or objective.lpips_random_backbone=true is required to "
+            "build LPIPS"
+        )
+    if config.lpips_backbone_path is not None and not os.path.isfile(config.lpips_backbone_path):
+        raise FileNotFoundError(
+            f"objective.lpips_backbone_path: no such file {config.lpips_backbone_path!r}"
+        )
+    with warnings.catch_warnings():
+        # lpips 0.1.4 calls torchvision's deprecated ``pretrained=`` argument.
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        model = lpips.LPIPS(
+            net=config.lpips_net, pretrained=True, pnet_rand=True, verbose=False, eval_mode=True
+        )
+    if config.lpips_backbone_path is not None:
+        load_lpips_backbone(model, config.lpips_backbone_path)
+    else:
+        logger.warning(
+            "objective.lpips_random_backbone=true: LPIPS uses a randomly initialised %s backbone; "
+            "the distance is not perceptual (meant for tests and tiny presets)",
+            config.lpips_net,
+        )
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _as_rgb(images: torch.Tensor, what: str) -> torch.Tensor:
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"{what} must be (B, 1 or 3, H, W) pixels, got shape {tuple(images.shape)}"
+        )
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+# --- E2ED2 ------------------------------------------------------------------------------------------
+
+
+class E2ED2Loss(nn.Module):
+    """The reconstruction loss of eq. 7 on the trajectory's final sample, as named terms.
+
+    ``decode``: frozen decoder from latents (B, C, h, w) to pixels (B, 3 or 1, H, W) in [-1, 1],
+    e.g. ``lambda z: vae.decode(z / vae.config.scaling_factor).sample``; None = pixel space (the
+    latents are the pixels). Only needed for LPIPS (and for the GAN's pixels).
+
+    The LPIPS network is frozen, in eval mode, and deliberately not a registered submodule: this
+    module has no parameters and no state dict entries, so an optimizer, DeepSpeed or a checkpoint
+    built from ``.parameters()`` / ``.state_dict()`` never sees it. ``.to()`` / ``.cuda()`` /
+    ``.half()`` still move it. The ``decode`` callable is the trainer's (it moves the VAE itself).
+    """
+
+    def __init__(self, config: ObjectiveConfig, decode: Decode | None = None) -> None:
+        super().__init__()
+        if config.kind != "e2ed2":
+            raise ValueError(
+                f"E2ED2Loss needs objective.kind='e2ed2', got {config.kind!r}; use diffusion_loss"
+            )
+        self.config = config
+        # Plain attributes, not submodules (see the class docstring).
+        object.__setattr__(self, "_decode", decode)
+        object.__setattr__(self, "_lpips", build_lpips(config) if config.lpips_weight > 0 else None)
+
+    @property
+    def lpips_network(self) -> nn.Module | None:
+        """The frozen ``lpips.LPIPS`` module (None when ``lpips_weight`` is 0)."""
+        return self._lpips
+
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether :meth:`forward` uses decoded pixels (LPIPS on)."""
+        return self.config.needs_pixels
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> E2ED2Loss:
+        super()._apply(fn, recurse)
+        if self._lpips is not None:
+            self._lpips._apply(fn)
+        return self
+
+    def train(self, mode: bool = True) -> E2ED2Loss:
+        super().train(mode)  # the LPIPS network is not a child: it stays in eval mode
+        return self
+
+    def decode_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """Pixels of the generated latent, in the graph (checkpointed if ``decode_checkpoint``)."""
+        if self._decode is None:
+            return sample
+        if self.config.decode_checkpoint and torch.is_grad_enabled() and sample.requires_grad:
+            return checkpoint(self._decode, sample, use_reentrant=False)
+        return self._decode(sample)
+
+    def decode_target(self, target: torch.Tensor) -> torch.Tensor:
+        """Pixels of the ground-truth latent, without a graph."""
+        with torch.no_grad():
+            return target.detach() if self._decode is None else self._decode(target)
+
+    def lpips_distance(
+        self, sample_pixels: torch.Tensor, target_pixels: torch.Tensor
+    ) -> torch.Tensor:
+        """Batch mean of LPIPS(sample, target) (eq. 7's perceptual metric); 1-channel -> RGB."""
+        if self._lpips is None:
+            raise ValueError("objective.lpips_weight is 0: this loss has no LPIPS network")
+        if sample_pixels.shape != target_pixels.shape:
+            raise ValueError(
+                f"sample pixels {tuple(sample_pixels.shape)} != target pixels "
+                f"{tuple(target_pixels.shape)}"
+            )
+        a = _as_rgb(sample_pixels, "sample pixels")
+        b = _as_rgb(target_pixels, "target pixels")
+        min_px = LPIPS_MIN_SIZE_PX[self.config.lpips_net]
+        if min(a.shape[-2:]) < min_px:
+            raise ValueError(
+                f"LPIPS with objective.lpips_net={self.config.lpips_net!r} needs images of at least "
+                f"{min_px}x{min_px} pixels, got {a.shape[-2]}x{a.shape[-1]}"
+            )
+        dtype = self._lpips.scaling_layer.shift.dtype
+        a, b = a.to(dtype), b.to(dtype)
+        if self.config.lpips_checkpoint and torch.is_grad_enabled() and a.requires_grad:
+            per_image = checkpoint(self._lpips, a, b, use_reentrant=False)
+        else:
+            per_image = self._lpips(a, b)
+        return per_image.mean()
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        sample_pixels: torch.Tensor | None = None,
+        target_pixels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Eq. 7: ``{"l1", "l2", "lpips"}`` (the enabled ones) and their weighted sum ``"total"``.
+
+        ``sample``: the final latent ẑ0 (B, C, h, w) with its graph; ``target``: z0. Each term is
+        the unweighted batch mean (float32); ``total = sum(weight * term)``. L1/L2 compare the
+        latents. LPIPS compares pixels: pass ``sample_pixels`` / ``target_pixels`` when already
+        decoded (e.g. shared with the GAN term), else they are decoded here.
+        """
+        if sample.shape != target.shape:
+            raise ValueError(
+                f"sample {tuple(sample.shape)} and target {tuple(target.shape)} differ in shape"
+            )
+        terms: dict[str, torch.Tensor] = {}
+        weights = self.config.weights
+        if "l1" in weights:
+            terms["l1"] = F.l1_loss(sample.float(), target.float())
+        if "l2" in weights:
+            terms["l2"] = F.mse_loss(sample.float(), target.float())
+        if "lpips" in weights:
+            if sample_pixels is None:
+                sample_pixels = self.decode_sample(sample)
+            if target_pixels is None:
+                target_pixels = self.decode_target(target)
+            terms["lpips"] = self.lpips_distance(sample_pixels, target_pixels)
+        terms["total"] = sum(weights[name] * terms[name] for name in weights)
+        return terms
+
+    def extra_repr(self) -> str:
+        lpips = f", lpips_net={self.config.lpips_net!r}" if self._lpips is not None else ""
+        space = "pixel space" if self._decode is None else "decoded"
+        return f"weights={self.config.weights}{lpips}, {space}"
+
+
+# --- standard diffusion loss ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _alphas_cumprod(config: SamplerConfig) -> torch.Tensor:
+    return config.to_diffusers().alphas_cumprod.to(torch.float32)  # (T,), CPU
+
+
+def diffusion_input_and_target(
+    sampler_config: SamplerConfig,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noised input x_t (forward process, eq. 1/4) and the regression target of eq. 3/6.
+
+    ``timesteps``: (B,) integers in 0..T-1, one per sample. With ``a = alphas_cumprod[t]``:
+    ``x_t = sqrt(a) * x0 + sqrt(1-a) * eps``; the target is ``eps`` (epsilon),
+    ``sqrt(a) * eps - sqrt(1-a) * x0`` (v_prediction, as diffusers' ``get_velocity``) or ``x0``
+    (sample). Coefficients are computed in float32 and cast to ``clean``'s dtype.
+    """
+    if noise.shape != clean.shape:
+        raise ValueError(f"noise {tuple(noise.shape)} != clean {tuple(clean.shape)}")
+    if timesteps.shape != (clean.shape[0],):
+        raise ValueError(
+            f"timesteps must be ({clean.shape[0]},), one per sample, got {tuple(timesteps.shape)}"
+        )
+    acp = _alphas_cumprod(sampler_config).to(clean.device)[timesteps.to(clean.device)]
+    view = (-1,) + (1,) * (clean.dim() - 1)
+    a = acp.sqrt().view(view).to(clean.dtype)
+    b = (1 - acp).sqrt().view(view).to(clean.dtype)
+    noisy = a * clean + b * noise
+    kind = sampler_config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = a * noise - b * clean
+    else:
+        target = clean
+    return noisy, target
+
+
+def diffusion_loss(
+    network: nn.Module,
+    clean: torch.Tensor,
+    cond: Conditioning,
+    sampler_config: SamplerConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The standard single-step denoising loss (eq. 3, in latent space eq. 6), a batch mean.
+
+    Per sample: ``t ~ U{0..T-1}`` (T = ``num_train_timesteps``), ``eps ~ N(0, I)``, then the MSE
+    between ``denoise(network, x_t, t)`` and the target of ``sampler_config.prediction_type``
+    (:func:`diffusion_input_and_target`). Draw order: timesteps, then noise, both from
+    ``generator``, which must live on ``clean``'s device.
+    """
+    batch = clean.shape[0]
+    num_timesteps = sampler_config.num_train_timesteps
+    timesteps = torch.randint(
+        0, num_timesteps, (batch,), generator=generator, device=clean.device, dtype=torch.long
+    )
+    noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+    noisy, target = diffusion_input_and_target(sampler_config, clean, noise, timesteps)
+    prediction = denoise(network, noisy, timesteps, cond)
+    return F.mse_loss(prediction.float(), target.float())

@@ -1,0 +1,87 @@
+"""Checks a config can only pass at launch: the DeepSpeed JSON for this world size, local files.
+
+Not part of :class:`~e2ed2.engine.config.TrainConfig` because a config is also read where those
+files are absent (an export's ``e2ed2_config.toml`` on another machine, ``--dry-run`` of a preset
+on a laptop).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..config import ConfigError, TrainConfig
+from ..config.objective import TORCHVISION_MODELS
+from ..core.models import resolve_model_folder
+from ..data.shards import read_index
+from .distributed import build_ds_config
+
+__all__ = ["check_launch"]
+
+
+def check_launch(config: TrainConfig, world_size: int) -> dict[str, Any]:
+    """What a config can only be checked against at launch: the DeepSpeed JSON for this world
+    size and the local files it names. Returns the DeepSpeed config; raises ConfigError.
+
+    Not part of :class:`TrainConfig` itself because a config is also read where those files are
+    absent (an export's ``e2ed2_config.toml`` on another machine, ``--dry-run`` of a preset).
+    Runs before any model is built (``Trainer`` calls it first, ``e2ed2 train`` before that).
+    """
+    run = config.run
+    try:
+        ds_config = build_ds_config(
+            run.deepspeed_config,
+            batch_per_rank=run.batch_per_rank,
+            grad_accum_steps=run.grad_accum_steps,
+            world_size=world_size,
+            optim=config.optim,
+            precision=run.precision,
+        )
+        _keep_linear_for_selective(config, ds_config)
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if run.zero3_gather_once and stage != 3:
+            raise ValueError(
+                f"run.zero3_gather_once=true needs ZeRO stage 3; run.deepspeed_config="
+                f"{run.deepspeed_config!r} has stage {stage}"
+            )
+        if config.model.pretrained_path is not None:
+            resolve_model_folder(
+                config.model.pretrained_path, "transformer", "model.pretrained_path"
+            )
+        if config.model.vae_path is not None:
+            resolve_model_folder(config.model.vae_path, "vae", "model.vae_path")
+        lpips_path = config.objective.lpips_backbone_path
+        if (
+            config.objective.lpips_weight > 0
+            and lpips_path is not None
+            and not os.path.isfile(lpips_path)
+        ):
+            raise FileNotFoundError(
+                f"objective.lpips_backbone_path={lpips_path!r} does not exist; expected a "
+                f"torchvision {TORCHVISION_MODELS[config.objective.lpips_net]} state dict (.pth)"
+            )
+        if config.data.source == "shards":
+            read_index(config.data.shard_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err).replace("\n", " ")) from None
+    return ds_config
+
+
+def _keep_linear_for_selective(config: TrainConfig, ds_config: dict[str, Any]) -> None:
+    """ZeRO-3 with ``trajectory.checkpoint='selective'``: DeepSpeed's memory_efficient_linear off.
+
+    With it on (DeepSpeed's default), ZeRO-3 replaces ``torch.nn.functional.linear`` by a version
+    whose in-place bias add corrupts the matmul outputs a selective checkpoint keeps (see
+    ``trajectory._linear_mutates_its_matmul_output``). Off, ZeRO-3 keeps torch's linear, which
+    saves the same input and weight for backward, so little is lost.
+    """
+    zero = ds_config.get("zero_optimization", {})
+    if config.trajectory.checkpoint != "selective" or zero.get("stage", 0) != 3:
+        return
+    if zero.get("memory_efficient_linear") is True:
+        raise ValueError(
+            f"run.deepspeed_config={config.run.deepspeed_config!r} sets "
+            "zero_optimization.memory_efficient_linear=true, which gives wrong gradients with "
+            "trajectory.checkpoint='selective'; remove the key or set it to false"
+        )
+    ds_config["zero_optimization"] = {**zero, "memory_efficient_linear": False}

@@ -1,0 +1,484 @@
+"""The E2ED2 trainer: owns the loop; everything else is a component it calls.
+
+One optimizer step (per rank, per micro-batch)::
+
+    batch {latents z0, text states, mask}
+      -> plan (start step, truncation; same on every rank) and per-sample noise (seeded by the
+         sample's position in the global batch, so 1 rank with batch 2B and 2 ranks with batch B
+         draw identical noise)
+      -> trajectory: K sampler steps with gradients (checkpoint policy from the config)
+      -> objective: L1/L2/LPIPS on ẑ0 (+ GAN term on decoded pixels)   | or the diffusion loss
+      -> engine.backward / engine.step (DeepSpeed; ZeRO per ds config) -> EMA update
+      -> GAN: discriminator updates on real vs (detached) generated pixels with its own engine
+
+Reliability: a step whose loss or gradient is NaN/Inf on any rank is skipped by every rank (and
+counted; ``run.max_consecutive_nonfinite_steps`` in a row write a checkpoint and stop the run);
+bad data samples arrive already replaced by the dataset and are counted here against
+``data.max_bad_sample_fraction``.
+
+Size: over 400 lines because the loop's phases (build, resume, one step, GAN updates, logging,
+sampling, export) share one state (step, engines, counters); each phase's mechanics live in its
+own module (step_guard, metrics, fingerprint, checkpoint, export, distributed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ConfigError, TrainConfig, config_to_toml
+from ..core.models import build_autoencoder, build_denoiser
+from ..core.network import Conditioning, per_step_networks
+from ..core.sampler import build_schedule
+from ..core.sampling import generate_pixels, save_grid
+from ..core.trajectory import Trajectory, TrajectoryPlan
+from ..data import build_dataloader, derive_seed, sample_conditioning
+from ..objectives.gan import discriminator_loss, generator_adversarial_loss
+from ..objectives.losses import E2ED2Loss, diffusion_loss
+from .checkpoint import CheckpointStore, use_weights_only_loading
+from .distributed import build_discriminator_engine, init_distributed
+from .ema import ShardedEMA
+from .export import gathered_state_dict, write_export
+from .fingerprint import CheckpointMismatchError, check_fingerprint, run_fingerprint
+from .gather_once import gathered_once
+from .launch import check_launch
+from .metrics import MetricsLog, mean_across_ranks, peak_memory_bytes
+from .step_guard import ReliabilityCounters, StepGuard, any_rank
+
+__all__ = ["CheckpointMismatchError", "DataError", "NonFiniteError", "Trainer"]
+
+log = logging.getLogger("e2ed2.train")
+
+
+class NonFiniteError(RuntimeError):
+    """``run.max_consecutive_nonfinite_steps`` optimizer steps in a row had a NaN/Inf."""
+
+
+class DataError(RuntimeError):
+    """More bad samples than ``data.max_bad_sample_fraction`` allows."""
+
+
+class Trainer:
+    """Builds every component from a :class:`TrainConfig` and runs the training loop."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        run = config.run
+        self.rank, self.world_size = init_distributed()
+        self.is_main = self.rank == 0
+        # Before any data or model: the DeepSpeed JSON for this world size and local paths.
+        ds_config = check_launch(config, self.world_size)
+        # run.zero3_gather_once: gather ZeRO-3 parameters once per micro-batch and keep them
+        # across the K steps (train/gather_once.py).
+        self._gather_once = run.zero3_gather_once
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(
+            accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"
+        )
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(derive_seed(run.seed, "torch", self.rank))
+        self.output_dir = Path(run.output_dir)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.toml").write_text(config_to_toml(config))
+
+        # Data: the latent/text shapes decide the denoiser's input/caption sizes. Still before
+        # any model: a dataset smaller than one global batch or with no usable shard is a
+        # config error, reported in one line.
+        try:
+            self.loader, self.sampler_state = build_dataloader(
+                config.data, run.batch_per_rank, self.rank, self.world_size
+            )
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"[data] {err}") from err
+        dataset = self.loader.dataset
+        channels, latent_size, _ = dataset.latent_shape
+        _, text_dim = dataset.text_shape
+
+        # Frozen modules are built plainly (never under zero.Init) and never wrapped.
+        self.autoencoder = build_autoencoder(config.model).to(self.device)
+        denoiser = build_denoiser(
+            config.model, latent_channels=channels, latent_size=latent_size, text_dim=text_dim
+        )
+        num_steps = config.trajectory.num_steps
+        module: nn.Module = (
+            denoiser if config.model.share_across_steps else per_step_networks(denoiser, num_steps)
+        )
+        self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
+            model=module,
+            model_parameters=[p for p in module.parameters() if p.requires_grad],
+            config=ds_config,
+        )
+        use_weights_only_loading(self.engine)
+        # ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers skip a step whose all-reduced gradient
+        # norm is NaN/Inf (counted in engine.skipped_steps); plain fp32 without ZeRO does not,
+        # so the trainer checks the gradients itself there (see train_step).
+        self.guard = StepGuard(self.engine, self.device)
+        self.compute_dtype = {
+            "fp32": torch.float32,
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,
+        }[run.precision]
+        self.ema = (
+            ShardedEMA(list(self.engine.module.parameters()), config.ema.decay)
+            if config.ema.enabled
+            else None
+        )
+
+        self.schedule = build_schedule(config.sampler, num_steps)
+        self.trajectory = Trajectory(config.trajectory, self.schedule)
+        decode = None if config.model.vae_path is None else self.autoencoder.decode
+        self.loss_fn = (
+            E2ED2Loss(config.objective, decode).to(self.device)
+            if config.objective.kind == "e2ed2"
+            else None
+        )
+
+        self.disc_engine = self.disc_guard = None
+        if config.gan.enabled:
+            pixel_channels = channels if config.model.vae_path is None else 3
+            self.disc_engine = build_discriminator_engine(config, pixel_channels, self.world_size)
+            self.disc_guard = StepGuard(self.disc_engine, self.device)
+
+        self.store = CheckpointStore(
+            self.output_dir / "checkpoints",
+            rank=self.rank,
+            world_size=self.world_size,
+            keep=run.keep_checkpoints,
+        )
+        self.step = 0
+        self.counters = ReliabilityCounters()
+        self.history: list[dict[str, float]] = []
+        if run.resume and (latest := self.store.latest()) is not None:
+            self._resume(latest)
+        self.metrics = MetricsLog(self.output_dir, resume_step=self.step, enabled=self.is_main)
+
+    # -- state ---------------------------------------------------------------------------------
+    def _resume(self, path: Path) -> None:
+        # The fingerprint first: loading a differently shaped model into the engines would fail
+        # with a shape error deep inside DeepSpeed instead of naming the key.
+        check_fingerprint(
+            path, run_fingerprint(self.config), self.store.read_state(path)["fingerprint"]
+        )
+        state, ema_state = self.store.load(path, engine=self.engine, disc_engine=self.disc_engine)
+        if self.ema is not None:
+            if ema_state is None:
+                raise FileNotFoundError(f"checkpoint {path} has no EMA for rank {self.rank}")
+            self.ema.load_state_dict(ema_state)
+        self.sampler_state.load_state_dict(state["data"])
+        self.step = state["step"]
+        self.counters = ReliabilityCounters.from_state_dict(state.get("counters", {}))
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path:
+        return self.store.save(
+            self.step,
+            engine=self.engine,
+            disc_engine=self.disc_engine,
+            ema_state=self.ema.state_dict() if self.ema is not None else None,
+            trainer_state={
+                "step": self.step,
+                "data": self.sampler_state.state_dict(),
+                "fingerprint": run_fingerprint(self.config),
+                "counters": self.counters.state_dict(),
+            },
+            # Each checkpoint carries its EMA as a diffusers export, so `e2ed2 sample` and
+            # `from_pretrained` work on any checkpoint without DeepSpeed.
+            write_extra=lambda staging: self.export(staging / "export"),
+        )
+
+    # -- one iteration -------------------------------------------------------------------------
+    def _batch_to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Conditioning]:
+        latents = batch["latents"].to(self.device, self.compute_dtype, non_blocking=True)
+        cond = Conditioning(
+            batch["encoder_hidden_states"].to(self.device, self.compute_dtype, non_blocking=True),
+            batch["encoder_attention_mask"].to(self.device, non_blocking=True),
+        )
+        return latents, cond
+
+    def _plan(self) -> TrajectoryPlan:
+        # The same on every rank: the plan is part of the global batch's computation.
+        g = torch.Generator().manual_seed(derive_seed(self.config.run.seed, "plan", self.step))
+        return self.trajectory.plan(g)
+
+    def _start_and_noise(
+        self, plan: TrajectoryPlan, latents: torch.Tensor, micro_step: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Start sample and per-step noise, each sample seeded by its global batch position."""
+        batch = latents.shape[0]
+        first = (micro_step * self.world_size + self.rank) * batch
+        generators = [
+            torch.Generator(device=self.device).manual_seed(
+                derive_seed(self.config.run.seed, "noise", self.step, first + j)
+            )
+            for j in range(batch)
+        ]
+        return self.trajectory.draw_noise_per_sample(plan, latents, generators)
+
+    def _networks(self) -> nn.Module:
+        # Shared: call through the engine (ZeRO-3 gathers via its hooks either way); per-step:
+        # the ModuleList inside it, indexed by the trajectory.
+        return self.engine if self.config.model.share_across_steps else self.engine.module
+
+    def _generator_loss(
+        self, latents: torch.Tensor, cond: Conditioning, micro_step: int
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None, torch.Tensor | None]:
+        """Total loss of one micro-batch, its logged terms, and (GAN) real/fake pixels."""
+        config = self.config
+        if config.objective.kind == "diffusion":
+            seed = derive_seed(config.run.seed, "diffusion", self.step, micro_step, self.rank)
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            loss = diffusion_loss(self._networks(), latents, cond, config.sampler, generator=g)
+            return loss, {"diffusion": loss.item()}, None, None
+
+        plan = self._plan()
+        start, noises = self._start_and_noise(plan, latents, micro_step)
+        sample = self.trajectory.run(self._networks(), cond, start, noises, plan)
+        fake_pixels = real_pixels = None
+        needs_pixels = config.gan.enabled or self.loss_fn.needs_pixels
+        if needs_pixels:
+            fake_pixels = self.loss_fn.decode_sample(sample)
+            real_pixels = self.loss_fn.decode_target(latents)
+        terms = self.loss_fn(sample, latents, sample_pixels=fake_pixels, target_pixels=real_pixels)
+        total = terms["total"]
+        logged = {name: value.item() for name, value in terms.items()}
+        if config.gan.enabled:
+            adversarial = generator_adversarial_loss(
+                self.disc_engine.module, fake_pixels, loss=config.gan.loss
+            )
+            total = total + config.gan.weight * adversarial
+            logged["gan_generator"] = adversarial.item()
+            logged["total"] = total.item()
+        return total, logged, real_pixels, fake_pixels
+
+    def _discriminator_updates(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+        """Paper App. C.2: several discriminator updates per generator update."""
+        losses = []
+        for _ in range(self.config.gan.disc_steps_per_gen_step):
+            loss = discriminator_loss(
+                self.disc_engine, real, fake.detach(), loss=self.config.gan.loss
+            )
+            self.disc_engine.backward(loss)
+            # Plain data parallel: the guard skips a non-finite fp32 step on every rank alike
+            # (DeepSpeed does in bf16/fp16), so a NaN never reaches the discriminator weights.
+            if self.disc_guard.step():
+                self.counters.skipped_disc_steps += 1
+                if self.is_main:
+                    log.warning(
+                        "step %d: NaN/Inf discriminator gradient, discriminator step skipped "
+                        "(%d in total)",
+                        self.step + 1,
+                        self.counters.skipped_disc_steps,
+                    )
+                continue
+            losses.append(loss.item())
+        if not losses:  # every discriminator step of this micro-batch was skipped (logged)
+            return {}
+        return {"gan_discriminator": sum(losses) / len(losses)}
+
+    def _count_bad_samples(self, batch: dict[str, Any]) -> int:
+        for where in batch.get("bad_sample", ()):
+            if where:
+                log.warning("step %d: skipped bad sample %s", self.step + 1, where)
+        counts = batch.get("bad_count")
+        return 0 if counts is None else int(counts.sum())
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step (``grad_accum_steps`` micro-batches); returns rank-mean scalars.
+
+        A NaN/Inf loss on any rank, or a NaN/Inf gradient, skips the optimizer step on every
+        rank (see :mod:`~e2ed2.engine.train.step_guard`): the loss is poisoned to NaN so that the
+        gradient norm DeepSpeed all-reduces is NaN everywhere.
+        """
+        terms: dict[str, float] = {}
+        run = self.config.run
+        accum = run.grad_accum_steps
+        skipped_before = self.engine.skipped_steps
+        cleared = local_nonfinite = False
+        bad = drawn = 0
+        for micro_step in range(accum):
+            batch = next(batches)
+            bad += self._count_bad_samples(batch)
+            drawn += len(batch["latents"])
+            latents, cond = self._batch_to_device(batch)
+            with gathered_once(self.engine.module, enabled=self._gather_once):
+                loss, logged, real, fake = self._generator_loss(latents, cond, micro_step)
+                if not math.isfinite(logged.get("total", logged.get("diffusion", 0.0))):
+                    local_nonfinite = True
+                    loss = loss * float("nan")
+                self.engine.backward(loss)
+            cleared = self.guard.step() or cleared
+            # The discriminator learns from this micro-batch's generated pixels only if they
+            # are finite on every rank (its engine is plain data parallel: NaN would spread).
+            if self.disc_engine is not None and not any_rank(local_nonfinite, self.device):
+                logged.update(self._discriminator_updates(real, fake))
+            for name, value in logged.items():
+                terms[name] = terms.get(name, 0.0) + value / accum
+        skipped = cleared or self.engine.skipped_steps > skipped_before
+        # One small all-reduce per step: every rank must agree on the skip (a disagreement
+        # would be a DeepSpeed bug that silently desynchronises the replicas) and the data
+        # counters are global.
+        stats = torch.tensor([float(skipped), float(bad), float(drawn)], dtype=torch.float64)
+        if dist.is_initialized() and self.world_size > 1:
+            stats = stats.to(self.device)
+            dist.all_reduce(stats)
+        ranks_skipping, bad, drawn = (int(v) for v in stats.tolist())
+        if 0 < ranks_skipping < self.world_size:
+            raise RuntimeError(
+                f"step {self.step + 1}: {ranks_skipping} of {self.world_size} ranks skipped the "
+                "optimizer step; the replicas are no longer in sync"
+            )
+        self.step += 1
+        counters = self.counters
+        if skipped:
+            counters.skipped_steps += 1
+            counters.consecutive_skipped_steps += 1
+            if self.is_main:
+                log.warning(
+                    "step %d: NaN/Inf %s, optimizer step skipped (%d in a row, %d in total)",
+                    self.step,
+                    "loss" if local_nonfinite else "loss or gradient on some rank",
+                    counters.consecutive_skipped_steps,
+                    counters.skipped_steps,
+                )
+        else:
+            counters.consecutive_skipped_steps = 0
+            if self.ema is not None:
+                self.ema.update()
+        counters.bad_samples += bad
+        counters.samples_drawn += drawn
+        if skipped or bad:
+            self.metrics.scalar("train/skipped_nonfinite_steps", counters.skipped_steps, self.step)
+            self.metrics.scalar("data/bad_samples", counters.bad_samples, self.step)
+        self._check_bad_fraction()
+        return terms
+
+    def _check_bad_fraction(self) -> None:
+        limit = self.config.data.max_bad_sample_fraction
+        # Relative to the dataset until an epoch has been drawn: a few bad files among the
+        # first batches are a small share of the data, not half of it.
+        counters = self.counters
+        share = counters.bad_samples / max(counters.samples_drawn, len(self.loader.dataset))
+        if share > limit:
+            self.metrics.flush()
+            raise DataError(
+                f"{counters.bad_samples} of {counters.samples_drawn} samples drawn were bad (share "
+                f"{share:.4f} > data.max_bad_sample_fraction={limit}); the log names each one. "
+                "Fix or re-run `e2ed2 precompute` on the data, or raise the limit"
+            )
+
+    # -- sampling and export -------------------------------------------------------------------
+    def write_samples(self) -> Path | None:
+        """A PNG grid of EMA samples (all ranks run the forward: ZeRO-3 gathers collectively)."""
+        count = self.config.run.num_sample_images
+        if count == 0:
+            return None
+        cond, _ = sample_conditioning(self.loader.dataset, count)
+        context = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+        self.engine.eval()
+        with context:
+            pixels = generate_pixels(
+                self._networks(),
+                self.schedule,
+                self.autoencoder.decode,
+                cond,
+                self.loader.dataset.latent_shape,
+                seed=self.config.run.seed,
+                device=self.device,
+                dtype=self.compute_dtype,
+            )
+        self.engine.train()
+        if not self.is_main:
+            return None
+        path = self.output_dir / "samples" / f"step{self.step:08d}.png"
+        grid = save_grid(pixels, path)
+        self.metrics.image("samples", grid, self.step)
+        return path
+
+    def export(self, directory: Path) -> Path | None:
+        """The EMA weights (else the trained ones) as a diffusers folder, from rank 0."""
+        context = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+        module = self.engine.module
+        with context:
+            state = gathered_state_dict(module, on_this_rank=self.is_main)
+        if not self.is_main:
+            return None
+        return write_export(directory, self.config, module, state)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        from tqdm.auto import tqdm
+
+        run = self.config.run
+        batches = iter(self.loader)
+        images_per_step = run.batch_per_rank * run.grad_accum_steps * self.world_size
+        progress = tqdm(
+            total=run.max_steps,
+            initial=self.step,
+            desc="e2ed2 train",
+            disable=not self.is_main,
+            dynamic_ncols=True,
+        )
+        self.engine.train()
+        last_log = time.perf_counter()
+        steps_since_log = 0
+        while self.step < run.max_steps:
+            terms = self.train_step(batches)
+            steps_since_log += 1
+            progress.update(1)
+            if self.step % run.log_every_steps == 0 or self.step == run.max_steps:
+                now = time.perf_counter()
+                terms = mean_across_ranks(terms, self.device)
+                images_per_s = steps_since_log * images_per_step / (now - last_log)
+                last_log, steps_since_log = now, 0
+                record = {
+                    "step": self.step,
+                    **terms,
+                    "images_per_s": images_per_s,
+                    "skipped_nonfinite_steps": self.counters.skipped_steps,
+                    "bad_samples": self.counters.bad_samples,
+                }
+                grad_norm = self.engine.get_global_grad_norm()
+                if grad_norm is not None and math.isfinite(float(grad_norm)):
+                    record["grad_norm"] = float(grad_norm)
+                record["lr"] = self.engine.get_lr()[0]
+                record["peak_memory_bytes"] = peak_memory_bytes(self.device)
+                self.history.append(record)
+                if self.is_main:
+                    progress.set_postfix(loss=f"{terms.get('total', terms.get('diffusion')):.4f}")
+                self.metrics.record(self.step, record, terms)
+            if self.counters.consecutive_skipped_steps >= run.max_consecutive_nonfinite_steps:
+                path = self.save_checkpoint()
+                self.metrics.flush()
+                raise NonFiniteError(
+                    f"{self.counters.consecutive_skipped_steps} optimizer steps in a row (up to step "
+                    f"{self.step}) had a NaN/Inf loss or gradient and were skipped "
+                    f"(run.max_consecutive_nonfinite_steps={run.max_consecutive_nonfinite_steps});"
+                    f" the weights of the last good step are in {path}. Lower optim.lr, check "
+                    "the data, or use run.precision='fp32'"
+                )
+            if self.step % run.checkpoint_every_steps == 0 or self.step == run.max_steps:
+                self.save_checkpoint()
+            if self.step % run.sample_every_steps == 0 or self.step == run.max_steps:
+                self.write_samples()
+        progress.close()
+        if run.export_at_end:
+            self.export(self.output_dir / "export")
+        self.metrics.close()
+        return self.history

@@ -1,0 +1,80 @@
+"""The package layout DESIGN.md promises: wings whose imports point down, CLIs apart from
+libraries, kernels independent of the engine, config free of torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = ROOT / "engine"
+# Each wing may import only wings of a lower rank (and itself).
+RANKS = {"config": 0, "core": 1, "data": 2, "objectives": 2, "train": 3, "eval": 4, "cli": 5}
+
+
+def _engine_imports(path: Path, package: list[str]) -> set[str]:
+    """The engine wings ``path`` imports (relative or absolute ``e2ed2.engine.<wing>``)."""
+    wings = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = [*base, *(node.module.split(".") if node.module else [])]
+            elif node.module and node.module.startswith("e2ed2.engine"):
+                target = node.module.split(".")[2:]
+            else:
+                continue
+            if target:
+                wings.add(target[0])
+            else:  # ``from .. import x``: the names are the wings
+                wings.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("e2ed2.engine."):
+                    wings.add(alias.name.split(".")[2])
+    return wings
+
+
+def test_every_module_sits_in_a_wing() -> None:
+    loose = [p.name for p in ENGINE.glob("*.py") if p.name != "__init__.py"]
+    assert loose == [], f"modules outside a wing: {loose}"
+    assert {p.name for p in ENGINE.iterdir() if (p / "__init__.py").is_file()} == set(RANKS)
+
+
+@pytest.mark.parametrize("wing", sorted(RANKS))
+def test_imports_point_down(wing: str) -> None:
+    for path in sorted((ENGINE / wing).rglob("*.py")):
+        package = [wing, *path.relative_to(ENGINE / wing).parent.parts]
+        for imported in _engine_imports(path, package):
+            assert imported in RANKS, f"{path.relative_to(ROOT)} imports unknown {imported!r}"
+            assert RANKS[imported] < RANKS[wing] or imported == wing, (
+                f"{path.relative_to(ROOT)} ({wing}) imports {imported}: imports must point down"
+            )
+
+
+def test_kernels_import_nothing_of_the_engine() -> None:
+    for path in sorted((ROOT / "kernels").rglob("*.py")):
+        text = path.read_text()
+        assert "e2ed2.engine" not in text and "from ..engine" not in text, path
+
+
+def test_no_module_is_oversized_without_a_reason() -> None:
+    """~400 lines per module; a longer one states why in a "Size:" line of its docstring."""
+    for path in sorted(ENGINE.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 400:
+            docstring = ast.get_docstring(ast.parse(text)) or ""
+            assert "Size:" in docstring, f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines"
+
+
+def test_config_loads_without_torch() -> None:
+    code = (
+        "import sys; import e2ed2.engine.config as c; c.load_config(None);"
+        "bad = [m for m in ('torch', 'diffusers', 'deepspeed') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
