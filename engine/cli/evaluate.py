@@ -8,6 +8,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .args import device as device_arg
+from .args import int_at_least
+from .boundary import run_command
+
 __all__ = ["main"]
 
 
@@ -19,9 +23,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     the first --num-images shard prompts, against those samples' latents decoded by the export's
     VAE (VAE reconstructions of the real images); weights from local paths only.
     """
+    return run_command("e2ed2 evaluate", _main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``e2ed2 evaluate EXPORT_OR_RUN_DIR``: scores at several K, as JSON.
+
+    data.source='digits' exports: digit FD / accuracy (offline, nothing to download).
+    data.source='shards' exports: FID (and CLIP score with --clip-model) of images generated for
+    the first --num-images shard prompts, against those samples' latents decoded by the export's
+    VAE (VAE reconstructions of the real images); weights from local paths only.
+    """
     import torch
 
     from ..config import ConfigError, load_config
+    from ..config.sampler import check_num_steps
     from ..eval.digits import DigitEvaluator, evaluate_export
     from ..eval.real_data import check_metric_paths, evaluate_shard_export
     from ..train.export import CONFIG_NAME
@@ -32,11 +48,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("path", help="an export folder, or a run output_dir (uses its export/)")
-    parser.add_argument("--num-steps", type=int, nargs="+", default=[1, 2, 4], help="K values")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds")
+    parser.add_argument(
+        "--num-steps", type=int_at_least(1), nargs="+", default=[1, 2, 4], help="K values"
+    )
+    parser.add_argument(
+        "--seeds", type=int_at_least(0), nargs="+", default=[0, 1, 2], help="sampling seeds"
+    )
     parser.add_argument("--out", default=None, help="JSON path (default: stdout)")
     parser.add_argument("--grid-dir", default=None, help="also write a sample grid per K here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     digits = parser.add_argument_group("digits exports (data.source='digits')")
     digits.add_argument(
         "--classifier-cache", default=None, help="folder caching the digit classifier's weights"
@@ -71,12 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     real.add_argument(
         "--num-images",
         metavar="N",
-        type=int,
+        type=int_at_least(2),
         default=1000,
         help="prompts / reference images: the first N samples (capped at the dataset size)",
     )
     real.add_argument(
-        "--batch-size", type=int, default=32, help="images generated and scored at a time"
+        "--batch-size",
+        type=int_at_least(1),
+        default=32,
+        help="images generated and scored at a time",
     )
     args = parser.parse_args(argv)
 
@@ -92,8 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(str(export / CONFIG_NAME))
     except ConfigError as err:
         return fail(str(err))
-    if any(k < 1 for k in args.num_steps):
-        return fail("--num-steps values must be >= 1")
+    for k in args.num_steps:
+        try:
+            check_num_steps(config.sampler, k, "--num-steps")
+        except ValueError as err:
+            return fail(str(err))
     if config.data.source == "shards":
         if args.inception_weights is None:
             return fail(

@@ -14,11 +14,16 @@ commands:
   precompute  encode an image folder with captions into latent shards (local VAE + T5)
   sample      write a PNG grid of K-step samples from an export or checkpoint
   evaluate    score an export's samples at several K (digits: classifier FD and accuracy)
+
+exit codes: 0 done, 2 bad input (nothing changed), 1 stopped (bad data, NaN steps, full disk,
+or a bug), 130 / 143 SIGINT / SIGTERM; --debug (or E2ED2_DEBUG=1) prints tracebacks
 """
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--debug":  # `e2ed2 --debug train ...`: the command reads it
+        argv = [*argv[1:2], "--debug", *argv[2:]]
     if not argv or argv[0] in ("-h", "--help"):
         print(_USAGE, end="")
         return 0 if argv else 2

@@ -7,10 +7,19 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .args import device as device_arg
+from .args import int_at_least
+from .boundary import run_command
+
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``e2ed2 precompute IMAGE_DIR OUT_DIR --vae PATH --text-encoder PATH [...]``."""
+    return run_command("e2ed2 precompute", _main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
     """``e2ed2 precompute IMAGE_DIR OUT_DIR --vae PATH --text-encoder PATH [...]``."""
     from ..data.precompute import STORAGE_DTYPES, precompute
 
@@ -23,11 +32,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder")
     parser.add_argument("--text-encoder", required=True, help="local transformers T5 folder")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: T5's)")
-    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels")
-    parser.add_argument("--max-tokens", type=int, default=120, help="caption length in tokens")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per encoder call")
-    parser.add_argument("--shard-size", type=int, default=1024, help="samples per shard file")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument(
+        "--resolution", type=int_at_least(8), default=512, help="image side in pixels"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int_at_least(1), default=120, help="caption length in tokens"
+    )
+    parser.add_argument(
+        "--batch-size", type=int_at_least(1), default=8, help="images per encoder call"
+    )
+    parser.add_argument(
+        "--shard-size", type=int_at_least(1), default=1024, help="samples per shard file"
+    )
+    parser.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float16", help="storage")
     parser.add_argument("--compute-dtype", choices=list(STORAGE_DTYPES), default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards")

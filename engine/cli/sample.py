@@ -7,14 +7,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .args import device as device_arg
+from .args import int_at_least
+from .boundary import run_command
+
 __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``e2ed2 sample EXPORT_OR_RUN_DIR``: a PNG grid from an export or a run's output folder."""
+    return run_command("e2ed2 sample", _main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``e2ed2 sample EXPORT_OR_RUN_DIR``: a PNG grid from an export or a run's output folder."""
     import torch
 
     from ..config import ConfigError, load_config
+    from ..config.sampler import check_num_steps
     from ..core.models import build_autoencoder
     from ..core.sampler import build_schedule
     from ..core.sampling import generate_pixels, save_grid
@@ -27,11 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="an export folder (e2ed2_config.toml + transformer/), a run output_dir (uses its "
         "export/), or a checkpoint folder (uses its export/)",
     )
-    parser.add_argument("--num-steps", type=int, default=None, help="K (default: the run's)")
-    parser.add_argument("--num-images", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num-steps", type=int_at_least(1), default=None, help="K (default: the run's)"
+    )
+    parser.add_argument("--num-images", type=int_at_least(1), default=20)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--out", default=None, help="PNG path (default: PATH/samples_K<k>.png)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     args = parser.parse_args(argv)
 
     root = Path(args.path)
@@ -45,7 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"e2ed2 sample: {err}", file=sys.stderr)
         return 2
     trained_steps = config.trajectory.num_steps
-    num_steps = args.num_steps or trained_steps
+    # `is None`, not `or`: --num-steps 0 must never quietly become the run's K (argparse
+    # refuses it; this keeps the default apart from a value).
+    num_steps = trained_steps if args.num_steps is None else args.num_steps
+    try:
+        check_num_steps(config.sampler, num_steps, "--num-steps")
+    except ValueError as err:
+        print(f"e2ed2 sample: {err}", file=sys.stderr)
+        return 2
     if not config.model.share_across_steps and num_steps != trained_steps:
         print(
             f"e2ed2 sample: per-step networks were trained for K={trained_steps}; "

@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .boundary import run_command
+
 __all__ = ["main", "build_parser"]
 
 
@@ -30,6 +32,11 @@ def build_parser(prog: str = "e2ed2 train") -> argparse.ArgumentParser:
         help="print the resolved config as TOML, check its DeepSpeed JSON and local paths, exit",
     )
     parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of an error (also: E2ED2_DEBUG=1)",
+    )
+    parser.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
@@ -43,6 +50,11 @@ def build_parser(prog: str = "e2ed2 train") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 train") -> int:
+    """``e2ed2 train``: exit 0 done, 2 bad input, 1 stopped, 130/143 signals (cli/boundary.py)."""
+    return run_command(prog, lambda args: _main(args, prog), argv)
+
+
+def _main(argv: Sequence[str], prog: str) -> int:
     from ..config import ConfigError, config_to_toml, load_config
     from ..train.launch import check_launch
 
@@ -64,6 +76,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 train") -> int:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
+        # One fake-tensor forward of the denoiser (and decode) on the data's first batch:
+        # catches what only the first step would (missing PixArt-MS size conditions, dtypes).
+        from ..train.dry_run import dry_run_forward
+
+        try:
+            print(dry_run_forward(config))
+        except Exception as err:  # any failure here is what step 1 would raise
+            print(
+                f"{prog}: config error: dry run: the first training step would fail: "
+                f"{type(err).__name__}: {err}",
+                file=sys.stderr,
+            )
+            return 2
         return 0
 
     rank = int(os.environ.get("RANK", "0"))

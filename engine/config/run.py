@@ -47,7 +47,24 @@ class RunConfig:
     num_sample_images: int = 20
     """Images in each sample grid (0 = no grids)."""
     resume: bool = True
-    """Resume from the newest complete checkpoint in output_dir, if there is one."""
+    """Resume from the newest complete checkpoint in output_dir, if there is one (an incomplete or
+    corrupt newer one is moved aside to checkpoints/corrupt-stepN with a warning). False: start
+    fresh, which an output_dir that already holds a run refuses unless overwrite is set.
+    """
+    resume_from: int | str | None = None
+    """Resume from this checkpoint instead of the newest: a step (200 = checkpoints/step00000200 in
+    output_dir) or a checkpoint folder's path. Newer checkpoints of output_dir are moved aside to
+    checkpoints/superseded-<time>/, never deleted. None = the newest complete one.
+    """
+    overwrite: bool = False
+    """Start fresh in an output_dir that holds another run: the old run is first moved aside to
+    <output_dir>.replaced-<time> (never deleted, never mixed with the new one).
+    """
+    signal_checkpoint_min_steps: int = 1
+    """On SIGTERM / SIGINT the run finishes its current step, writes a checkpoint if the newest one
+    is at least this many steps old (0 = never), and exits 143 / 130. A second signal abandons the
+    step (and any save in progress) at once.
+    """
     export_at_end: bool = True
     """Write the EMA (or, with ema disabled, the trained) weights as a diffusers folder at the end."""
     max_consecutive_nonfinite_steps: int = 25
@@ -75,3 +92,20 @@ class RunConfig:
             raise ValueError(f"run.num_sample_images must be >= 0, got {self.num_sample_images}")
         if not self.output_dir:
             raise ValueError("run.output_dir must not be empty")
+        if self.signal_checkpoint_min_steps < 0:
+            raise ValueError(
+                f"run.signal_checkpoint_min_steps must be >= 0, got {self.signal_checkpoint_min_steps}"
+            )
+        if self.resume_from is not None:
+            if isinstance(self.resume_from, bool) or self.resume_from in ("", 0):
+                raise ValueError(
+                    f"run.resume_from must be a step >= 1 or a checkpoint folder, got "
+                    f"{self.resume_from!r}"
+                )
+            if isinstance(self.resume_from, int) and self.resume_from < 1:
+                raise ValueError(f"run.resume_from must be a step >= 1, got {self.resume_from}")
+            if not self.resume:
+                raise ValueError(
+                    "run.resume_from is set but run.resume=false; unset one of them "
+                    "(run.resume_from=none)"
+                )

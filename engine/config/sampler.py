@@ -13,7 +13,13 @@ from .base import check_fields
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
-__all__ = ["SCHEDULER_CLASS_NAMES", "SamplerConfig", "SamplerKind", "PredictionType"]
+__all__ = [
+    "SCHEDULER_CLASS_NAMES",
+    "PredictionType",
+    "SamplerConfig",
+    "SamplerKind",
+    "check_num_steps",
+]
 
 SamplerKind = Literal["lcm", "ddim"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
@@ -85,6 +91,23 @@ class SamplerConfig:
             raise ValueError(
                 f"sampler.original_inference_steps must be >= 1, got {self.original_inference_steps}"
             )
+        if self.kind == "lcm" and self.original_inference_steps > self.num_train_timesteps:
+            raise ValueError(
+                f"sampler.original_inference_steps={self.original_inference_steps} exceeds "
+                f"sampler.num_train_timesteps={self.num_train_timesteps} (LCM's skipping grid "
+                "takes every (num_train_timesteps // original_inference_steps)-th timestep)"
+            )
+        if self.steps_offset < 0:
+            raise ValueError(f"sampler.steps_offset must be >= 0, got {self.steps_offset}")
+        if not self.clip_sample_range > 0:
+            raise ValueError(f"sampler.clip_sample_range must be > 0, got {self.clip_sample_range}")
+        if not self.timestep_scaling > 0:
+            raise ValueError(f"sampler.timestep_scaling must be > 0, got {self.timestep_scaling}")
+
+    def max_num_steps(self) -> int:
+        """The most sampler steps this schedule can give: LCM samples its distillation grid of
+        original_inference_steps timesteps, DDIM the num_train_timesteps of the schedule."""
+        return self.original_inference_steps if self.kind == "lcm" else self.num_train_timesteps
 
     @classmethod
     def from_diffusers_config(
@@ -154,3 +177,15 @@ class SamplerConfig:
         import diffusers
 
         return getattr(diffusers, SCHEDULER_CLASS_NAMES[self.kind])(**self.diffusers_kwargs())
+
+
+def check_num_steps(sampler: SamplerConfig, num_steps: int, key: str) -> None:
+    """Raises ValueError naming ``key`` unless the schedule can give ``num_steps`` steps."""
+    limit = sampler.max_num_steps()
+    if not 1 <= num_steps <= limit:
+        grid = (
+            f"sampler.original_inference_steps={limit} (LCM samples its distillation grid)"
+            if sampler.kind == "lcm"
+            else f"sampler.num_train_timesteps={limit} (DDIM)"
+        )
+        raise ValueError(f"{key}={num_steps} must be in 1..{limit}: the schedule has {grid}")

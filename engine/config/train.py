@@ -12,7 +12,7 @@ from .model import ModelConfig
 from .objective import ObjectiveConfig
 from .optim import OptimConfig
 from .run import RunConfig
-from .sampler import SamplerConfig
+from .sampler import SamplerConfig, check_num_steps
 from .trajectory import TrajectoryConfig
 
 __all__ = ["TrainConfig"]
@@ -37,10 +37,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         traj, sampler = self.trajectory, self.sampler
-        if sampler.kind == "lcm" and traj.num_steps > sampler.original_inference_steps:
+        try:
+            check_num_steps(sampler, traj.num_steps, "trajectory.num_steps")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        # Pixel space: the latent side is data.resolution (shards: checked against the index at
+        # launch; a pretrained transformer brings its own patch size).
+        model = self.model
+        if (
+            self.data.source == "digits"
+            and model.pretrained_path is None
+            and self.data.resolution % model.patch_size
+        ):
             raise ConfigError(
-                f"trajectory.num_steps={traj.num_steps} exceeds "
-                f"sampler.original_inference_steps={sampler.original_inference_steps} (LCM)"
+                f"model.patch_size={model.patch_size} does not divide data.resolution="
+                f"{self.data.resolution} (the transformer tokenizes the image in square patches)"
             )
         if self.objective.kind == "diffusion":
             if not self.model.share_across_steps:
@@ -50,6 +61,17 @@ class TrainConfig:
                 )
             if self.gan.enabled:
                 raise ConfigError("gan.enabled=true needs objective.kind='e2ed2'")
+        objective = self.objective
+        if objective.energy_weight > 0 and traj.samples_per_prompt < 2:
+            raise ConfigError(
+                "objective.energy_weight > 0 needs trajectory.samples_per_prompt >= 2 (the energy "
+                f"score compares samples of one prompt), got {traj.samples_per_prompt}"
+            )
+        if objective.teacher_weight > 0 and traj.start != "noise":
+            raise ConfigError(
+                "objective.teacher_weight > 0 needs trajectory.start='noise' (the teacher samples "
+                f"from the student's start noise), got {traj.start!r}"
+            )
         if self.data.source == "digits" and self.model.vae_path is not None:
             raise ConfigError(
                 "model.vae_path is set but data.source='digits' is pixel space; unset it "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +16,8 @@ Truncation = Literal["full", "last_k", "random_k"]
 StartKind = Literal["noise", "noised_latent"]
 
 CHECKPOINT_POLICIES: tuple[str, ...] = typing.get_args(CheckpointPolicy)
+# torch device strings the offload policy can copy to (checked without importing torch).
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|xpu|xpu:\d+|npu|npu:\d+|mps)$")
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,24 @@ class TrajectoryConfig:
     """
     offload_device: str = "cpu"
     """Where ``offload`` keeps the saved latents (a torch device, e.g. cpu)."""
+    samples_per_prompt: int = 1
+    """m: trajectories run per prompt (independent start and step noise, same conditioning),
+    as one batch of batch_per_rank x m; the energy score needs m >= 2.
+    """
 
     def __post_init__(self) -> None:
         check_fields("trajectory", self)
+        if self.samples_per_prompt < 1:
+            raise ValueError(
+                f"trajectory.samples_per_prompt must be >= 1, got {self.samples_per_prompt}"
+            )
         if self.num_steps < 1:
             raise ValueError(f"trajectory.num_steps must be >= 1, got {self.num_steps}")
+        if not isinstance(self.offload_device, str) or not _DEVICE.match(self.offload_device):
+            raise ValueError(
+                f"trajectory.offload_device={self.offload_device!r} is not a torch device; use "
+                "cpu (the host, the usual choice), cuda or cuda:N"
+            )
         if self.truncation != "full" and not 1 <= self.grad_steps <= self.num_steps:
             raise ValueError(
                 f"trajectory.grad_steps must be in 1..num_steps={self.num_steps} for "

@@ -9,13 +9,17 @@ Layout under ``<output_dir>/checkpoints``::
         rank00000.state.pt            per-rank RNG states (tensors/ints only: weights_only loads)
         trainer.json                  step, data position, config fingerprint
         export/                       the EMA weights as a diffusers folder (see export.py)
-    .tmp-step00000400/                being written; ignored and removed by the next save
+        zero_to_fp32.py, latest       DeepSpeed's recovery script (ZeRO) and tag pointer: it runs
+                                      as ``zero_to_fp32.py step00000200 OUT``, with no --tag
+        COMPLETE                      written last: the size of every file above (JSON)
+    .tmp-step00000400/                being written; ignored and removed by the next start/save
     .old-step00000000/                being deleted (keep_checkpoints); ignored likewise
 
-All ranks write into the temporary folder, meet at a barrier, and rank 0 flushes it to disk and
-publishes it with an atomic ``os.replace``; a crash at any point leaves either the old set of
-complete checkpoints or the new one. The newest complete one is found by name, with no separate
-"latest" pointer to fall out of sync.
+All ranks write into the temporary folder and agree that every write succeeded; rank 0 writes
+the ``COMPLETE`` marker, fsyncs the folder and publishes it by an atomic ``os.replace``: a crash
+leaves the old set of checkpoints or the new one. A failed write (a full disk) removes the
+temporary folder and raises :class:`CheckpointSaveError` naming the cause. Only folders with a
+marker count; :func:`verify_checkpoint` re-checks sizes, JSON and safetensors headers.
 
 Loading never unpickles arbitrary objects: the EMA is safetensors, the RNG state is read with
 ``torch.load(weights_only=True)``, and DeepSpeed's own loader (``torch.load(weights_only=False)``
@@ -24,6 +28,7 @@ in DeepSpeed 0.19) is replaced on each engine by :func:`use_weights_only_loading
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,22 +37,94 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "MARKER",
+    "CheckpointError",
+    "CheckpointSaveError",
     "CheckpointStore",
+    "checkpoint_step",
     "capture_rng_state",
     "restore_rng_state",
     "use_weights_only_loading",
+    "verify_checkpoint",
 ]
 
 log = logging.getLogger("e2ed2.checkpoint")
 
 _COMPLETE = re.compile(r"^step(\d{8})$")
+#: Written last into every checkpoint: ``{"step": N, "files": {relative path: bytes}}``.
+MARKER = "COMPLETE"
+TRAINER_STATE = "trainer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint to resume from is incomplete or unreadable; the message names the file."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (its temporary folder was removed); names the cause."""
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a folder named like a checkpoint (``step00000200`` -> 200), else None."""
+    match = _COMPLETE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _manifest(root: Path) -> dict[str, int]:
+    return {
+        str(Path(folder, name).relative_to(root)): os.path.getsize(os.path.join(folder, name))
+        for folder, _, names in os.walk(root)
+        for name in names
+        if not (folder == str(root) and name == MARKER)
+    }
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why checkpoint folder ``path`` cannot be resumed (naming the file), or None if it can.
+
+    Checks what a resume reads without loading any tensor: the completion marker, that every
+    file it lists is there with its size (a truncated or missing file), that ``trainer.json`` is
+    a JSON object with step / world size / fingerprint, and that every safetensors header parses.
+    """
+    marker = path / MARKER
+    if not path.is_dir():
+        return f"{path} is not a folder"
+    if not marker.is_file():
+        return f"{marker} is missing (an interrupted save, or a folder that was copied in part)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{marker} is unreadable ({type(err).__name__}: {err})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != size:
+            return f"{file} has {file.stat().st_size} bytes, {size} were written (truncated?)"
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        missing = [k for k in ("step", "world_size", "fingerprint") if k not in state]
+        if missing:
+            raise KeyError(f"no {missing}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{path / TRAINER_STATE} is unreadable ({type(err).__name__}: {err})"
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # noqa: BLE001 (safetensors raises its own and OS errors)
+            return f"{file} is unreadable ({type(err).__name__}: {err})"
+    return None
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -134,26 +211,67 @@ def _barrier() -> None:
 class CheckpointStore:
     """Saves and finds complete checkpoints in ``root``; all ranks call every method."""
 
-    def __init__(self, root: str | os.PathLike, *, rank: int, world_size: int, keep: int) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        rank: int,
+        world_size: int,
+        keep: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
         self.keep = keep
+        # Where the save's agreement all-reduce runs (the process group's device: NCCL needs CUDA).
+        self.device = torch.device(device)
 
     @staticmethod
     def tag(step: int) -> str:
         return f"step{step:08d}"
 
-    def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+    def named(self) -> list[Path]:
+        """Folders named like a checkpoint, complete or not, oldest first."""
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.iterdir() if p.is_dir() and _COMPLETE.match(p.name)]
-        return sorted(found, key=lambda p: int(_COMPLETE.match(p.name).group(1)))
+        return sorted(found, key=checkpoint_step)
+
+    def complete(self) -> list[Path]:
+        """Published checkpoints (with their completion marker), oldest first."""
+        return [p for p in self.named() if (p / MARKER).is_file()]
 
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1] if done else None
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        """True if ``ok`` on every rank (replaces a barrier, so a rank that failed a write does
+        not leave the others waiting at one)."""
+        if not (dist.is_available() and dist.is_initialized() and self.world_size > 1):
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def _failed_save(self, staging: Path, step: int, error: BaseException | None) -> NoReturn:
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        if error is None:
+            raise CheckpointSaveError(
+                f"checkpoint step {step} was not saved: another rank failed to write into "
+                f"{staging} (its message says why); the temporary folder was removed"
+            )
+        full = getattr(error, "errno", None) == errno.ENOSPC
+        cause = (
+            "the disk is full (ENOSPC); free space" if full else f"{type(error).__name__}: {error}"
+        )
+        where = getattr(error, "filename", None) or staging
+        raise CheckpointSaveError(
+            f"checkpoint step {step} was not saved: writing {where} failed: {cause}; the "
+            f"temporary folder was removed and the previous checkpoints are untouched"
+        ) from error
 
     def save(
         self,
@@ -165,49 +283,80 @@ class CheckpointStore:
         trainer_state: dict[str, Any],
         write_extra: Callable[[Path], object] | None = None,
     ) -> Path:
-        """Writes checkpoint ``step`` (all ranks); ``write_extra(staging)`` runs on all ranks."""
+        """Writes checkpoint ``step`` (all ranks); ``write_extra(staging)`` runs on all ranks.
+
+        An OSError on any rank (a full disk, a permission) removes the temporary folder and
+        raises :class:`CheckpointSaveError` on every rank; nothing published is touched.
+        """
         tag = self.tag(step)
         staging = self.root / f".tmp-{tag}"
         final = self.root / tag
+        error: OSError | None = None
+        try:
+            if self.rank == 0:
+                self.remove_leftovers()
+                staging.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            error = err
+        if not self._all_ranks_ok(error is None):
+            self._failed_save(staging, step, error)
+        try:
+            engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+            if disc_engine is not None:
+                disc_engine.save_checkpoint(str(staging), tag="discriminator", save_latest=False)
+            if ema_state is not None:
+                save_file(
+                    {k: v.contiguous().cpu() for k, v in ema_state.items()},
+                    str(staging / f"rank{self.rank:05d}.safetensors"),
+                )
+            torch.save(capture_rng_state(), staging / f"rank{self.rank:05d}.state.pt")
+            if write_extra is not None:
+                write_extra(staging)
+            if self.rank == 0:
+                with open(staging / TRAINER_STATE, "w") as f:
+                    json.dump({**trainer_state, "world_size": self.world_size}, f, indent=2)
+                # DeepSpeed's own pointer, inside the folder: its bundled zero_to_fp32.py (and
+                # engine.load_checkpoint(folder)) find the tag without --tag.
+                (staging / "latest").write_text(tag)
+        except OSError as err:
+            error = err
+        if not self._all_ranks_ok(error is None):
+            self._failed_save(staging, step, error)
+        try:
+            if self.rank == 0:
+                # The marker last: a folder is a checkpoint only once every file above is in it.
+                marker = {"step": step, "files": _manifest(staging)}
+                (staging / MARKER).write_text(json.dumps(marker, indent=1))
+                _fsync_tree(staging)
+                if final.exists():  # a checkpoint of this step from an abandoned branch
+                    retired = final.with_name(f".old-{final.name}")
+                    os.replace(final, retired)
+                    shutil.rmtree(retired, ignore_errors=True)
+                os.replace(staging, final)
+                _fsync_dir(self.root)
+        except OSError as err:
+            error = err
+        if not self._all_ranks_ok(error is None):
+            self._failed_save(staging, step, error)
         if self.rank == 0:
-            for pattern in (".tmp-*", ".old-*"):
-                for stale in self.root.glob(pattern) if self.root.is_dir() else []:
-                    shutil.rmtree(stale, ignore_errors=True)
-            staging.mkdir(parents=True, exist_ok=True)
-        _barrier()
-        engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
-        if disc_engine is not None:
-            disc_engine.save_checkpoint(str(staging), tag="discriminator", save_latest=False)
-        if ema_state is not None:
-            save_file(
-                {k: v.contiguous().cpu() for k, v in ema_state.items()},
-                str(staging / f"rank{self.rank:05d}.safetensors"),
-            )
-        torch.save(capture_rng_state(), staging / f"rank{self.rank:05d}.state.pt")
-        if write_extra is not None:
-            write_extra(staging)
-        if self.rank == 0:
-            with open(staging / "trainer.json", "w") as f:
-                json.dump({**trainer_state, "world_size": self.world_size}, f, indent=2)
-        _barrier()
-        if self.rank == 0:
-            _fsync_tree(staging)
-            os.replace(staging, final)
-            _fsync_dir(self.root)
             for old in self.complete()[: -self.keep]:
-                # Renamed first: a crash halfway through the deletion must not leave a partial
-                # folder under a complete checkpoint's name.
+                # Renamed first: a crash mid-deletion leaves no partial folder under its name.
                 retired = old.with_name(f".old-{old.name}")
                 os.replace(old, retired)
                 shutil.rmtree(retired, ignore_errors=True)
         _barrier()
         return final
 
+    def remove_leftovers(self) -> None:
+        """Rank 0: removes what interrupted saves and deletions left (never a checkpoint)."""
+        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+
     @staticmethod
     def read_state(path: Path) -> dict[str, Any]:
         """``trainer.json`` of a checkpoint (step, data position, config fingerprint), read before
         any engine state so a mismatched config is reported by name, not by a shape error."""
-        with open(path / "trainer.json") as f:
+        with open(path / TRAINER_STATE) as f:
             return json.load(f)
 
     def load(
@@ -217,22 +366,35 @@ class CheckpointStore:
         engine: Any,
         disc_engine: Any | None,
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-        """Restores engines and RNG; returns (trainer_state, this rank's EMA state or None)."""
+        """Restores engines and RNG; returns (trainer_state, this rank's EMA state or None).
+
+        A file that passed :func:`verify_checkpoint` but still cannot be read (same size, bad
+        bytes) raises :class:`CheckpointError` naming the checkpoint and the failure.
+        """
         trainer_state = self.read_state(path)
         if trainer_state["world_size"] != self.world_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} was written by {trainer_state['world_size']} ranks; this run "
                 f"has {self.world_size} (ZeRO partitions and the EMA shards are per rank)"
             )
-        loaded, _ = engine.load_checkpoint(str(path), tag=path.name)
-        if loaded is None:
-            raise FileNotFoundError(f"DeepSpeed found no model checkpoint in {path}/{path.name}")
-        if disc_engine is not None:
-            loaded, _ = disc_engine.load_checkpoint(str(path), tag="discriminator")
+        try:
+            loaded, _ = engine.load_checkpoint(str(path), tag=path.name)
             if loaded is None:
-                raise FileNotFoundError(f"no discriminator checkpoint in {path}/discriminator")
-        ema_file = path / f"rank{self.rank:05d}.safetensors"
-        ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
-        rng = torch.load(path / f"rank{self.rank:05d}.state.pt", weights_only=True)
+                raise FileNotFoundError(
+                    f"DeepSpeed found no model checkpoint in {path / path.name}"
+                )
+            if disc_engine is not None:
+                loaded, _ = disc_engine.load_checkpoint(str(path), tag="discriminator")
+                if loaded is None:
+                    raise FileNotFoundError(f"no discriminator checkpoint in {path}/discriminator")
+            ema_file = path / f"rank{self.rank:05d}.safetensors"
+            ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
+            rng = torch.load(path / f"rank{self.rank:05d}.state.pt", weights_only=True)
+        except Exception as err:  # noqa: BLE001 (torch, DeepSpeed and safetensors raise many)
+            raise CheckpointError(
+                f"checkpoint {path} could not be loaded ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); choose an older one with "
+                "run.resume_from=STEP or start over with run.overwrite=true"
+            ) from err
         restore_rng_state(rng)
         return trainer_state, ema_state

@@ -61,7 +61,8 @@ def check_launch(config: TrainConfig, world_size: int) -> dict[str, Any]:
                 f"torchvision {TORCHVISION_MODELS[config.objective.lpips_net]} state dict (.pth)"
             )
         if config.data.source == "shards":
-            read_index(config.data.shard_dir)
+            _check_latent_size(config, read_index(config.data.shard_dir))
+        _check_output_paths(config)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err).replace("\n", " ")) from None
     return ds_config
@@ -85,3 +86,40 @@ def _keep_linear_for_selective(config: TrainConfig, ds_config: dict[str, Any]) -
             "trajectory.checkpoint='selective'; remove the key or set it to false"
         )
     ds_config["zero_optimization"] = {**zero, "memory_efficient_linear": False}
+
+
+def _check_latent_size(config: TrainConfig, index: dict[str, Any]) -> None:
+    """The shards' latent side must split into the transformer's patches (built from config;
+    a pretrained transformer is checked against its own config when it loads)."""
+    height, width = index["latent"]["shape"][-2:]
+    patch = config.model.patch_size
+    if config.model.pretrained_path is None and (height % patch or width % patch):
+        raise ValueError(
+            f"model.patch_size={patch} does not divide the latent size {height}x{width} of "
+            f"data.shard_dir={config.data.shard_dir!r}"
+        )
+
+
+def _check_output_paths(config: TrainConfig) -> None:
+    """run.output_dir is a folder this process can create and write; run.resume_from a folder."""
+    run = config.run
+    output_dir = os.path.abspath(run.output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"run.output_dir={run.output_dir!r} is a file; it must be a folder")
+    existing = output_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"run.output_dir={run.output_dir!r}: {existing!r} is not writable by this user"
+        )
+    resume_from = run.resume_from
+    if (
+        isinstance(resume_from, str)
+        and not resume_from.isdigit()
+        and not os.path.isdir(resume_from)
+    ):
+        raise ValueError(
+            f"run.resume_from={resume_from!r} is not a folder; give a checkpoint folder "
+            "(…/checkpoints/stepNNNNNNNN) or a step number"
+        )

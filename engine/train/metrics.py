@@ -4,6 +4,7 @@ both written by rank 0 and made consistent with the checkpoint a run resumes fro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch.distributed as dist
 __all__ = ["MetricsLog", "mean_across_ranks", "peak_memory_bytes"]
 
 METRICS_FILE = "metrics.jsonl"
+
+log = logging.getLogger("e2ed2.train")
 
 
 def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -36,14 +39,22 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drops ``metrics.jsonl`` records past ``step`` (written by a run killed after it)."""
+    """Drops ``metrics.jsonl`` records past ``step`` (written by a run killed after it), and any
+    line that is not a JSON record (a torn last line of a killed write), with a warning."""
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    kept = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = int(record.get("step", 0))
+        except (ValueError, TypeError, AttributeError):
+            log.warning("%s line %d is not a JSON record (a torn write); dropped", path, number)
+            continue
+        if record_step <= step:
+            kept.append(line)
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(f"{line}\n" for line in kept))
     os.replace(temporary, path)
@@ -57,15 +68,14 @@ class MetricsLog:
         self.writer = None
         if not enabled:
             return
-        if resume_step:
-            truncate_metrics(self.path, resume_step)
+        # On every start, not only a resume: a run killed before its first checkpoint starts
+        # again at step 0 and must not log steps 1, 1, 2, ...
+        truncate_metrics(self.path, resume_step)
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: events a killed run logged after its last checkpoint (steps > step) are
         # dropped, so the resumed curve has no duplicated or diverging tail.
-        self.writer = SummaryWriter(
-            str(output_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-        )
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def record(self, step: int, record: dict[str, Any], loss_terms: dict[str, float]) -> None:
         """One logged step: every value as a scalar (``loss/<term>`` or ``train/<name>``)."""

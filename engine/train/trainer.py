@@ -50,13 +50,15 @@ from .checkpoint import CheckpointStore, use_weights_only_loading
 from .distributed import build_discriminator_engine, init_distributed
 from .ema import ShardedEMA
 from .export import gathered_state_dict, write_export
-from .fingerprint import CheckpointMismatchError, check_fingerprint, run_fingerprint
+from .fingerprint import CheckpointMismatchError, run_fingerprint
 from .gather_once import gathered_once
 from .launch import check_launch
 from .metrics import MetricsLog, mean_across_ranks, peak_memory_bytes
+from .run_dir import apply_start, plan_start
+from .signals import Interrupted, StopSignals
 from .step_guard import ReliabilityCounters, StepGuard, any_rank
 
-__all__ = ["CheckpointMismatchError", "DataError", "NonFiniteError", "Trainer"]
+__all__ = ["CheckpointMismatchError", "DataError", "Interrupted", "NonFiniteError", "Trainer"]
 
 log = logging.getLogger("e2ed2.train")
 
@@ -93,9 +95,17 @@ class Trainer:
             torch.cuda.set_device(self.device)
         torch.manual_seed(derive_seed(run.seed, "torch", self.rank))
         self.output_dir = Path(run.output_dir)
+        # The resume decision reads the output folder only: nothing is written into it before,
+        # so a refused start (another run, a mismatched or broken checkpoint) changes no file.
+        zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.fingerprint = run_fingerprint(config, zero_stage)
+        self.start = plan_start(config, self.fingerprint, self.world_size)
         if self.is_main:
+            apply_start(self.start, self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.toml").write_text(config_to_toml(config))
+        if dist.is_initialized():
+            dist.barrier()  # the moves are done before any rank reads a checkpoint
 
         # Data: the latent/text shapes decide the denoiser's input/caption sizes. Still before
         # any model: a dataset smaller than one global batch or with no usable shard is a
@@ -160,21 +170,20 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
             keep=run.keep_checkpoints,
+            device=self.device,
         )
         self.step = 0
         self.counters = ReliabilityCounters()
         self.history: list[dict[str, float]] = []
-        if run.resume and (latest := self.store.latest()) is not None:
-            self._resume(latest)
+        if self.start.checkpoint is not None:
+            self._resume(self.start.checkpoint)
+        self._last_checkpoint_step = self.step
         self.metrics = MetricsLog(self.output_dir, resume_step=self.step, enabled=self.is_main)
 
     # -- state ---------------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
-        # The fingerprint first: loading a differently shaped model into the engines would fail
-        # with a shape error deep inside DeepSpeed instead of naming the key.
-        check_fingerprint(
-            path, run_fingerprint(self.config), self.store.read_state(path)["fingerprint"]
-        )
+        # The fingerprint was checked by plan_start, before any model was built: loading a
+        # differently shaped model would fail deep inside DeepSpeed instead of naming the key.
         state, ema_state = self.store.load(path, engine=self.engine, disc_engine=self.disc_engine)
         if self.ema is not None:
             if ema_state is None:
@@ -187,6 +196,7 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
+        self._last_checkpoint_step = self.step
         return self.store.save(
             self.step,
             engine=self.engine,
@@ -195,7 +205,7 @@ class Trainer:
             trainer_state={
                 "step": self.step,
                 "data": self.sampler_state.state_dict(),
-                "fingerprint": run_fingerprint(self.config),
+                "fingerprint": self.fingerprint,
                 "counters": self.counters.state_dict(),
             },
             # Each checkpoint carries its EMA as a diffusers export, so `e2ed2 sample` and
@@ -423,12 +433,35 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> list[dict[str, float]]:
+        """Trains to ``run.max_steps``; SIGTERM / SIGINT stop it after a step (see signals.py)."""
+        with StopSignals() as stop:
+            try:
+                return self._train_loop(stop)
+            finally:
+                # Ends the progress bar's line, so an error message starts on its own line.
+                self._progress.close()
+
+    def _stop_for_signal(self, signum: int) -> None:
+        """Checkpoints unless the newest is recent (run.signal_checkpoint_min_steps), raises."""
+        min_steps = self.config.run.signal_checkpoint_min_steps
+        if min_steps and self.step - self._last_checkpoint_step >= min_steps:
+            where = f"checkpoint {self.save_checkpoint()} written"
+        elif self._last_checkpoint_step:
+            where = f"the newest checkpoint is step {self._last_checkpoint_step}"
+        else:
+            where = "no checkpoint written (run.signal_checkpoint_min_steps=0)"
+        self.metrics.close()
+        raise Interrupted(
+            signum, f"stopped after step {self.step}: {where}; rerun the same command to resume"
+        )
+
+    def _train_loop(self, stop: StopSignals) -> list[dict[str, float]]:
         from tqdm.auto import tqdm
 
         run = self.config.run
         batches = iter(self.loader)
         images_per_step = run.batch_per_rank * run.grad_accum_steps * self.world_size
-        progress = tqdm(
+        self._progress = progress = tqdm(
             total=run.max_steps,
             initial=self.step,
             desc="e2ed2 train",
@@ -477,6 +510,8 @@ class Trainer:
                 self.save_checkpoint()
             if self.step % run.sample_every_steps == 0 or self.step == run.max_steps:
                 self.write_samples()
+            if self.step < run.max_steps and stop.requested(self.device):
+                self._stop_for_signal(stop.signum)
         progress.close()
         if run.export_at_end:
             self.export(self.output_dir / "export")

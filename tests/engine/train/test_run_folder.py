@@ -1,0 +1,331 @@
+"""Checkpoints, output folders and signals through ``e2ed2 train``: every refused start, broken
+checkpoint, full disk and signal ends in its exit code and one line naming the file or key, with
+no traceback, and leaves what earlier runs wrote as it was (hashed before and after).
+
+One base run (4 steps, checkpoints at 2 and 4) is trained once per module; each test works on
+a copy of it. All runs are in this process as a world of one (gloo).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from e2ed2.engine.config import config_to_toml, load_config
+from e2ed2.engine.train.checkpoint import MARKER, verify_checkpoint
+from e2ed2.engine.train.distributed import free_port
+
+TINY = [
+    "model.num_layers=1",
+    "model.num_attention_heads=2",
+    "model.attention_head_dim=8",
+    "data.resolution=8",
+    "data.text_dim=16",
+    "data.caption_max_tokens=8",
+    "trajectory.num_steps=2",
+    "run.batch_per_rank=2",
+    "run.log_every_steps=1",
+    "run.checkpoint_every_steps=2",
+    "run.keep_checkpoints=3",
+    "run.num_sample_images=0",
+    "run.export_at_end=false",
+]
+STEP2, STEP4 = "checkpoints/step00000002", "checkpoints/step00000004"
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }.items():
+            patch.setenv(key, value)
+        yield
+
+
+def _train(output_dir: Path, *overrides: str) -> int:
+    from e2ed2.engine.cli.train import main
+
+    return main([*TINY, f"run.output_dir={output_dir}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def base_run(world_of_one: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert _train(out, "run.max_steps=4") == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(base_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    return out
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _steps(output_dir: Path) -> list[int]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+def _one_error_line(err: str, *names: str) -> str:
+    """The command's own line in stderr (log lines aside), checked for the names."""
+    assert "Traceback" not in err, err
+    lines = [  # tqdm's progress bar also starts with the program's name
+        line for line in err.splitlines() if line.startswith("e2ed2 train:") and "%|" not in line
+    ]
+    assert len(lines) == 1, err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def _model_file(checkpoint: Path) -> Path:
+    return next((checkpoint / checkpoint.name).glob("mp_rank_00_model_states.pt"))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_each_checkpoint_has_a_marker_and_deepspeeds_latest(base_run: Path, tmp_path: Path):
+    """COMPLETE lists every file with its size; ``latest`` makes DeepSpeed's bundled
+    zero_to_fp32.py work as documented (no --tag) and give the checkpoint's weights."""
+    for name in (STEP2, STEP4):
+        checkpoint = base_run / name
+        files = json.loads((checkpoint / MARKER).read_text())["files"]
+        assert files["trainer.json"] == (checkpoint / "trainer.json").stat().st_size
+        assert f"{checkpoint.name}/mp_rank_00_model_states.pt" in files
+        assert (checkpoint / "latest").read_text() == checkpoint.name
+        assert verify_checkpoint(checkpoint) is None
+    checkpoint = base_run / STEP4
+    done = subprocess.run(
+        [sys.executable, str(checkpoint / "zero_to_fp32.py"), str(checkpoint), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (converted,) = tmp_path.glob("pytorch_model*.bin")
+    weights = torch.load(converted, weights_only=True)
+    module = torch.load(_model_file(checkpoint), weights_only=False)["module"]
+    assert weights.keys() == module.keys() and len(weights) > 10
+    for key, value in module.items():
+        torch.testing.assert_close(weights[key], value.float(), rtol=0, atol=0)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda c: _truncate(_model_file(c)), "mp_rank_00_model_states.pt has"),
+        (lambda c: (c / "trainer.json").write_text("{garbage"), "trainer.json"),
+        (lambda c: (c / "rank00000.safetensors").write_bytes(b"\0" * 8), "rank00000.safetensors"),
+        (lambda c: shutil.rmtree(c / c.name), "mp_rank_00_model_states.pt is missing"),
+        (lambda c: (c / MARKER).unlink(), "COMPLETE is missing"),
+    ],
+    ids=["truncated-model", "garbage-json", "corrupt-ema", "missing-tag-folder", "no-marker"],
+)
+def test_verify_names_the_broken_file(base_run: Path, tmp_path: Path, damage, named: str):
+    checkpoint = tmp_path / "step00000004"
+    shutil.copytree(base_run / STEP4, checkpoint)
+    assert verify_checkpoint(checkpoint) is None
+    damage(checkpoint)
+    problem = verify_checkpoint(checkpoint)
+    assert problem is not None and named in problem, problem
+
+
+def test_a_broken_newest_checkpoint_falls_back_to_the_previous(
+    run_copy: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+):
+    """A truncated model file in step 4 and an empty folder named step 9: both are set aside
+    with a warning naming them, the run resumes from step 2, and step 2 is untouched."""
+    _truncate(_model_file(run_copy / STEP4))
+    (run_copy / "checkpoints" / "step00000009").mkdir()
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "tot')  # torn by the kill
+    step2 = _hashes(run_copy / STEP2)
+    broken = _hashes(run_copy / STEP4)
+    assert _train(run_copy, "run.max_steps=4") == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert "step00000009/COMPLETE is missing" in caplog.text
+    assert "mp_rank_00_model_states.pt has" in caplog.text
+    assert "metrics.jsonl line 5 is not a JSON record" in caplog.text
+    assert _hashes(run_copy / STEP2) == step2
+    (aside,) = (run_copy / "checkpoints").glob("corrupt-step00000004-*")
+    assert _hashes(aside) == broken
+    assert _steps(run_copy) == [1, 2, 3, 4]
+    assert verify_checkpoint(run_copy / STEP4) is None
+
+
+def test_no_usable_checkpoint_is_refused_and_nothing_changes(
+    run_copy: Path, capsys: pytest.CaptureFixture
+):
+    _truncate(_model_file(run_copy / STEP4))
+    (run_copy / STEP2 / "trainer.json").write_text("[")
+    before = _hashes(run_copy)
+    assert _train(run_copy, "run.max_steps=6") == 2
+    _one_error_line(capsys.readouterr().err, "no usable checkpoint", "step00000002", "trainer.json")
+    assert _hashes(run_copy) == before
+
+
+def test_resume_from_an_older_step_sets_the_newer_ones_aside(run_copy: Path):
+    before = _hashes(run_copy)
+    assert _train(run_copy, "run.max_steps=3", "run.resume_from=2") == 0
+    (aside,) = (run_copy / "checkpoints").glob("superseded-*")
+    assert _hashes(aside / "step00000004") == {
+        k.removeprefix(f"{STEP4}/"): v for k, v in before.items() if k.startswith(STEP4)
+    }
+    assert _hashes(aside)["metrics.jsonl"] == before["metrics.jsonl"]
+    assert _steps(run_copy) == [1, 2, 3]
+    assert _hashes(run_copy / STEP2) == {
+        k.removeprefix(f"{STEP2}/"): v for k, v in before.items() if k.startswith(STEP2)
+    }
+
+
+def test_a_full_disk_during_a_save_says_so_and_removes_the_partial_save(
+    run_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    from e2ed2.engine.train import checkpoint as checkpoint_module
+
+    def full(tensors: object, filename: str, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full)
+    before = _hashes(run_copy / "checkpoints")
+    assert _train(run_copy, "run.max_steps=6") == 1
+    line = _one_error_line(
+        capsys.readouterr().err, "disk is full (ENOSPC)", "rank00000.safetensors"
+    )
+    assert "checkpoint step 6 was not saved" in line
+    assert _hashes(run_copy / "checkpoints") == before  # no .tmp- left, nothing changed
+    assert _steps(run_copy)[:4] == [1, 2, 3, 4]
+
+
+# -------------------------------------------------------------------------- output folders
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["sampler.kind=ddim"], ["sampler.kind: checkpoint 'lcm', config 'ddim'"]),
+        (["objective.kind=diffusion"], ["objective.kind: checkpoint 'e2ed2'"]),
+        (["run.precision=bf16"], ["run.precision"]),
+        (["run.deepspeed_config=zero3"], ["zero_optimization.stage: checkpoint 2, config 3"]),
+        (["run.resume=false"], ["already holds a run", "run.overwrite=true"]),
+    ],
+    ids=["sampler", "objective", "precision", "zero-stage", "resume-false"],
+)
+def test_a_start_that_would_mix_runs_is_refused_before_writing(
+    run_copy: Path, capsys: pytest.CaptureFixture, overrides: list[str], names: list[str]
+):
+    before = _hashes(run_copy)
+    assert _train(run_copy, "run.max_steps=6", *overrides) == 2
+    _one_error_line(capsys.readouterr().err, *names)
+    assert _hashes(run_copy) == before  # config.toml included
+
+
+def test_overwrite_moves_the_old_run_aside(run_copy: Path):
+    before = _hashes(run_copy)
+    assert _train(run_copy, "run.max_steps=1", "run.overwrite=true") == 0
+    (aside,) = run_copy.parent.glob("run.replaced-*")
+    assert _hashes(aside) == before
+    assert _steps(run_copy) == [1]
+    assert [p.name for p in (run_copy / "checkpoints").iterdir()] == ["step00000001"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_without_duplicates(
+    tmp_path: Path, world_of_one: None, caplog: pytest.LogCaptureFixture
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    config = load_config(None, [*TINY, f"run.output_dir={out}", "run.max_steps=2"])
+    (out / "config.toml").write_text(config_to_toml(config))
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert _train(out, "run.max_steps=2") == 0
+    assert _steps(out) == [1, 2]
+    assert "line 3 is not a JSON record" in caplog.text
+
+
+def test_another_runs_folder_without_checkpoints_is_refused(
+    tmp_path: Path, world_of_one: None, capsys: pytest.CaptureFixture
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    other = load_config(None, [*TINY, f"run.output_dir={out}", "model.num_layers=3"])
+    (out / "config.toml").write_text(config_to_toml(other))
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _hashes(out)
+    assert _train(out, "run.max_steps=2") == 2
+    _one_error_line(capsys.readouterr().err, "holds another run", "model.num_layers")
+    assert _hashes(out) == before
+
+
+# --------------------------------------------------------------------------------- signals
+
+
+@pytest.mark.parametrize(
+    ("signum", "overrides", "code", "checkpointed"),
+    [
+        (signal.SIGTERM, [], 143, True),
+        (signal.SIGINT, ["run.signal_checkpoint_min_steps=0"], 130, False),
+    ],
+    ids=["sigterm-checkpoints", "sigint-no-checkpoint"],
+)
+def test_a_signal_finishes_the_step_and_exits_with_its_code(
+    tmp_path: Path,
+    world_of_one: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    signum: int,
+    overrides: list[str],
+    code: int,
+    checkpointed: bool,
+):
+    from e2ed2.engine.train.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def signalled(self, batches):  # the signal arrives in the middle of step 3
+        if self.step + 1 == 3:
+            os.kill(os.getpid(), signum)
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    assert _train(out, "run.max_steps=6", "run.checkpoint_every_steps=1000", *overrides) == code
+    line = _one_error_line(capsys.readouterr().err, signal.Signals(signum).name, "after step 3")
+    assert _steps(out) == [1, 2, 3]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step*"))
+    if checkpointed:
+        assert checkpoints == ["step00000003"] and "step00000003 written" in line
+        assert verify_checkpoint(out / "checkpoints" / "step00000003") is None
+    else:
+        assert checkpoints == [] and "no checkpoint written" in line
+    # The handlers are restored: SIGTERM outside a command is what it was.
+    assert signal.getsignal(signal.SIGTERM) is handler
