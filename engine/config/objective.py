@@ -12,8 +12,10 @@ __all__ = ["LPIPS_MIN_SIZE_PX", "TORCHVISION_MODELS", "ObjectiveConfig", "Object
 
 ObjectiveKind = Literal["e2ed2", "diffusion"]
 LpipsNet = Literal["vgg", "alex", "squeeze"]
+EnergySpace = Literal["latent", "pixels"]
+TeacherSampler = Literal["ddim", "lcm"]
 
-_WEIGHTS = ("l1_weight", "l2_weight", "lpips_weight")
+_WEIGHTS = ("l1_weight", "l2_weight", "lpips_weight", "energy_weight", "teacher_weight")
 #: The smallest image side (pixels) each LPIPS backbone accepts: below it a pooling layer sees an
 #: empty input. Measured with the lpips 0.1.4 networks.
 LPIPS_MIN_SIZE_PX: dict[str, int] = {"vgg": 16, "alex": 31, "squeeze": 17}
@@ -57,6 +59,29 @@ class ObjectiveConfig:
     """
     lpips_checkpoint: bool = True
     """Activation-checkpoint the LPIPS network on the decoded pixels."""
+    energy_weight: float = 0.0
+    """Weight of the energy score over the m = trajectory.samples_per_prompt samples of each
+    prompt (De Bortoli et al. 2025; objectives/energy.py): strictly proper for
+    energy_lambda = 1, so its minimiser is the data distribution, not the mean image. Needs
+    m >= 2.
+    """
+    energy_beta: float = 1.0
+    """Exponent β in (0, 2) of the energy score's distances."""
+    energy_lambda: float = 1.0
+    """Weight λ in [0, 1] of the energy score's spread term (1 = strictly proper)."""
+    energy_space: EnergySpace = "latent"
+    """Where the energy score measures distances: the final latents, or decoded pixels."""
+    teacher_weight: float = 0.0
+    """Weight of the squared L2 distance to a noise-paired teacher target: a frozen copy of the
+    pretrained denoiser's sample from the same start noise with teacher_steps steps
+    (Luhman & Luhman 2021; objectives/teacher.py). Needs trajectory.start = "noise".
+    """
+    teacher_steps: int = 32
+    """Sampler steps of the teacher (more than trajectory.num_steps: a better sample)."""
+    teacher_sampler: TeacherSampler = "ddim"
+    """The teacher's sampler: deterministic DDIM over the student's schedule (trailing spacing,
+    eta 0), or the student's own sampler (then teacher_steps = K reproduces the student).
+    """
 
     def __post_init__(self) -> None:
         check_fields("objective", self)
@@ -70,8 +95,14 @@ class ObjectiveConfig:
             raise ValueError(
                 f"objective: kind='e2ed2' needs at least one positive weight among {list(_WEIGHTS)}"
             )
+        if not 0 < self.energy_beta < 2:
+            raise ValueError(f"objective.energy_beta must be in (0, 2), got {self.energy_beta}")
+        if not 0 <= self.energy_lambda <= 1:
+            raise ValueError(f"objective.energy_lambda must be in [0, 1], got {self.energy_lambda}")
+        if self.teacher_steps < 1:
+            raise ValueError(f"objective.teacher_steps must be >= 1, got {self.teacher_steps}")
         if self.kind == "diffusion":
-            for key in ("l1_weight", "lpips_weight"):
+            for key in ("l1_weight", "lpips_weight", "energy_weight", "teacher_weight"):
                 if getattr(self, key) > 0:
                     raise ValueError(
                         f"objective.{key} applies to kind='e2ed2' only; kind='diffusion' is the "
@@ -97,11 +128,20 @@ class ObjectiveConfig:
 
     @property
     def needs_pixels(self) -> bool:
-        """Whether the objective compares decoded pixels (LPIPS on). The GAN needs them too."""
-        return self.kind == "e2ed2" and self.lpips_weight > 0
+        """Whether the objective compares decoded pixels (LPIPS, or the energy score in pixel
+        space). The GAN needs them too."""
+        return self.kind == "e2ed2" and (
+            self.lpips_weight > 0 or (self.energy_weight > 0 and self.energy_space == "pixels")
+        )
 
     @property
     def weights(self) -> dict[str, float]:
-        """The positive weights of eq. 7's hybrid metric, by term name."""
-        named = {"l1": self.l1_weight, "l2": self.l2_weight, "lpips": self.lpips_weight}
+        """The positive weights of the terms on the final sample, by term name."""
+        named = {
+            "l1": self.l1_weight,
+            "l2": self.l2_weight,
+            "lpips": self.lpips_weight,
+            "energy": self.energy_weight,
+            "teacher": self.teacher_weight,
+        }
         return {name: float(w) for name, w in named.items() if w > 0}

@@ -9,6 +9,7 @@ raw prediction. :func:`denoise` hides the differences between diffusers models (
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Conditioning", "denoise", "per_step_networks", "unwrap"]
+__all__ = [
+    "Conditioning",
+    "denoise",
+    "per_step_networks",
+    "pixart_size_conditions",
+    "unwrap",
+    "uses_size_conditions",
+]
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,9 @@ class Conditioning:
 
     ``encoder_hidden_states``: (B, L, D_text) text-encoder output.
     ``encoder_attention_mask``: (B, L), 1/True = a real token, 0 = padding; None = no padding.
-    ``added_cond_kwargs``: model-specific extras (PixArt-1024's resolution / aspect ratio).
+    ``added_cond_kwargs``: model-specific extras. PixArt-MS (sample_size 128, e.g.
+    PixArt-LCM-XL-2-1024-MS) needs ``resolution`` (B, 2) = image (height, width) in pixels and
+    ``aspect_ratio`` (B, 1) = height / width, both float (see :func:`pixart_size_conditions`).
     """
 
     encoder_hidden_states: torch.Tensor
@@ -44,6 +54,63 @@ class Conditioning:
                 f"encoder_attention_mask must be (B, L) = {tuple(states.shape[:2])}, "
                 f"got {tuple(mask.shape)}"
             )
+        batch = states.shape[0]
+        for name, width in _SIZE_CONDITIONS.items():
+            value = (self.added_cond_kwargs or {}).get(name)
+            if value is not None and tuple(value.shape) != (batch, width):
+                raise ValueError(
+                    f"added_cond_kwargs[{name!r}] must be ({batch}, {width}), "
+                    f"got {tuple(value.shape)}"
+                )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+        """On ``device``; the text states in ``dtype`` (default: theirs). The mask keeps its
+        dtype and the size conditions stay float32: PixArt embeds them through a float32
+        sinusoid, and bf16 would round an aspect ratio of 0.5625 or a size of 1000."""
+        added = None
+        if self.added_cond_kwargs is not None:
+            added = {
+                k: None if v is None else v.to(device, torch.float32)
+                for k, v in self.added_cond_kwargs.items()
+            }
+        mask = self.encoder_attention_mask
+        return Conditioning(
+            self.encoder_hidden_states.to(device, dtype),
+            None if mask is None else mask.to(device),
+            added,
+        )
+
+    def select(self, rows: slice) -> Conditioning:
+        """The conditioning of samples ``rows`` (a slice of the batch)."""
+        mask = self.encoder_attention_mask
+        added = None
+        if self.added_cond_kwargs is not None:
+            added = {k: None if v is None else v[rows] for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(
+            self.encoder_hidden_states[rows], None if mask is None else mask[rows], added
+        )
+
+
+# PixArt-MS's size conditions and their widths per sample.
+_SIZE_CONDITIONS = {"resolution": 2, "aspect_ratio": 1}
+
+
+def pixart_size_conditions(
+    heights: Sequence[float], widths: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """PixArt-MS's ``added_cond_kwargs`` for images of ``heights[i]`` x ``widths[i]`` pixels:
+    ``resolution`` (B, 2) = (height, width) and ``aspect_ratio`` (B, 1) = height / width, float32,
+    as ``PixArtAlphaPipeline`` builds them."""
+    if len(heights) != len(widths):
+        raise ValueError(f"{len(heights)} heights but {len(widths)} widths")
+    resolution = torch.tensor([[float(h), float(w)] for h, w in zip(heights, widths, strict=True)])
+    aspect_ratio = resolution[:, :1] / resolution[:, 1:]
+    return {"resolution": resolution.reshape(-1, 2), "aspect_ratio": aspect_ratio.reshape(-1, 1)}
+
+
+def uses_size_conditions(model: nn.Module) -> bool:
+    """Whether ``model`` (a PixArt-MS) embeds resolution / aspect ratio (``added_cond_kwargs``)."""
+    return bool(getattr(unwrap(model), "use_additional_conditions", False))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -93,11 +160,21 @@ def denoise(
             )
         kwargs["encoder_attention_mask"] = cond.encoder_attention_mask
     if "added_cond_kwargs" in accepted:
-        kwargs["added_cond_kwargs"] = (
-            dict(cond.added_cond_kwargs)
-            if cond.added_cond_kwargs is not None
-            else {"resolution": None, "aspect_ratio": None}
-        )
+        added = dict(cond.added_cond_kwargs or {})
+        if uses_size_conditions(model):
+            missing = [k for k in _SIZE_CONDITIONS if added.get(k) is None]
+            if missing:
+                # Without this check diffusers fails deep inside the timestep embedding with
+                # "'NoneType' object has no attribute 'flatten'".
+                raise ValueError(
+                    f"{type(unwrap(model)).__name__} uses additional conditions (PixArt-MS, "
+                    f"use_additional_conditions=True) but the conditioning has no {missing}: "
+                    "pass Conditioning(..., added_cond_kwargs=pixart_size_conditions(heights, "
+                    "widths)); latent shards carry them per sample"
+                )
+        for key in _SIZE_CONDITIONS:
+            added.setdefault(key, None)
+        kwargs["added_cond_kwargs"] = added
     if "return_dict" in accepted:
         kwargs["return_dict"] = False
     out = model(sample, **kwargs)
@@ -131,3 +208,21 @@ def step_network(networks: nn.Module | Sequence[nn.Module], index: int) -> nn.Mo
     if isinstance(networks, nn.ModuleList | list | tuple):
         return networks[index]
     return networks
+
+
+def repeat_conditioning(cond: Conditioning, repeats: int) -> Conditioning:
+    """Each prompt's conditioning ``repeats`` times in a row (rows i·m .. i·m+m-1 = prompt i):
+    the conditioning of m trajectories per prompt."""
+    if repeats == 1:
+        return cond
+
+    def rep(value: torch.Tensor | None) -> torch.Tensor | None:
+        return None if value is None else value.repeat_interleave(repeats, dim=0)
+
+    extras = cond.added_cond_kwargs
+    return dataclasses.replace(
+        cond,
+        encoder_hidden_states=rep(cond.encoder_hidden_states),
+        encoder_attention_mask=rep(cond.encoder_attention_mask),
+        added_cond_kwargs=None if extras is None else {k: rep(v) for k, v in extras.items()},
+    )

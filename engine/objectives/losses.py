@@ -8,7 +8,7 @@ loss sits on its final sample only (eq. 7)::
 L1 and L2 compare latents; LPIPS compares VAE-decoded pixels (``D`` = the frozen decoder). The
 sample's decode stays in the graph (activation-checkpointed by default: only the latent is kept,
 the decoder is re-run in backward); the target's decode runs without a graph. The GAN term of eq. 8
-lives in :mod:`e2ed2.engine.gan` and uses the same decoded pixels, so decode once::
+lives in :mod:`e2ed2.engine.objectives.gan` and uses the same decoded pixels, so decode once::
 
     fake_px = loss_fn.decode_sample(z_hat)      # in the graph (checkpointed)
     real_px = loss_fn.decode_target(z0)         # no graph; also the discriminator's positives
@@ -17,6 +17,15 @@ lives in :mod:`e2ed2.engine.gan` and uses the same decoded pixels, so decode onc
 ``kind='diffusion'`` (eqs. 3/6): one random timestep per sample, the noised latent, and the MSE
 between the network's prediction and its epsilon / v / x0 target — :func:`diffusion_loss`, so the
 same engine pretrains baselines.
+
+With the start noise independent of the target, L1 / L2 / LPIPS to the data are minimised by the
+per-prompt mean (median) image. Two well-posed terms fix that, mixable with the others by weight:
+``energy`` (a strictly proper scoring rule over m samples per prompt, :mod:`.energy`) and
+``teacher`` (a target paired with the start noise: a frozen teacher's many-step sample from the
+same noise, :mod:`.teacher`). The seam is :meth:`E2ED2Loss.forward`: the final samples of the
+unroll (m per prompt), the data target, and what the frozen helpers produced (decoded pixels,
+the teacher's sample); it returns named terms and their weighted ``total``. A new term is a
+module here plus its fields in ``config/objective.py``.
 
 Default weights are L2 only (``l2_weight=1``, ``lpips_weight=0``): right for the embedded
 pixel-space default, which has no LPIPS backbone on disk. The paper's best mix is L2 + LPIPS
@@ -39,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config.objective import LPIPS_MIN_SIZE_PX, TORCHVISION_MODELS, ObjectiveConfig
 from ..config.sampler import SamplerConfig
 from ..core.network import Conditioning, denoise
+from .energy import energy_score
 
 __all__ = [
     "LPIPS_MIN_SIZE_PX",
@@ -235,17 +245,29 @@ class E2ED2Loss(nn.Module):
         *,
         sample_pixels: torch.Tensor | None = None,
         target_pixels: torch.Tensor | None = None,
+        samples_per_prompt: int = 1,
+        teacher_sample: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Eq. 7: ``{"l1", "l2", "lpips"}`` (the enabled ones) and their weighted sum ``"total"``.
+        """The enabled terms (``l1``, ``l2``, ``lpips``, ``energy``, ``teacher``) and their
+        weighted sum ``"total"``, each the unweighted batch mean (float32).
 
-        ``sample``: the final latent ẑ0 (B, C, h, w) with its graph; ``target``: z0. Each term is
-        the unweighted batch mean (float32); ``total = sum(weight * term)``. L1/L2 compare the
-        latents. LPIPS compares pixels: pass ``sample_pixels`` / ``target_pixels`` when already
-        decoded (e.g. shared with the GAN term), else they are decoded here.
+        ``sample``: the final latents ẑ0 (B·m, C, h, w) with their graph, grouped by prompt (rows
+        ``i·m .. i·m+m-1`` share prompt i, m = ``samples_per_prompt``); ``target``: the data z0 of
+        each row (B·m, ...; prompt i's latent repeated m times). L1/L2 (eq. 7) compare latents;
+        LPIPS compares pixels (pass ``sample_pixels`` / ``target_pixels`` when already decoded,
+        e.g. shared with the GAN term, else they are decoded here). ``energy`` scores each
+        prompt's m samples against its target (objectives/energy.py); ``teacher`` is the squared
+        L2 to ``teacher_sample``, the frozen teacher's sample from the same start noise
+        (objectives/teacher.py).
         """
         if sample.shape != target.shape:
             raise ValueError(
                 f"sample {tuple(sample.shape)} and target {tuple(target.shape)} differ in shape"
+            )
+        if sample.shape[0] % samples_per_prompt:
+            raise ValueError(
+                f"a batch of {sample.shape[0]} samples is not a multiple of "
+                f"samples_per_prompt={samples_per_prompt}"
             )
         terms: dict[str, torch.Tensor] = {}
         weights = self.config.weights
@@ -253,12 +275,28 @@ class E2ED2Loss(nn.Module):
             terms["l1"] = F.l1_loss(sample.float(), target.float())
         if "l2" in weights:
             terms["l2"] = F.mse_loss(sample.float(), target.float())
-        if "lpips" in weights:
+        if self.needs_pixels:
             if sample_pixels is None:
                 sample_pixels = self.decode_sample(sample)
             if target_pixels is None:
                 target_pixels = self.decode_target(target)
+        if "lpips" in weights:
             terms["lpips"] = self.lpips_distance(sample_pixels, target_pixels)
+        if "energy" in weights:
+            pixels = self.config.energy_space == "pixels"
+            samples, targets = (sample_pixels, target_pixels) if pixels else (sample, target)
+            m = samples_per_prompt
+            grouped = samples.reshape(-1, m, *samples.shape[1:])
+            terms["energy"] = energy_score(
+                grouped,
+                targets[::m],
+                beta=self.config.energy_beta,
+                lam=self.config.energy_lambda,
+            )
+        if "teacher" in weights:
+            if teacher_sample is None:
+                raise ValueError("objective.teacher_weight > 0 but no teacher sample was given")
+            terms["teacher"] = F.mse_loss(sample.float(), teacher_sample.float())
         terms["total"] = sum(weights[name] * terms[name] for name in weights)
         return terms
 

@@ -39,13 +39,14 @@ from torch import nn
 
 from ..config import ConfigError, TrainConfig, config_to_toml
 from ..core.models import build_autoencoder, build_denoiser
-from ..core.network import Conditioning, per_step_networks
+from ..core.network import Conditioning, per_step_networks, repeat_conditioning
 from ..core.sampler import build_schedule
 from ..core.sampling import generate_pixels, save_grid
 from ..core.trajectory import Trajectory, TrajectoryPlan
-from ..data import build_dataloader, derive_seed, sample_conditioning
+from ..data import batch_conditioning, build_dataloader, derive_seed, sample_conditioning
 from ..objectives.gan import discriminator_loss, generator_adversarial_loss
 from ..objectives.losses import E2ED2Loss, diffusion_loss
+from ..objectives.teacher import NoisePairedTeacher
 from .checkpoint import CheckpointStore, use_weights_only_loading
 from .distributed import build_discriminator_engine, init_distributed
 from .ema import ShardedEMA
@@ -120,12 +121,27 @@ class Trainer:
         channels, latent_size, _ = dataset.latent_shape
         _, text_dim = dataset.text_shape
 
-        # Frozen modules are built plainly (never under zero.Init) and never wrapped.
-        self.autoencoder = build_autoencoder(config.model).to(self.device)
+        # Frozen modules are built plainly (never under zero.Init) and never wrapped. The VAE
+        # runs in the compute dtype: the bf16/fp16 sample is decoded (LPIPS, GAN, sample grids)
+        # at half the activation memory of fp32 (FrozenVAE.decode casts whatever it is given).
+        self.compute_dtype = {
+            "fp32": torch.float32,
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,
+        }[run.precision]
+        self.autoencoder = build_autoencoder(config.model).to(self.device, self.compute_dtype)
         denoiser = build_denoiser(
             config.model, latent_channels=channels, latent_size=latent_size, text_dim=text_dim
         )
         num_steps = config.trajectory.num_steps
+        self.schedule = build_schedule(config.sampler, num_steps)
+        # The teacher copies the pretrained weights before DeepSpeed wraps (or, under ZeRO-3,
+        # partitions) the denoiser; it stays a plain frozen module on every rank.
+        self.teacher = None
+        self.teacher_seconds = 0.0
+        if config.objective.kind == "e2ed2" and config.objective.teacher_weight > 0:
+            self.teacher = NoisePairedTeacher(denoiser, config.objective, self.schedule)
+            self.teacher.to(self.device, self.compute_dtype)
         module: nn.Module = (
             denoiser if config.model.share_across_steps else per_step_networks(denoiser, num_steps)
         )
@@ -139,18 +155,12 @@ class Trainer:
         # norm is NaN/Inf (counted in engine.skipped_steps); plain fp32 without ZeRO does not,
         # so the trainer checks the gradients itself there (see train_step).
         self.guard = StepGuard(self.engine, self.device)
-        self.compute_dtype = {
-            "fp32": torch.float32,
-            "bf16": torch.bfloat16,
-            "fp16": torch.float16,
-        }[run.precision]
         self.ema = (
             ShardedEMA(list(self.engine.module.parameters()), config.ema.decay)
             if config.ema.enabled
             else None
         )
 
-        self.schedule = build_schedule(config.sampler, num_steps)
         self.trajectory = Trajectory(config.trajectory, self.schedule)
         decode = None if config.model.vae_path is None else self.autoencoder.decode
         self.loss_fn = (
@@ -216,10 +226,8 @@ class Trainer:
     # -- one iteration -------------------------------------------------------------------------
     def _batch_to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Conditioning]:
         latents = batch["latents"].to(self.device, self.compute_dtype, non_blocking=True)
-        cond = Conditioning(
-            batch["encoder_hidden_states"].to(self.device, self.compute_dtype, non_blocking=True),
-            batch["encoder_attention_mask"].to(self.device, non_blocking=True),
-        )
+        # Text in the compute dtype; PixArt-MS's size conditions (shards) ride along in float32.
+        cond = batch_conditioning(batch).to(self.device, self.compute_dtype)
         return latents, cond
 
     def _plan(self) -> TrajectoryPlan:
@@ -231,15 +239,22 @@ class Trainer:
         self, plan: TrajectoryPlan, latents: torch.Tensor, micro_step: int
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Start sample and per-step noise, each sample seeded by its global batch position."""
+        generators = self._generators("noise", latents, micro_step)
+        return self.trajectory.draw_noise_per_sample(plan, latents, generators)
+
+    def _generators(
+        self, purpose: str, latents: torch.Tensor, micro_step: int
+    ) -> list[torch.Generator]:
+        """One generator per row, seeded by the row's position in the global batch: 1 rank with
+        batch 2B and 2 ranks with batch B draw identical noise."""
         batch = latents.shape[0]
         first = (micro_step * self.world_size + self.rank) * batch
-        generators = [
+        return [
             torch.Generator(device=self.device).manual_seed(
-                derive_seed(self.config.run.seed, "noise", self.step, first + j)
+                derive_seed(self.config.run.seed, purpose, self.step, first + j)
             )
             for j in range(batch)
         ]
-        return self.trajectory.draw_noise_per_sample(plan, latents, generators)
 
     def _networks(self) -> nn.Module:
         # Shared: call through the engine (ZeRO-3 gathers via its hooks either way); per-step:
@@ -257,15 +272,34 @@ class Trainer:
             loss = diffusion_loss(self._networks(), latents, cond, config.sampler, generator=g)
             return loss, {"diffusion": loss.item()}, None, None
 
+        # m trajectories per prompt: one batch of B·m rows, prompt i in rows i·m .. i·m+m-1,
+        # each row with its own seeded start and step noise.
+        m = config.trajectory.samples_per_prompt
+        latents = latents.repeat_interleave(m, dim=0)
+        cond = repeat_conditioning(cond, m)
         plan = self._plan()
         start, noises = self._start_and_noise(plan, latents, micro_step)
         sample = self.trajectory.run(self._networks(), cond, start, noises, plan)
+        teacher_sample = None
+        if self.teacher is not None:
+            started = time.perf_counter()
+            teacher_sample = self.teacher.sample(
+                cond, start, noises, self._generators("teacher-noise", latents, micro_step)
+            )
+            self.teacher_seconds += time.perf_counter() - started
         fake_pixels = real_pixels = None
         needs_pixels = config.gan.enabled or self.loss_fn.needs_pixels
         if needs_pixels:
             fake_pixels = self.loss_fn.decode_sample(sample)
             real_pixels = self.loss_fn.decode_target(latents)
-        terms = self.loss_fn(sample, latents, sample_pixels=fake_pixels, target_pixels=real_pixels)
+        terms = self.loss_fn(
+            sample,
+            latents,
+            sample_pixels=fake_pixels,
+            target_pixels=real_pixels,
+            samples_per_prompt=m,
+            teacher_sample=teacher_sample,
+        )
         total = terms["total"]
         logged = {name: value.item() for name, value in terms.items()}
         if config.gan.enabled:
