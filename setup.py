@@ -33,6 +33,10 @@ setup(
         "deepspeed>=0.15",
         "diffusers>=0.30",
         "transformers>=4.40",
+        # PixArt's T5 tokenizer folders hold a bare sentencepiece model (spiece.model, no
+        # tokenizer.json): transformers converts it with sentencepiece + protobuf.
+        "sentencepiece",
+        "protobuf",
         "lpips>=0.1.4",
         "triton; platform_system == 'Linux'",
         "tensorboard",

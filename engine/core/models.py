@@ -92,16 +92,30 @@ def pixart_transformer(
 
 
 def build_denoiser(
-    config: ModelConfig, *, latent_channels: int, latent_size: int, text_dim: int
+    config: ModelConfig,
+    *,
+    latent_channels: int,
+    latent_size: int,
+    text_dim: int,
+    load_weights: bool = True,
 ) -> PixArtTransformer2DModel:
-    """The trainable denoiser, checked against the data's latent and text shapes."""
+    """The trainable denoiser, checked against the data's latent and text shapes.
+
+    ``load_weights=False``: a pretrained model is built from its ``config.json`` alone (random
+    weights), for ``--dry-run``'s forward under ``FakeTensorMode``, where nothing is allocated.
+    """
     from diffusers import PixArtTransformer2DModel
 
     if config.pretrained_path is not None:
         folder = resolve_model_folder(
             config.pretrained_path, "transformer", "model.pretrained_path"
         )
-        model = PixArtTransformer2DModel.from_pretrained(folder, use_safetensors=True)
+        if load_weights:
+            model = PixArtTransformer2DModel.from_pretrained(folder, use_safetensors=True)
+        else:
+            model = PixArtTransformer2DModel.from_config(
+                PixArtTransformer2DModel.load_config(folder)
+            )
         got = (model.config.in_channels, model.config.caption_channels)
         if got != (latent_channels, text_dim):
             raise ValueError(
@@ -156,18 +170,30 @@ class FrozenVAE(nn.Module):
         self.scaling_factor = float(vae.config.scaling_factor)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) -> pixels (B, 3, 8h, 8w) in about [-1, 1], with graph."""
-        return self.vae.decode(latents / self.scaling_factor).sample
+        """Scaled latents (B, C, h, w) -> pixels (B, 3, 8h, 8w) in about [-1, 1], with graph.
+
+        The latents are cast to the VAE's dtype (differentiably): a bf16/fp16 sample meeting an
+        fp32 VAE (or the reverse) would otherwise fail in the first conv with "Input type
+        (c10::BFloat16) and bias type (float) should be the same". The pixels come back in the
+        VAE's dtype; the trainer keeps the VAE in the run's compute dtype.
+        """
+        return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
 
     def train(self, mode: bool = True) -> FrozenVAE:
         # Frozen: stays in eval mode whatever the trainer asks.
         return super().train(False)
 
 
-def build_autoencoder(config: ModelConfig) -> IdentityAutoencoder | FrozenVAE:
+def build_autoencoder(
+    config: ModelConfig, *, load_weights: bool = True
+) -> IdentityAutoencoder | FrozenVAE:
+    """The frozen decoder: the VAE of ``model.vae_path`` (``load_weights=False``: built from its
+    config.json, as :func:`build_denoiser`), or the identity in pixel space."""
     if config.vae_path is None:
         return IdentityAutoencoder()
     folder = resolve_model_folder(config.vae_path, "vae", "model.vae_path")
     from diffusers import AutoencoderKL
 
+    if not load_weights:
+        return FrozenVAE(AutoencoderKL.from_config(AutoencoderKL.load_config(folder)))
     return FrozenVAE(AutoencoderKL.from_pretrained(folder, use_safetensors=True))

@@ -40,10 +40,8 @@ def generate_pixels(
     start, noises = trajectory.draw_noise(
         plan, (batch, *latent_shape), generator=g, device=device, dtype=dtype
     )
-    cond = Conditioning(
-        cond.encoder_hidden_states.to(device, dtype),
-        None if cond.encoder_attention_mask is None else cond.encoder_attention_mask.to(device),
-    )
+    # Keeps PixArt-MS's size conditions (added_cond_kwargs) with the text.
+    cond = cond.to(device, dtype)
     sample = trajectory.run(networks, cond, start, noises, plan)
     return decode(sample).float().clamp(-1, 1)
 

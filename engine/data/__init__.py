@@ -8,6 +8,9 @@ Every dataset item is a dict that torch's default collate stacks::
     "index"                  int                 position of the sample in the dataset (global,
                                                  the same on every rank)
     "label"                  int                 digits only: the digit 0..9
+    "resolution"             (2,) float32        shards only: the source image's (height, width)
+    "aspect_ratio"           (1,) float32        shards only: the stored crop's height / width
+                                                 (both PixArt-MS's added_cond_kwargs)
 
 Modules: ``digits`` (the embedded default), ``shards`` (the latent-shard format, read and
 written), ``text`` (caption encoding), ``batching`` (the resumable distributed sampler and
@@ -18,7 +21,7 @@ shards), ``prompts`` (prompts for sample grids).
 
 from .batching import ResumableBatchSampler, ResumableDataLoader, build_dataloader, build_dataset
 from .digits import DIGIT_WORDS, DigitsDataset, digit_prompt
-from .prompts import sample_conditioning
+from .prompts import batch_conditioning, sample_conditioning
 from .seeding import SampleKey, derive_seed
 from .shards import INDEX_FORMAT, INDEX_VERSION, LatentShardDataset, read_index
 from .text import digits_text_encoder, encode_text
@@ -32,6 +35,7 @@ __all__ = [
     "ResumableBatchSampler",
     "ResumableDataLoader",
     "SampleKey",
+    "batch_conditioning",
     "build_dataloader",
     "build_dataset",
     "derive_seed",

@@ -11,7 +11,10 @@ Inputs: images (``.png .jpg .jpeg .webp``, found recursively, processed in sorte
 ``image_dir``; captions from ``image_dir/captions.jsonl`` (one ``{"file": <path relative to
 image_dir>, "caption": ...}`` per line; wins when both exist) or a sidecar text file next to the
 image (``cat.txt`` or ``cat.png.txt``). Images are resized (bicubic, shorter side to
-``resolution``), center-cropped to ``resolution`` x ``resolution`` and scaled to [-1, 1].
+``resolution``), center-cropped to ``resolution`` x ``resolution`` and scaled to [-1, 1]; each
+sample also records the source image's ``original_size`` and the stored ``crop_size`` (height,
+width), which PixArt-MS (1024-MS) embeds as its resolution / aspect-ratio conditions. Tokenizers
+load through :func:`~e2ed2.engine.data.text.load_tokenizer` (bare ``spiece.model`` folders too).
 
 Bad inputs (unreadable or truncated images, missing or empty captions, broken jsonl lines,
 encodings with NaN/Inf) are logged with their path, listed under ``skipped`` in ``index.json``
@@ -35,9 +38,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_atomic
-from .text import encode_text
+from .text import encode_text, load_tokenizer
 
-__all__ = ["IMAGE_EXTENSIONS", "STORAGE_DTYPES", "load_image", "precompute"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "STORAGE_DTYPES",
+    "load_image",
+    "load_image_and_size",
+    "precompute",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +67,12 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     shorter side is resized to ``resolution`` (bicubic; PIL antialiases when shrinking), then
     the center is cropped.
     """
+    return load_image_and_size(path, resolution)[0]
+
+
+def load_image_and_size(path: str | os.PathLike, resolution: int) -> tuple[torch.Tensor, tuple]:
+    """:func:`load_image` and the file's original ``(height, width)`` in pixels (PixArt-MS's
+    ``resolution`` condition is the source image's size, not the crop's)."""
     from PIL import Image
 
     with Image.open(path) as opened:
@@ -77,7 +92,7 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
-    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0, (height, width)
 
 
 def precompute(
@@ -161,13 +176,13 @@ def precompute(
         )
 
     writer = ShardWriter(out, shard_size, dtype)
-    pending: list[tuple[str, str, torch.Tensor]] = []  # (file, caption, pixels)
+    pending: list[tuple[str, str, torch.Tensor, tuple[int, int]]] = []  # + original (h, w)
 
     def flush() -> None:
         if not pending:
             return
-        pixels = torch.stack([p for _, _, p in pending]).to(device, compute_dtype)
-        captions = [c for _, c, _ in pending]
+        pixels = torch.stack([p for _, _, p, _ in pending]).to(device, compute_dtype)
+        captions = [c for _, c, _, _ in pending]
         with torch.no_grad():
             posterior = vae.encode(pixels).latent_dist
             states, mask = encode_text(
@@ -178,13 +193,15 @@ def precompute(
             "latent_std": posterior.std,
             "encoder_hidden_states": states,
             "encoder_attention_mask": mask.bool(),
+            "original_size": torch.tensor([size for *_, size in pending], dtype=torch.int32),
+            "crop_size": torch.tensor([list(pixels.shape[-2:])] * len(pending), dtype=torch.int32),
         }
         # Checked as stored: a value finite in compute_dtype can overflow the storage dtype.
         finite = torch.ones(len(pending), dtype=torch.bool)
         for name in ("latent_mean", "latent_std", "encoder_hidden_states"):
             stored = encoded[name].detach().to("cpu", dtype)
             finite &= torch.isfinite(stored.flatten(1)).all(dim=1)
-        for ok, (name, _, _) in zip(finite.tolist(), pending, strict=True):
+        for ok, (name, *_) in zip(finite.tolist(), pending, strict=True):
             if not ok:
                 skip(name, f"non-finite latent or text embedding (NaN/Inf) when stored as {dtype}")
         keep = finite.nonzero().flatten()
@@ -204,11 +221,11 @@ def precompute(
             skip(name, f"no caption (not in {CAPTIONS_FILE}, no sidecar .txt, or empty)")
             continue
         try:
-            pixels = load_image(image_root / name, resolution)
+            pixels, size = load_image_and_size(image_root / name, resolution)
         except Exception as error:  # PIL raises many types for malformed files
             skip(name, f"unreadable image ({type(error).__name__}: {error})")
             continue
-        pending.append((name, caption.strip(), pixels))
+        pending.append((name, caption.strip(), pixels, size))
         if len(pending) == batch_size:
             flush()
     flush()
@@ -326,7 +343,7 @@ def _load_models(
 ) -> tuple[Any, Any, Any]:
     import transformers
     from diffusers import AutoencoderKL
-    from transformers import AutoTokenizer, T5EncoderModel
+    from transformers import T5EncoderModel
 
     # safetensors only: a pickled .bin can run code when loaded.
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=compute_dtype, use_safetensors=True)
@@ -335,7 +352,7 @@ def _load_models(
     encoder = T5EncoderModel.from_pretrained(
         encoder_dir, use_safetensors=True, **{dtype_key: compute_dtype}
     )
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     vae.to(device).eval().requires_grad_(False)
     encoder.to(device).eval().requires_grad_(False)
     return vae, encoder, tokenizer

@@ -1,16 +1,40 @@
 """Prompts for sample grids, taken from the run's data so that sampling needs no text encoder:
 for the embedded digits, :func:`~e2ed2.engine.data.digits.digit_prompt` for each digit in turn
 (encoded by the dataset's own frozen text encoder); for latent shards, the stored text
-embeddings of the first samples."""
+embeddings of the first samples, with their PixArt-MS size conditions."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ..core.network import Conditioning
 from .digits import DigitsDataset, digit_prompt
 
-__all__ = ["sample_conditioning"]
+__all__ = ["batch_conditioning", "sample_conditioning", "stack_items"]
+
+#: Per-sample keys of a batch that become ``Conditioning.added_cond_kwargs`` (PixArt-MS).
+SIZE_CONDITION_KEYS = ("resolution", "aspect_ratio")
+
+
+def batch_conditioning(batch: Mapping[str, Any]) -> Conditioning:
+    """The conditioning of a collated batch: text states, mask and, where the data carries them
+    (latent shards), the size conditions PixArt-MS embeds (``resolution``, ``aspect_ratio``)."""
+    added = {k: batch[k] for k in SIZE_CONDITION_KEYS if k in batch}
+    return Conditioning(
+        batch["encoder_hidden_states"], batch["encoder_attention_mask"], added or None
+    )
+
+
+def stack_items(items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """Dataset items -> a batch of their tensors (as the DataLoader's collate would)."""
+    return {
+        key: torch.stack([item[key] for item in items])
+        for key, value in items[0].items()
+        if isinstance(value, torch.Tensor)
+    }
 
 
 def sample_conditioning(dataset, count: int) -> tuple[Conditioning, list[str]]:
@@ -18,9 +42,7 @@ def sample_conditioning(dataset, count: int) -> tuple[Conditioning, list[str]]:
     if isinstance(dataset, DigitsDataset):
         captions = [digit_prompt(i % 10) for i in range(count)]
         states, mask = dataset.encode(captions)
-    else:
-        items = [dataset[i] for i in range(min(count, len(dataset)))]
-        states = torch.stack([it["encoder_hidden_states"] for it in items])
-        mask = torch.stack([it["encoder_attention_mask"] for it in items])
-        captions = [dataset.captions[i] for i in range(len(items))]
-    return Conditioning(states, mask), captions
+        return Conditioning(states, mask), captions
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    captions = [dataset.captions[int(it["index"])] for it in items]
+    return batch_conditioning(stack_items(items)), captions

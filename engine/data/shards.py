@@ -1,5 +1,9 @@
 """The latent-shard format, written by ``e2ed2 precompute`` and read for training: one module
-for both sides, so the writer and the reader cannot drift apart."""
+for both sides, so the writer and the reader cannot drift apart.
+
+Size: over 400 lines because that one format has both sides here (reader with its per-shard
+checks and bad-sample replacement, writer), plus the optional size conditions of PixArt-MS.
+"""
 
 from __future__ import annotations
 
@@ -52,6 +56,9 @@ class LatentShardDataset(Dataset):
                                     or latents (n, C, h, w)                 ("sample")
                                     encoder_hidden_states (n, L, D)
                                     encoder_attention_mask (n, L) bool / uint8 / int
+                                    original_size, crop_size (n, 2) int32, optional:
+                                      (height, width) of the source image and of the stored
+                                      crop, in pixels (PixArt-MS's size conditions)
                                     metadata: "captions" (JSON list of n strings),
                                               "files" (JSON list of n source paths, optional)
 
@@ -225,8 +232,29 @@ class LatentShardDataset(Dataset):
             "latents": latents,
             "encoder_hidden_states": read("encoder_hidden_states").float(),
             "encoder_attention_mask": read("encoder_attention_mask").long(),
+            **self._size_conditions(handle, read, latents.shape),
             "index": index,
         }
+
+    def _size_conditions(self, handle: Any, read: Any, latent_shape: Any) -> dict[str, Any]:
+        """PixArt-MS's conditions of one sample (float32): ``resolution`` (2,) = the original
+        image's (height, width) in pixels, ``aspect_ratio`` (1,) = the stored crop's height /
+        width, as PixArt's multi-scale training feeds them. Shards written before precompute
+        recorded sizes fall back to the stored image size (index ``resolution``, else the
+        latent size times the VAE's downsampling of 8)."""
+        names = handle.keys()
+        if "original_size" in names and "crop_size" in names:
+            original = read("original_size").float()
+            crop = read("crop_size").float()
+        else:
+            side = self.index.get("resolution")
+            crop = (
+                torch.tensor([float(side), float(side)])
+                if side
+                else torch.tensor([8.0 * latent_shape[-2], 8.0 * latent_shape[-1]])
+            )
+            original = crop
+        return {"resolution": original, "aspect_ratio": crop[:1] / crop[1:]}
 
 
 class _BadShard(Exception):
@@ -269,6 +297,12 @@ def _check_shard(
                 allowed = frozenset({wanted}) if wanted else _FLOAT_DTYPES
             if dtype not in allowed:
                 raise ValueError(f"{name} has dtype {dtype}, expected one of {sorted(allowed)}")
+        # Optional (written since precompute records image sizes): (n, 2) integer sizes.
+        for name in ("original_size", "crop_size"):
+            if name in handle.keys():  # noqa: SIM118 (safe_open is no mapping)
+                shape = tuple(handle.get_slice(name).get_shape())
+                if shape != (count, 2):
+                    raise ValueError(f"{name} has shape {shape}, expected {(count, 2)}")
         metadata = handle.metadata() or {}
     captions = json.loads(metadata.get("captions", "null")) or [""] * count
     files = json.loads(metadata.get("files", "null")) or [None] * count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from ..config.data import DIGITS_TEXT_HEADS
 from .seeding import derive_seed
 
-__all__ = ["digits_text_encoder", "encode_text"]
+__all__ = ["digits_text_encoder", "encode_text", "load_tokenizer"]
 
 # The digits text encoder: a T5 encoder (gated-GELU, as T5 v1.1 / ByT5) small enough to build in
 # milliseconds. d_kv = text_dim // heads.
@@ -75,3 +76,40 @@ def encode_text(
     mask = tokens["attention_mask"].to(device)
     states = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
     return states, mask.long()
+
+
+def load_tokenizer(folder: str) -> Any:
+    """The tokenizer of ``folder``: its ``tokenizer_config.json`` class (AutoTokenizer), or a
+    T5Tokenizer for a bare ``spiece.model`` (PixArt's T5 tokenizer folders ship no
+    ``tokenizer.json``; transformers converts the sentencepiece model, which needs the
+    ``sentencepiece`` and ``protobuf`` packages). A missing package is named here: transformers
+    itself then reports that "`tiktoken` is required", which points at the wrong package.
+    """
+    from transformers import AutoTokenizer, T5Tokenizer
+
+    spiece = os.path.join(folder, "spiece.model")
+    converts = os.path.isfile(spiece) and not os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    if converts:
+        missing = [m for m in ("sentencepiece", "google.protobuf") if not _importable(m)]
+        if missing:
+            names = " and ".join("protobuf" if m == "google.protobuf" else m for m in missing)
+            raise ValueError(
+                f"tokenizer {folder!r} is a sentencepiece model (spiece.model, no tokenizer.json):"
+                f" loading it needs the {names} package{'s' if len(missing) > 1 else ''} "
+                f"(pip install {names.replace(' and ', ' ')}; both are e2ed2 dependencies)"
+            )
+    try:
+        if converts and not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            return T5Tokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, ImportError) as error:
+        raise ValueError(f"cannot load the tokenizer in {folder!r}: {error}") from error
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the parent package (google) is missing
+        return False

@@ -190,16 +190,15 @@ def real_data_metrics(
 def _shard_batches(dataset: Any, count: int, batch_size: int):
     """(conditioning, latents, captions) of the first ``count`` samples, ``batch_size`` at a
     time (a bad sample is replaced by the dataset's next good one, caption included)."""
-    from ..core.network import Conditioning
+    from ..data.prompts import batch_conditioning, stack_items
 
     for start in range(0, count, batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        cond = Conditioning(
-            torch.stack([it["encoder_hidden_states"] for it in items]),
-            torch.stack([it["encoder_attention_mask"] for it in items]),
-        )
+        batch = stack_items(items)
+        # With the samples' PixArt-MS size conditions, which a 1024-MS model cannot run without.
+        cond = batch_conditioning(batch)
         captions = [dataset.captions[int(it["index"])] for it in items]
-        yield cond, torch.stack([it["latents"] for it in items]), captions
+        yield cond, batch["latents"], captions
 
 
 def evaluate_shard_export(

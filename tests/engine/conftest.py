@@ -54,3 +54,89 @@ def zero3_partition_everything(tmp_path: Path) -> str:
     path = tmp_path / "zero3_partition_everything.json"
     path.write_text(json.dumps(config))
     return str(path)
+
+
+# -- real-structure model folders (tests/engine/real_models.py) ---------------------------------
+def _real_models():
+    # tests/ is no package (pytest --import-mode=importlib): load the helper module by path.
+    import importlib.util
+    import sys
+
+    name = "e2ed2_tests_real_models"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("real_models.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    """The builders of tests/engine/real_models.py (tiny models with real checkpoints' structure)."""
+    return _real_models()
+
+
+@pytest.fixture(scope="session")
+def pixart_1024_ms_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PixArt-LCM-XL-2-1024-MS-structured pipeline folder (sample_size 128: size conditions)."""
+    return _real_models().save_pixart_pipeline(tmp_path_factory.mktemp("PixArt-LCM-1024-MS"), 128)
+
+
+@pytest.fixture(scope="session")
+def pixart_512_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 512 px PixArt-α-structured pipeline folder (sample_size 64: no size conditions)."""
+    return _real_models().save_pixart_pipeline(tmp_path_factory.mktemp("PixArt-LCM-512"), 64)
+
+
+@pytest.fixture(scope="session")
+def mixed_image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six captioned images of mixed sizes and aspect ratios."""
+    return _real_models().save_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def _precompute(folder: Path, images: Path, out: Path) -> Path:
+    from e2ed2.engine.data.precompute import precompute
+
+    # 64 px: the presets' 512/1024 would only cost time; the tiny VAE downsamples 8x to 8x8.
+    precompute(
+        images,
+        out,
+        vae_path=folder,
+        text_encoder_path=folder,
+        resolution=64,
+        caption_max_tokens=16,
+        batch_size=4,
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards_1024(pixart_1024_ms_folder, mixed_image_folder, tmp_path_factory) -> Path:
+    """``mixed_image_folder`` precomputed with the 1024-MS folder's VAE and T5 (64 px)."""
+    out = tmp_path_factory.mktemp("shards-1024")
+    return _precompute(pixart_1024_ms_folder, mixed_image_folder, out)
+
+
+@pytest.fixture(scope="session")
+def shards_512(pixart_512_folder, mixed_image_folder, tmp_path_factory) -> Path:
+    """``mixed_image_folder`` precomputed with the 512 folder's VAE and T5 (64 px)."""
+    out = tmp_path_factory.mktemp("shards-512")
+    return _precompute(pixart_512_folder, mixed_image_folder, out)
+
+
+@pytest.fixture(scope="session")
+def vgg16_features_path(tmp_path_factory) -> Path:
+    """A torchvision vgg16 state dict with its ``features.*`` only (random; what LPIPS loads),
+    in fp16 (29 MB instead of the 528 MB of the full fp32 model)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    features = torchvision.models.vgg16().features.state_dict()
+    path = tmp_path_factory.mktemp("torchvision") / "vgg16-features.pth"
+    torch.save({f"features.{k}": v.half() for k, v in features.items()}, path)
+    return path
