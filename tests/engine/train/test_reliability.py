@@ -229,7 +229,7 @@ def test_zero3_selective_turns_off_deepspeeds_in_place_linear(tmp_path: Path) ->
 def test_cli_reports_a_bad_config_before_building_anything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from e2ed2.engine.cli.main import main
+    from e2ed2.engine.cli.train import main
     from e2ed2.engine.train import trainer as trainer_module
 
     def no_trainer(*args: object, **kwargs: object) -> None:
@@ -485,7 +485,7 @@ def test_nonfinite_steps_in_a_row_stop_after_a_checkpoint(
     writes a checkpoint and exits 1 with a message naming the setting and the checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from e2ed2.engine.cli.main import main
+    from e2ed2.engine.cli.train import main
 
     _poison(monkeypatch, loss_steps=set(range(3, 100)))
     argv = [
