@@ -6,14 +6,21 @@
 * :func:`install_fused_kernels`: swap both into a diffusers PixArt denoiser, in place.
 
 Set ``TRITON_INTERPRET=1`` before triton is first imported to run the Triton backend on CPU.
+
+Layout: ``_triton`` (helpers shared by all kernels: backend choice, launch plumbing, the alignment
+contract), one package per op (``attention/``, ``embedding/``: ``kernels`` -> ``launcher`` ->
+``function`` -> public function / module), ``reference`` (pure-torch ground truth for the tests),
+``processors`` (diffusers wiring), ``static_check`` (ahead-of-time compile report for sm_80 /
+sm_90, no GPU needed).
 """
 
-from .flash_attention import (
-    SUPPORTED_HEAD_DIMS,
-    FlashAttentionFunction,
-    flash_attention,
-    head_dim_tiles,
-    triton_available,
+from ._triton import triton_available
+from .attention import SUPPORTED_HEAD_DIMS, FlashAttentionFunction, flash_attention, head_dim_tiles
+from .embedding import (
+    FusedTimestepEmbedding,
+    TimestepEmbeddingFunction,
+    sinusoidal_frequencies,
+    timestep_embedding,
 )
 from .processors import (
     FlashAttnProcessor,
@@ -21,12 +28,7 @@ from .processors import (
     install_fused_kernels,
     key_padding_mask_from_attention_mask,
 )
-from .reference import attention_reference, sinusoidal_frequencies, timestep_embedding_reference
-from .timestep_embedding import (
-    FusedTimestepEmbedding,
-    TimestepEmbeddingFunction,
-    timestep_embedding,
-)
+from .reference import attention_reference, timestep_embedding_reference
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .flash_attention import BACKENDS, SUPPORTED_HEAD_DIMS, Backend, flash_attention
-from .timestep_embedding import FusedTimestepEmbedding
+from ._triton import BACKENDS, Backend
+from .attention import SUPPORTED_HEAD_DIMS, flash_attention
+from .embedding import FusedTimestepEmbedding
 
 __all__ = [
     "FlashAttnProcessor",

@@ -5,6 +5,9 @@ Both are written for clarity, not speed: every intermediate is float32 and mater
 * :func:`attention_reference` is exact softmax attention (the full ``(Nq, Nk)`` score matrix).
 * :func:`timestep_embedding_reference` restates diffusers' ``get_timestep_embedding`` followed by
   ``TimestepEmbedding`` (Linear -> SiLU -> Linear), the way PixArt-α's ``adaln_single`` calls them.
+
+Nothing here is used by the kernels or their torch backends (those are SDPA and eager torch in
+the op packages), so a test against these is a test against an independent implementation.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_reference", "sinusoidal_frequencies", "timestep_embedding_reference"]
+__all__ = ["attention_reference", "timestep_embedding_reference"]
 
 
 def attention_reference(
@@ -45,23 +48,6 @@ def attention_reference(
     return torch.einsum("bhqk,bhkd->bhqd", probs, v.float()).to(q.dtype)
 
 
-def sinusoidal_frequencies(
-    num_channels: int,
-    *,
-    downscale_freq_shift: float = 0.0,
-    max_period: float = 10000.0,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """The ``num_channels // 2`` float32 frequencies of diffusers' ``get_timestep_embedding``.
-
-    Computed with exactly diffusers' ops so that ``timestep * freq`` rounds identically in the
-    fused kernel (which reads this table) and in diffusers.
-    """
-    half = num_channels // 2
-    exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=device)
-    return torch.exp(exponent / (half - downscale_freq_shift))
-
-
 def timestep_embedding_reference(
     timesteps: torch.Tensor,
     linear_1_weight: torch.Tensor,
@@ -79,13 +65,11 @@ def timestep_embedding_reference(
     The sinusoid is float32; it is cast to the first weight's dtype before the first linear (as
     PixArt casts it to the hidden dtype); the result has the second weight's dtype.
     """
-    num_channels = linear_1_weight.shape[1]
-    freqs = sinusoidal_frequencies(
-        num_channels,
-        downscale_freq_shift=downscale_freq_shift,
-        max_period=max_period,
-        device=timesteps.device,
+    half = linear_1_weight.shape[1] // 2
+    exponent = -math.log(max_period) * torch.arange(
+        0, half, dtype=torch.float32, device=timesteps.device
     )
+    freqs = torch.exp(exponent / (half - downscale_freq_shift))
     args = scale * (timesteps[:, None].float() * freqs[None, :])
     sin, cos = torch.sin(args), torch.cos(args)
     emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)

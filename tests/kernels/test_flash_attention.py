@@ -11,7 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from e2ed2.kernels import SUPPORTED_HEAD_DIMS, attention_reference, flash_attention, head_dim_tiles
-from e2ed2.kernels.flash_attention import resolve_backend
+from e2ed2.kernels.attention import resolve_backend
 
 # Per-dtype tolerances vs the fp32 reference evaluated on the same (rounded) inputs. fp16 rounds
 # P and dS to fp16 before their matmuls, as every flash kernel does.
@@ -259,3 +259,61 @@ def test_triton_backend_on_cpu_without_interpreter_raises_clearly():
     for line in lines[:2]:
         assert line.startswith("RAISED:") and "TRITON_INTERPRET=1" in line and "CUDA" in line
     assert lines[2] == "auto: torch.Size([1, 1, 4, 16])"
+
+
+# --------------------------------------------------------------------------------------------
+# The alignment contract: the kernels assume 16-byte aligned tile pointers and strides that are
+# multiples of 8 elements (their `tl.multiple_of` hints); the launchers copy views that break it.
+# --------------------------------------------------------------------------------------------
+
+
+def _unaligned_views(device, dtype=torch.float32):
+    """q at a 1-element offset (misaligned pointer), k/v with a row stride of 76 (not 8 | 76)."""
+    g = torch.Generator().manual_seed(11)
+    batch, heads, n_q, n_k, head_dim = 2, 2, 37, 21, 72
+    q_buf = torch.randn(batch, heads, n_q, head_dim + 8, generator=g).to(device, dtype)
+    q = q_buf[..., 1 : head_dim + 1]
+    k = torch.randn(batch, heads, n_k, 76, generator=g).to(device, dtype)[..., :head_dim]
+    v = torch.randn(batch, heads, n_k, 76, generator=g).to(device, dtype)[..., 4 : head_dim + 4]
+    do = torch.randn(batch, heads, n_q, head_dim, generator=g).to(device, dtype)
+    return q, k, v, do
+
+
+def test_unaligned_views_are_copied_and_match_reference(device):
+    from e2ed2.kernels._triton import aligned_for_kernel, is_aligned
+
+    q, k, v, do = _unaligned_views(device)
+    for x in (q, k, v):
+        assert x.stride(-1) == 1 and not is_aligned(x)
+        copy = aligned_for_kernel(x)
+        assert copy is not x and is_aligned(copy) and torch.equal(copy, x)
+    mask = _padding_mask(2, k.shape[2], device)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]  # views, not contiguous copies
+    out = flash_attention(*leaves, mask, backend="triton")
+    out.backward(do)
+    ref_out, ref_grads = _reference(q, k, v, do, mask)
+    _assert_close(out.detach(), ref_out, torch.float32, "out")
+    for name, leaf, ref in zip(("dq", "dk", "dv"), leaves, ref_grads, strict=True):
+        assert leaf.grad.shape == leaf.shape
+        _assert_close(leaf.grad, ref, torch.float32, name)
+
+
+def test_aligned_views_are_read_in_place(device):
+    """The processors' (B, N, H, D) -> (B, H, N, D) transposes meet the contract: no copy."""
+    from e2ed2.kernels._triton import aligned_for_kernel
+
+    x = torch.randn(2, 9, 3, 72, device=device).transpose(1, 2)
+    assert aligned_for_kernel(x) is x
+    expanded = torch.ones((), device=device).expand(2, 3, 9, 72)  # a sum()'s gradient
+    copy = aligned_for_kernel(expanded)
+    assert copy is not expanded and copy.stride(-1) == 1 and torch.equal(copy, expanded)
+
+
+def test_launcher_refuses_to_launch_on_unaligned_tensors_without_fallback(device, monkeypatch):
+    """Disabling the copy fallback trips the launcher's own check, before any kernel runs."""
+    from e2ed2.kernels.attention import launcher
+
+    monkeypatch.setattr(launcher, "aligned_for_kernel", lambda x: x)
+    q, k, v, _ = _unaligned_views(device)
+    with pytest.raises(AssertionError, match="alignment contract"):
+        flash_attention(q, k, v, backend="triton")

@@ -120,3 +120,41 @@ def test_errors(device):
         FusedTimestepEmbedding.from_diffusers(proj, TimestepEmbedding(256, 32, act_fn="mish"))
     with pytest.raises(ValueError, match="channels"):
         FusedTimestepEmbedding.from_diffusers(Timesteps(128, True, 0), embedder)
+
+
+def test_hidden_size_not_a_multiple_of_8_and_unaligned_weight(device):
+    """D = 36: ``h`` / ``dh`` rows are padded to 40 for the kernels' alignment contract; a W1
+    view at an odd offset is copied. Outputs and gradients still match diffusers."""
+    proj, embedder = _diffusers_pair(36, torch.float32, device)
+    timesteps = torch.tensor([3.0, 999.0, 500.0], device=device)
+    expected = embedder(proj(timesteps))
+    expected.square().sum().backward()
+    expected_grads = _grads(embedder)
+    fused = FusedTimestepEmbedding.from_diffusers(proj, embedder, backend="triton")
+    out = fused(timesteps)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=1e-5)
+    for name, grad in _grads(embedder).items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    # A W1 that lives 1 element into a flat buffer (16-byte misaligned).
+    flat = torch.zeros(embedder.linear_1.weight.numel() + 1, device=device)
+    flat[1:] = embedder.linear_1.weight.detach().flatten()
+    w1 = flat[1:].view_as(embedder.linear_1.weight)
+    weights = (w1, embedder.linear_1.bias, embedder.linear_2.weight, embedder.linear_2.bias)
+    out = timestep_embedding(timesteps, *[w.detach() for w in weights], backend="triton")
+    torch.testing.assert_close(out, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_backend_module_runs_its_linear_modules():
+    """The torch fallback is diffusers' module structure (hooks on the Linears fire), not the
+    test reference, and it matches diffusers bitwise on CPU."""
+    proj, embedder = _diffusers_pair(32, torch.float32, "cpu")
+    fused = FusedTimestepEmbedding.from_diffusers(proj, embedder, backend="torch")
+    calls = []
+    for linear in (fused.linear_1, fused.linear_2):
+        linear.register_forward_hook(lambda module, args, out: calls.append(module))
+    timesteps = torch.arange(0, 1000, 97)
+    out = fused(timesteps)
+    assert calls == [fused.linear_1, fused.linear_2]
+    calls.clear()
+    assert torch.equal(out, embedder(proj(timesteps)))

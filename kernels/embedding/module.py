@@ -14,9 +14,12 @@ iteration, so it is pure launch overhead. Here:
   pre-activation, applies SiLU' and reduces ``dW1 = dpre^T emb`` and ``db1 = sum dpre`` over the
   batch in one pass (nothing but ``t`` and ``h`` is saved).
 
-Layers: ``_temb_*_kernel`` -> ``_temb_forward`` / ``_temb_backward_first`` ->
-:class:`TimestepEmbeddingFunction` -> :func:`timestep_embedding` -> :class:`FusedTimestepEmbedding`
-(state-dict compatible with ``TimestepEmbedding``: ``linear_1.*``, ``linear_2.*``).
+Layers: ``kernels`` (``_temb_*_kernel``) -> ``launcher`` (``temb_forward_first`` /
+``temb_backward_first``) -> ``function`` (:class:`TimestepEmbeddingFunction`) -> ``module``
+(:func:`timestep_embedding`, :class:`FusedTimestepEmbedding`, state-dict compatible with
+``TimestepEmbedding``: ``linear_1.*``, ``linear_2.*``). The torch backend is the same math in
+eager torch (the module calls its own ``nn.Linear`` children, exactly like diffusers'
+``TimestepEmbedding``), not the test reference.
 
 Numerics: the frequency table is computed by torch with diffusers' exact ops and read by the
 kernel, so ``t * freq`` rounds as in diffusers; sin/cos are libdevice's (full range reduction;
@@ -28,284 +31,64 @@ raises).
 
 from __future__ import annotations
 
-from typing import Any
+import math
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import nn
-from torch.autograd.function import once_differentiable
-from triton.language.extra import libdevice
 
-from .flash_attention import (
-    BACKENDS,
-    INTERPRETED,
-    Backend,
-    _device_guard,
-    _dot_precision,
-    resolve_backend,
-    triton_available,
-)
-from .reference import sinusoidal_frequencies, timestep_embedding_reference
+from .._triton import BACKENDS, INTERPRETED, Backend, resolve_backend, triton_available
+from .function import TimestepEmbeddingFunction
 
-__all__ = ["FusedTimestepEmbedding", "TimestepEmbeddingFunction", "timestep_embedding"]
+__all__ = [
+    "FusedTimestepEmbedding",
+    "sinusoidal_embedding",
+    "sinusoidal_frequencies",
+    "timestep_embedding",
+]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
-def _sinusoid(t, freqs, scale, USE_LIBDEVICE: tl.constexpr):
-    """``(cos, sin)`` of ``scale * t[:, None] * freqs[None, :]``, each ``(len(t), len(freqs))``."""
-    args = scale * (t[:, None] * freqs[None, :])
-    if USE_LIBDEVICE:
-        # libdevice's sinf/cosf reduce any fp32 argument exactly; the default lowering may use
-        # the approximate instructions, whose error grows past |x| ~ 100 pi.
-        cos = libdevice.cos(args)
-        sin = libdevice.sin(args)
-    else:
-        cos = tl.cos(args)
-        sin = tl.sin(args)
-    return cos, sin
-
-
-@triton.jit
-def _temb_fwd_kernel(
-    T,
-    FREQS,
-    W1,
-    B1,
-    H,
-    n_rows,
-    n_out,
-    stride_w1,
-    stride_h,
-    scale,
-    HALF: tl.constexpr,
-    FLIP: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-):
-    """``h[b, j] = silu(emb(t_b) . W1[j] + b1[j])`` for a BLOCK_B x BLOCK_J tile of ``h``.
-
-    ``emb = [cos, sin]`` (FLIP, PixArt) or ``[sin, cos]``: W1's columns split the same way, so the
-    concatenation is two dots into one accumulator and never built.
-    """
-    pid_b = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    outs = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    chans = tl.arange(0, HALF)
-    t = tl.load(T + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
-    cos, sin = _sinusoid(t, tl.load(FREQS + chans), scale, USE_LIBDEVICE)
-    if FLIP:
-        first, second = cos, sin
-    else:
-        first, second = sin, cos
-    w_ptrs = W1 + outs[:, None] * stride_w1 + chans[None, :]
-    w_mask = outs[:, None] < n_out
-    w_first = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    w_second = tl.load(w_ptrs + HALF, mask=w_mask, other=0.0)
-    wdt = W1.dtype.element_ty
-    pre = tl.dot(first.to(wdt), tl.trans(w_first), input_precision=DOT_PRECISION)
-    pre = tl.dot(second.to(wdt), tl.trans(w_second), pre, input_precision=DOT_PRECISION)
-    pre += tl.load(B1 + outs, mask=outs < n_out, other=0.0).to(tl.float32)[None, :]
-    h = pre * tl.sigmoid(pre)
-    h_ptrs = H + rows[:, None] * stride_h + outs[None, :]
-    tl.store(
-        h_ptrs, h.to(H.dtype.element_ty), mask=(rows[:, None] < n_rows) & (outs[None, :] < n_out)
-    )
-
-
-@triton.jit
-def _temb_bwd_kernel(
-    T,
-    FREQS,
-    W1,
-    B1,
-    DH,
-    DW1,
-    DB1,
-    n_rows,
-    n_out,
-    stride_w1,
-    stride_dh,
-    stride_dw1,
-    scale,
-    HALF: tl.constexpr,
-    FLIP: tl.constexpr,
-    USE_LIBDEVICE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-):
-    """``dW1[j] = sum_b dpre[b, j] emb(t_b)``, ``db1[j] = sum_b dpre[b, j]`` for BLOCK_J rows j.
-
-    ``dpre = dh * silu'(pre)`` with ``pre`` recomputed; one program owns its rows of dW1 and loops
-    over the whole batch, so the reduction needs no atomics.
-    """
-    pid_j = tl.program_id(0)
-    outs = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    chans = tl.arange(0, HALF)
-    offs_b = tl.arange(0, BLOCK_B)
-    freqs = tl.load(FREQS + chans)
-    w_ptrs = W1 + outs[:, None] * stride_w1 + chans[None, :]
-    w_mask = outs[:, None] < n_out
-    w_first = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    w_second = tl.load(w_ptrs + HALF, mask=w_mask, other=0.0)
-    b1 = tl.load(B1 + outs, mask=outs < n_out, other=0.0).to(tl.float32)
-    wdt = W1.dtype.element_ty
-    dw_first = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
-    dw_second = tl.zeros([BLOCK_J, HALF], dtype=tl.float32)
-    db = tl.zeros([BLOCK_J], dtype=tl.float32)
-    for start_b in range(0, n_rows, BLOCK_B):
-        rows = start_b + offs_b
-        t = tl.load(T + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
-        cos, sin = _sinusoid(t, freqs, scale, USE_LIBDEVICE)
-        if FLIP:
-            first, second = cos.to(wdt), sin.to(wdt)
-        else:
-            first, second = sin.to(wdt), cos.to(wdt)
-        pre = tl.dot(first, tl.trans(w_first), input_precision=DOT_PRECISION)
-        pre = tl.dot(second, tl.trans(w_second), pre, input_precision=DOT_PRECISION)
-        pre += b1[None, :]
-        sig = tl.sigmoid(pre)
-        dh_ptrs = DH + rows[:, None] * stride_dh + outs[None, :]
-        dh_mask = (rows[:, None] < n_rows) & (outs[None, :] < n_out)
-        dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0).to(tl.float32)
-        # silu'(x) = sig(x) * (1 + x * (1 - sig(x))); padded batch rows have dh = 0.
-        dpre = dh * sig * (1.0 + pre * (1.0 - sig))
-        db += tl.sum(dpre, 0)
-        dpre_t = tl.trans(dpre.to(wdt))
-        dw_first = tl.dot(dpre_t, first, dw_first, input_precision=DOT_PRECISION)
-        dw_second = tl.dot(dpre_t, second, dw_second, input_precision=DOT_PRECISION)
-    dw_ptrs = DW1 + outs[:, None] * stride_dw1 + chans[None, :]
-    dw_dt = DW1.dtype.element_ty
-    tl.store(dw_ptrs, dw_first.to(dw_dt), mask=w_mask)
-    tl.store(dw_ptrs + HALF, dw_second.to(dw_dt), mask=w_mask)
-    tl.store(DB1 + outs, db.to(DB1.dtype.element_ty), mask=outs < n_out)
-
-
-# Tiles: BLOCK_B >= 16 is tl.dot's minimum (batches of 8 are padded); BLOCK_J keeps the two
-# (BLOCK_J, 128) weight halves plus the fp32 dW1 accumulators in registers.
-_BLOCK_B = 16
-_FWD_BLOCK_J = 32 if INTERPRETED else 64
-_BWD_BLOCK_J = 32
-_NUM_WARPS = 4
-
-
-def _temb_forward_first(
-    timesteps: torch.Tensor,
-    freqs: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    scale: float,
-    flip_sin_to_cos: bool,
+def sinusoidal_frequencies(
+    num_channels: int,
+    *,
+    downscale_freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Launch the forward kernel: ``h = silu(Linear_1(sinusoid(t)))``, ``(B, D)`` in W1's dtype."""
-    n_rows, n_out = timesteps.shape[0], w1.shape[0]
-    h = torch.empty((n_rows, n_out), device=w1.device, dtype=w1.dtype)
-    grid = (triton.cdiv(n_rows, _BLOCK_B), triton.cdiv(n_out, _FWD_BLOCK_J))
-    with _device_guard(w1.device):
-        _temb_fwd_kernel[grid](
-            timesteps,
-            freqs,
-            w1,
-            b1,
-            h,
-            n_rows,
-            n_out,
-            w1.stride(0),
-            h.stride(0),
-            scale,
-            HALF=freqs.shape[0],
-            FLIP=flip_sin_to_cos,
-            USE_LIBDEVICE=not INTERPRETED,
-            DOT_PRECISION=_dot_precision(w1.dtype),
-            BLOCK_B=_BLOCK_B,
-            BLOCK_J=_FWD_BLOCK_J,
-            num_warps=_NUM_WARPS,
-        )
-    return h
+    """The ``num_channels // 2`` float32 frequencies of diffusers' ``get_timestep_embedding``.
+
+    Computed with exactly diffusers' ops so that ``timestep * freq`` rounds identically in the
+    fused kernel (which reads this table) and in diffusers.
+    """
+    half = num_channels // 2
+    exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=device)
+    return torch.exp(exponent / (half - downscale_freq_shift))
 
 
-def _temb_backward_first(
-    dh: torch.Tensor,
+def sinusoidal_embedding(
     timesteps: torch.Tensor,
-    freqs: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    scale: float,
-    flip_sin_to_cos: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: ``(dW1, db1)`` in the dtypes of W1 and b1."""
-    n_rows, n_out = dh.shape
-    dh = dh if dh.stride(1) == 1 else dh.contiguous()
-    dw1 = torch.empty_like(w1, memory_format=torch.contiguous_format)
-    db1 = torch.empty_like(b1)
-    with _device_guard(w1.device):
-        _temb_bwd_kernel[(triton.cdiv(n_out, _BWD_BLOCK_J),)](
-            timesteps,
-            freqs,
-            w1,
-            b1,
-            dh,
-            dw1,
-            db1,
-            n_rows,
-            n_out,
-            w1.stride(0),
-            dh.stride(0),
-            dw1.stride(0),
-            scale,
-            HALF=freqs.shape[0],
-            FLIP=flip_sin_to_cos,
-            USE_LIBDEVICE=not INTERPRETED,
-            DOT_PRECISION=_dot_precision(w1.dtype),
-            BLOCK_B=_BLOCK_B,
-            BLOCK_J=_BWD_BLOCK_J,
-            num_warps=_NUM_WARPS,
-        )
-    return dw1, db1
+    num_channels: int,
+    *,
+    flip_sin_to_cos: bool = True,
+    downscale_freq_shift: float = 0.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> torch.Tensor:
+    """The torch backend's sinusoid, ``(B,)`` -> ``(B, C)`` float32 (diffusers' op order).
 
-
-class TimestepEmbeddingFunction(torch.autograd.Function):
-    """Fused ``Linear_2(SiLU(Linear_1(sinusoid(t))))``; saves only ``t`` and ``h`` (B x D)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        timesteps: torch.Tensor,
-        freqs: torch.Tensor,
-        w1: torch.Tensor,
-        b1: torch.Tensor,
-        w2: torch.Tensor,
-        b2: torch.Tensor,
-        scale: float,
-        flip_sin_to_cos: bool,
-    ) -> torch.Tensor:
-        h = _temb_forward_first(timesteps, freqs, w1, b1, scale, flip_sin_to_cos)
-        ctx.save_for_backward(timesteps, freqs, w1, b1, w2, h)
-        ctx.scale, ctx.flip_sin_to_cos = scale, flip_sin_to_cos
-        return F.linear(h.to(w2.dtype), w2, b2)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        timesteps, freqs, w1, b1, w2, h = ctx.saved_tensors
-        dy = dy.to(w2.dtype)
-        need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[2:6]
-        dw2 = dy.t().mm(h.to(w2.dtype)) if need_w2 else None
-        db2 = dy.sum(0) if need_b2 else None
-        dw1 = db1 = None
-        if need_w1 or need_b1:
-            dh = dy.mm(w2)
-            dw1, db1 = _temb_backward_first(
-                dh, timesteps, freqs, w1, b1, ctx.scale, ctx.flip_sin_to_cos
-            )
-        return None, None, dw1, db1, dw2, db2, None, None
+    ``[cos, sin]`` of ``scale * t * freq`` (``flip_sin_to_cos``, PixArt) or ``[sin, cos]``.
+    """
+    freqs = sinusoidal_frequencies(
+        num_channels,
+        downscale_freq_shift=downscale_freq_shift,
+        max_period=max_period,
+        device=timesteps.device,
+    )
+    args = scale * (timesteps[:, None].float() * freqs[None, :])
+    sin, cos = torch.sin(args), torch.cos(args)
+    return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
 
 
 def _check_timestep_inputs(
@@ -360,8 +143,8 @@ def timestep_embedding(
     downscale_freq_shift, scale, max_period)`` with ``C = linear_1_weight.shape[1]``; PixArt-α uses
     ``C = 256, flip_sin_to_cos=True, downscale_freq_shift=0``. The output has linear_2's dtype.
     ``freqs``: the table of :func:`sinusoidal_frequencies` (computed if None; Triton path only).
-    ``backend``: "triton" (the fused kernels), "torch" (the reference ops), "auto" (Triton for
-    CUDA tensors).
+    ``backend``: "triton" (the fused kernels), "torch" (eager torch: sinusoid, ``F.linear``,
+    ``F.silu``, ``F.linear``), "auto" (Triton for CUDA tensors).
     """
     _check_timestep_inputs(
         timesteps, linear_1_weight, linear_1_bias, linear_2_weight, linear_2_bias
@@ -374,9 +157,9 @@ def timestep_embedding(
         "max_period": max_period,
     }
     if resolve_backend(backend, timesteps) == "torch":
-        return timestep_embedding_reference(
-            timesteps, linear_1_weight, linear_1_bias, linear_2_weight, linear_2_bias, **kwargs
-        )
+        emb = sinusoidal_embedding(timesteps, num_channels, **kwargs)
+        hidden = F.silu(F.linear(emb.to(linear_1_weight.dtype), linear_1_weight, linear_1_bias))
+        return F.linear(hidden.to(linear_2_weight.dtype), linear_2_weight, linear_2_bias)
     reason = triton_available(timesteps)
     if reason is not None:
         raise RuntimeError(f"timestep_embedding(backend='triton'): {reason}")
@@ -503,6 +286,19 @@ class FusedTimestepEmbedding(nn.Module):
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         """``(B,)`` timesteps -> ``(B, D_out)`` in ``linear_2``'s dtype."""
+        if resolve_backend(self.backend, timesteps) == "torch":
+            # diffusers' TimestepEmbedding, through the Linear modules themselves (so their
+            # hooks, e.g. ZeRO-3's or an adapter's, run as in the stock model).
+            emb = sinusoidal_embedding(
+                timesteps,
+                self.linear_1.in_features,
+                flip_sin_to_cos=self.flip_sin_to_cos,
+                downscale_freq_shift=self.downscale_freq_shift,
+                scale=self.scale,
+                max_period=self.max_period,
+            )
+            hidden = F.silu(self.linear_1(emb.to(self.linear_1.weight.dtype)))
+            return self.linear_2(hidden.to(self.linear_2.weight.dtype))
         return timestep_embedding(
             timesteps,
             self.linear_1.weight,
@@ -513,7 +309,7 @@ class FusedTimestepEmbedding(nn.Module):
             downscale_freq_shift=self.downscale_freq_shift,
             scale=self.scale,
             max_period=self.max_period,
-            backend=self.backend,
+            backend="triton",
             freqs=self._frequencies(timesteps),
         )
 
