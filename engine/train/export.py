@@ -1,20 +1,41 @@
-"""Exporting trained weights as diffusers folders that ``from_pretrained`` loads.
+"""Exporting trained weights as a diffusers pipeline folder that ``from_pretrained`` loads.
 
 Layout::
 
+    <dir>/model_index.json      PixArtAlphaPipeline: every component below, by library and class
     <dir>/transformer/          PixArtTransformer2DModel (shared network), or
-    <dir>/transformer_step{i}/  one per sampler step (independent per-step networks)
+    <dir>/transformer_step{i}/  one per sampler step (independent per-step networks; then no
+                                model_index.json: no stock pipeline runs K different networks)
     <dir>/scheduler/            the sampler's diffusers scheduler config
+    <dir>/vae/                  the frozen AutoencoderKL: a symlink to model.vae_path's folder
+    <dir>/text_encoder/         the frozen T5: a symlink to the pretrained pipeline folder's
+    <dir>/tokenizer/            text_encoder/ + tokenizer/ (else to the folders the shards were
+                                encoded with, from the shard index); the embedded digits save
+                                their tiny T5 and ByT5 tokenizer here as real folders
     <dir>/e2ed2_config.toml     the run config (data/conditioning, sampler, model settings)
+
+Frozen parts are symlinked, not copied (T5-XXL alone is ~19 GB and every checkpoint carries an
+export); ``cp -rL export elsewhere`` materialises them. Latent presets load as a stock pipeline::
+
+    pipe = PixArtAlphaPipeline.from_pretrained("runs/x/export")
+    image = pipe("a cat", num_inference_steps=4, guidance_scale=0.0).images[0]
+
+The embedded digits have no VAE (pixel space): ``model_index.json`` lists ``vae`` as null, so
+``PixArtAlphaPipeline.from_pretrained(export, vae=None)`` loads, and
+``pipe(prompt, output_type="latent", use_resolution_binning=False, guidance_scale=0.0)`` returns
+the 1-channel images in [-1, 1] themselves (the pipeline assumes an 8x VAE: height = width =
+8 x data.resolution).
 
 Written to a temporary sibling and published with one rename, so a reader never sees half of it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import PixArtTransformer2DModel
@@ -63,7 +84,15 @@ def write_export(
             _plain_copy(network, part).save_pretrained(staging / f"transformer_step{i}")
     else:
         _plain_copy(module, state).save_pretrained(staging / "transformer")
-    config.sampler.to_diffusers().save_pretrained(staging / "scheduler")
+    scheduler = config.sampler.to_diffusers()
+    scheduler.save_pretrained(staging / "scheduler")
+    components = {
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        **_frozen_components(staging, config),
+    }
+    if not isinstance(module, nn.ModuleList):
+        _write_model_index(staging, components)
     (staging / CONFIG_NAME).write_text(config_to_toml(config))
     if directory.exists():
         retired = directory.with_name(f".old-{directory.name}")
@@ -74,6 +103,86 @@ def write_export(
     else:
         os.replace(staging, directory)
     return directory
+
+
+def _write_model_index(staging: Path, components: dict[str, list[str | None]]) -> None:
+    import diffusers
+
+    index = {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": diffusers.__version__}
+    index.update(dict(sorted(components.items())))
+    (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _frozen_components(staging: Path, config: TrainConfig) -> dict[str, list[str | None]]:
+    """Puts the frozen vae/, text_encoder/ and tokenizer/ into ``staging``; their
+    model_index.json entries ([library, class], or [None, None] where there is none)."""
+    from ..core.models import resolve_model_folder
+
+    entries: dict[str, list[str | None]] = {"vae": [None, None]}
+    if config.model.vae_path is not None:
+        vae = resolve_model_folder(config.model.vae_path, "vae", "model.vae_path")
+        _link(staging / "vae", vae)
+        entries["vae"] = [
+            "diffusers",
+            _json(vae, "config.json").get("_class_name", "AutoencoderKL"),
+        ]
+    if config.data.source == "digits":
+        # Pixel space: the tiny T5 exists only inside e2ed2 (seeded), so it is saved here.
+        from ..data.text import digits_text_encoder
+
+        tokenizer, encoder = digits_text_encoder(config.data.text_dim, config.data.seed)
+        encoder.save_pretrained(staging / "text_encoder")
+        tokenizer.save_pretrained(staging / "tokenizer")
+        return {
+            **entries,
+            "text_encoder": ["transformers", type(encoder).__name__],
+            "tokenizer": ["transformers", type(tokenizer).__name__],
+        }
+    encoder_dir, tokenizer_dir = _text_folders(config)
+    entries["text_encoder"] = entries["tokenizer"] = [None, None]
+    if encoder_dir is not None:
+        _link(staging / "text_encoder", encoder_dir)
+        architectures = _json(encoder_dir, "config.json").get("architectures") or []
+        entries["text_encoder"] = ["transformers", (architectures or ["T5EncoderModel"])[0]]
+    if tokenizer_dir is not None:
+        _link(staging / "tokenizer", tokenizer_dir)
+        tokenizer_class = _json(tokenizer_dir, "tokenizer_config.json").get("tokenizer_class")
+        entries["tokenizer"] = ["transformers", tokenizer_class or "T5Tokenizer"]
+    return entries
+
+
+def _text_folders(config: TrainConfig) -> tuple[str | None, str | None]:
+    """The text encoder and tokenizer folders: the pretrained pipeline folder's, else those the
+    shards were encoded with (recorded in their index.json by ``e2ed2 precompute``)."""
+    encoder = tokenizer = None
+    if config.model.pretrained_path is not None:
+        root = Path(config.model.pretrained_path)
+        if (root / "text_encoder" / "config.json").is_file():
+            encoder = str(root / "text_encoder")
+        if (root / "tokenizer").is_dir():
+            tokenizer = str(root / "tokenizer")
+    if config.data.source == "shards" and (encoder is None or tokenizer is None):
+        recorded = _json(config.data.shard_dir, "index.json").get("text_encoder") or {}
+        if encoder is None and os.path.isdir(recorded.get("path") or ""):
+            encoder = recorded["path"]
+        if tokenizer is None and os.path.isdir(recorded.get("tokenizer") or ""):
+            tokenizer = recorded["tokenizer"]
+    return encoder, tokenizer
+
+
+def _link(path: Path, target: str) -> None:
+    # Absolute: the export is renamed into place and lives in checkpoints/stepN/ too.
+    try:
+        os.symlink(os.path.abspath(target), path, target_is_directory=True)
+    except OSError:  # a filesystem without symlinks: copy instead
+        shutil.copytree(target, path)
+
+
+def _json(folder: str | os.PathLike, name: str) -> dict[str, Any]:
+    try:
+        return json.loads((Path(folder) / name).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def load_exported_networks(
