@@ -54,14 +54,20 @@ def run_fingerprint(config: TrainConfig, zero_stage: int) -> dict[str, Any]:
 
 
 def fingerprint_differences(ours: dict[str, Any], saved: dict[str, Any]) -> list[str]:
-    """``"key: checkpoint X, config Y"`` for every key where ``saved`` differs from ``ours``."""
+    """``"key: checkpoint X, config Y"`` for every key where ``saved`` differs from ``ours``.
+
+    A key the checkpoint lacks is a config field added after it was written; it is accepted
+    while this config leaves it at its default (new fields default to the old behaviour).
+    """
     # Through JSON: tuples in the config are lists in the saved state.
     mine = _flat("", json.loads(json.dumps(ours)))
     theirs = _flat("", saved)
+    defaults = _flat("", json.loads(json.dumps(run_fingerprint(TrainConfig(), 0))))
     return [
         f"{key[1:]}: checkpoint {theirs.get(key, '(absent)')!r}, config {mine[key]!r}"
         for key in mine
         if theirs.get(key, "(absent)") != mine[key]
+        and not (key not in theirs and key in defaults and defaults[key] == mine[key])
     ]
 
 

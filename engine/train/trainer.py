@@ -101,6 +101,8 @@ class Trainer:
         zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.fingerprint = run_fingerprint(config, zero_stage)
         self.start = plan_start(config, self.fingerprint, self.world_size)
+        if dist.is_initialized():
+            dist.barrier()  # every rank has decided before rank 0 moves anything
         if self.is_main:
             apply_start(self.start, self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -329,3 +329,17 @@ def test_a_signal_finishes_the_step_and_exits_with_its_code(
         assert checkpoints == [] and "no checkpoint written" in line
     # The handlers are restored: SIGTERM outside a command is what it was.
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_a_field_added_after_the_checkpoint_is_accepted_only_at_its_default() -> None:
+    """A checkpoint written before a config field existed resumes while the field keeps its
+    default (the old behaviour); a set value is a difference, named."""
+    from e2ed2.engine.train.fingerprint import fingerprint_differences, run_fingerprint
+
+    saved = json.loads(json.dumps(run_fingerprint(load_config(None), 2)))
+    del saved["objective"]["l1_weight"]
+    assert fingerprint_differences(run_fingerprint(load_config(None), 2), saved) == []
+    changed = run_fingerprint(load_config(None, ["objective.l1_weight=0.5"]), 2)
+    assert fingerprint_differences(changed, saved) == [
+        "objective.l1_weight: checkpoint '(absent)', config 0.5"
+    ]
