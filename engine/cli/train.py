@@ -25,7 +25,11 @@ def build_parser(prog: str = "e2ed2 train") -> argparse.ArgumentParser:
         prog=prog,
         description="Train a diffusion transformer end to end through its K-step sampler.",
     )
-    parser.add_argument("--config", default=None, help="a TOML preset (see configs/)")
+    parser.add_argument(
+        "--config",
+        default="embedded",
+        help="a TOML preset file or a shipped preset name (default: embedded, the main job)",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -115,6 +119,15 @@ def _main(argv: Sequence[str], prog: str) -> int:
             f"{first['step']}) -> {last.get(key, float('nan')):.4f} (step {last['step']}); "
             f"outputs in {config.run.output_dir}"
         )
+    if rank == 0 and config.run.compare_with_base and config.run.export_at_end:
+        # After training, not inside it: the comparison is an evaluation (eval/report.py).
+        from ..eval.report import compare_with_base, format_report
+
+        print("comparing the export with its pretrained base (K = 1, 2, 4, 3 seeds)...")
+        out = config.run.output_dir
+        report = compare_with_base(config, os.path.join(out, "export"), out)
+        print(f"side-by-side samples: {report['grid']}")
+        print(format_report(report))
     return 0
 
 

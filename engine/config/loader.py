@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -121,6 +122,30 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+#: Keys naming local weights or data: in a preset, a relative path that exists beside the preset
+#: file means that file (so a preset can ship with its weights, like ``embedded`` and its base).
+_PATH_KEYS = frozenset(
+    {
+        ("model", "pretrained_path"),
+        ("model", "vae_path"),
+        ("data", "shard_dir"),
+        ("objective", "lpips_backbone_path"),
+        ("objective", "reward_path"),
+    }
+)
+
+
+def _beside_preset(preset: str, section: str, values: dict[str, Any]) -> dict[str, Any]:
+    folder = os.path.dirname(os.path.abspath(preset))
+    resolved = dict(values)
+    for key, value in values.items():
+        if (section, key) in _PATH_KEYS and isinstance(value, str) and not os.path.isabs(value):
+            beside = os.path.join(folder, value)
+            if os.path.exists(beside):
+                resolved[key] = beside
+    return resolved
+
+
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """The resolved config: dataclass defaults <- TOML preset ``path`` <- ``overrides``.
 
@@ -142,7 +167,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Train
                 raise _unknown(f"section in {path}:", section, list(_SECTIONS))
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: {section!r} must be a table [{section}]")
-            raw.setdefault(section, {}).update(values)
+            raw.setdefault(section, {}).update(_beside_preset(path, section, values))
     for text in overrides:
         section, key, value = _parse_override(text)
         if section not in _SECTIONS:

@@ -67,6 +67,10 @@ class RunConfig:
     """
     export_at_end: bool = True
     """Write the EMA (or, with ema disabled, the trained) weights as a diffusers folder at the end."""
+    compare_with_base: bool = False
+    """After training (digits data with model.pretrained_path): sample the export and the base
+    at K = 1, 2, 4 on the same seeds and prompts, write compare_base_vs_finetuned.png / .json
+    into output_dir and print the FD of both (eval/report.py)."""
     max_consecutive_nonfinite_steps: int = 25
     """Optimizer steps in a row whose loss or gradient is NaN/Inf (each one skipped) after which
     the run writes a checkpoint and stops. fp16's dynamic loss scale also skips steps while it

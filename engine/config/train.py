@@ -39,8 +39,15 @@ class TrainConfig:
         traj, sampler = self.trajectory, self.sampler
         try:
             check_num_steps(sampler, traj.num_steps, "trajectory.num_steps")
+            for k in traj.num_steps_choices:
+                check_num_steps(sampler, k, "trajectory.num_steps_choices")
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if traj.num_steps_choices and not self.model.share_across_steps:
+            raise ConfigError(
+                "trajectory.num_steps_choices needs model.share_across_steps=true (per-step "
+                "networks exist for one K only)"
+            )
         # Pixel space: the latent side is data.resolution (shards: checked against the index at
         # launch; a pretrained transformer brings its own patch size).
         model = self.model
@@ -71,6 +78,11 @@ class TrainConfig:
             raise ConfigError(
                 "objective.teacher_weight > 0 needs trajectory.start='noise' (the teacher samples "
                 f"from the student's start noise), got {traj.start!r}"
+            )
+        if objective.reward_weight > 0 and self.data.source != "digits":
+            raise ConfigError(
+                "objective.reward_weight > 0 needs data.source='digits' (the reward is a prompted-"
+                f"digit classifier scoring each sample's label), got {self.data.source!r}"
             )
         if self.data.source == "digits" and self.model.vae_path is not None:
             raise ConfigError(

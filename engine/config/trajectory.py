@@ -40,6 +40,11 @@ class TrajectoryConfig:
     """
     offload_device: str = "cpu"
     """Where ``offload`` keeps the saved latents (a torch device, e.g. cpu)."""
+    num_steps_choices: tuple[int, ...] = ()
+    """K drawn per optimizer step (uniformly, the same on every rank) from these, e.g. [1, 2, 4]:
+    one network trained for several step budgets. Empty = always num_steps, which must be one
+    of the choices (it stays the K of sample grids and of the export's default).
+    """
     samples_per_prompt: int = 1
     """m: trajectories run per prompt (independent start and step noise, same conditioning),
     as one batch of batch_per_rank x m; the energy score needs m >= 2.
@@ -47,6 +52,16 @@ class TrajectoryConfig:
 
     def __post_init__(self) -> None:
         check_fields("trajectory", self)
+        if self.num_steps_choices:
+            if any(k < 1 for k in self.num_steps_choices):
+                raise ValueError(
+                    f"trajectory.num_steps_choices must all be >= 1, got {list(self.num_steps_choices)}"
+                )
+            if self.num_steps not in self.num_steps_choices:
+                raise ValueError(
+                    f"trajectory.num_steps={self.num_steps} must be one of "
+                    f"trajectory.num_steps_choices={list(self.num_steps_choices)}"
+                )
         if self.samples_per_prompt < 1:
             raise ValueError(
                 f"trajectory.samples_per_prompt must be >= 1, got {self.samples_per_prompt}"

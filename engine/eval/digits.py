@@ -38,6 +38,7 @@ __all__ = [
     "DigitEvaluator",
     "DigitScores",
     "evaluate_export",
+    "score_networks",
     "train_digit_classifier",
 ]
 
@@ -230,7 +231,7 @@ class DigitEvaluator:
         }
 
 
-def _digit_prompts(dataset: DigitsDataset, per_class: int) -> tuple[Any, torch.Tensor]:
+def digit_prompts(dataset: DigitsDataset, per_class: int) -> tuple[Any, torch.Tensor]:
     from ..core.network import Conditioning
 
     labels = torch.arange(10).repeat_interleave(per_class)
@@ -254,15 +255,41 @@ def evaluate_export(
     scored only at the K they were trained for. ``grid_dir``: also write a PNG of the first
     seed's first ten images per digit at each K.
     """
-    from ..core.sampling import generate_pixels, save_grid
-
     export_dir = Path(export_dir)
     device = torch.device(device)
     config, networks, decode = load_export(export_dir, device)
     if evaluator is None:
         evaluator = DigitEvaluator(config.data)
-    cond, labels = _digit_prompts(evaluator.train_set, evaluator.per_class)
     results: dict[str, Any] = {"export": str(export_dir), "per_class": evaluator.per_class}
+    results["num_steps"] = score_networks(
+        networks,
+        config,
+        decode,
+        evaluator,
+        num_steps=num_steps,
+        seeds=seeds,
+        device=device,
+        grid_dir=grid_dir,
+    )
+    return results
+
+
+def score_networks(
+    networks: nn.Module,
+    config: Any,
+    decode: Any,
+    evaluator: DigitEvaluator,
+    *,
+    num_steps: Sequence[int],
+    seeds: Sequence[int],
+    device: torch.device,
+    grid_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Per K: the digit scores of each sampling seed and their mean / std (see
+    :func:`evaluate_export`); ``config`` gives the sampler and whether networks are per step."""
+    from ..core.sampling import generate_pixels, save_grid
+
+    cond, labels = digit_prompts(evaluator.train_set, evaluator.per_class)
     by_k: dict[str, Any] = {}
     for k, schedule in scored_schedules(config, num_steps, by_k):
         scores = []
@@ -282,5 +309,4 @@ def evaluate_export(
                 save_grid(first, Path(grid_dir) / f"K{k}.png", nrow=10)
         per_seed = [asdict(s) for s in scores]
         by_k[str(k)] = {"per_seed": per_seed, **seed_summary(per_seed, ("fd", "accuracy"))}
-    results["num_steps"] = by_k
-    return results
+    return by_k

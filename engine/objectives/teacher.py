@@ -48,24 +48,27 @@ class NoisePairedTeacher:
         self,
         pretrained: nn.Module,
         objective: ObjectiveConfig,
-        student_schedule: SamplerSchedule,
+        student_sampler: SamplerConfig,
     ) -> None:
         self.network = copy.deepcopy(pretrained).requires_grad_(False).eval()
         self.schedule = build_schedule(
-            teacher_sampler_config(objective, student_schedule.config), objective.teacher_steps
+            teacher_sampler_config(objective, student_sampler), objective.teacher_steps
         )
-        # Same sampler, same steps: the teacher walks the student's exact path (same noise).
-        self.shares_student_noise = self.schedule == student_schedule
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> NoisePairedTeacher:
         self.network.to(device=device, dtype=dtype)
         return self
+
+    def walks_student_path(self, student_schedule: SamplerSchedule) -> bool:
+        """Same sampler, same steps: the teacher follows the student's path with its noise."""
+        return self.schedule == student_schedule
 
     @torch.no_grad()
     def sample(
         self,
         cond: Conditioning,
         start: torch.Tensor,
+        student_schedule: SamplerSchedule,
         student_noises: Sequence[torch.Tensor | None],
         generators: Sequence[torch.Generator],
     ) -> torch.Tensor:
@@ -74,7 +77,7 @@ class NoisePairedTeacher:
         ``generators[j]`` draws sample j's per-step noise when the teacher's sampler injects
         noise on a path of its own (LCM with another step count); unused otherwise.
         """
-        if self.shares_student_noise:
+        if self.walks_student_path(student_schedule):
             noises = list(student_noises)
         else:
             noises = []

@@ -24,6 +24,7 @@ own module (step_guard, metrics, fingerprint, checkpoint, export, distributed).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -142,7 +143,7 @@ class Trainer:
         self.teacher = None
         self.teacher_seconds = 0.0
         if config.objective.kind == "e2ed2" and config.objective.teacher_weight > 0:
-            self.teacher = NoisePairedTeacher(denoiser, config.objective, self.schedule)
+            self.teacher = NoisePairedTeacher(denoiser, config.objective, config.sampler)
             self.teacher.to(self.device, self.compute_dtype)
         module: nn.Module = (
             denoiser if config.model.share_across_steps else per_step_networks(denoiser, num_steps)
@@ -164,6 +165,16 @@ class Trainer:
         )
 
         self.trajectory = Trajectory(config.trajectory, self.schedule)
+        # trajectory.num_steps_choices: one trajectory per K, the step's K drawn in _plan.
+        self.trajectories = {
+            k: Trajectory(
+                dataclasses.replace(config.trajectory, num_steps=k),
+                build_schedule(config.sampler, k),
+            )
+            for k in config.trajectory.num_steps_choices
+            if k != num_steps
+        }
+        self.trajectories[num_steps] = self.trajectory
         decode = None if config.model.vae_path is None else self.autoencoder.decode
         self.loss_fn = (
             E2ED2Loss(config.objective, decode).to(self.device)
@@ -226,23 +237,45 @@ class Trainer:
         )
 
     # -- one iteration -------------------------------------------------------------------------
-    def _batch_to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Conditioning]:
+    def _batch_to_device(
+        self, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, Conditioning, torch.Tensor | None]:
+        """Latents, conditioning and (when the objective scores prompts: the reward) labels."""
         latents = batch["latents"].to(self.device, self.compute_dtype, non_blocking=True)
         # Text in the compute dtype; PixArt-MS's size conditions (shards) ride along in float32.
         cond = batch_conditioning(batch).to(self.device, self.compute_dtype)
-        return latents, cond
+        labels = None
+        if self.loss_fn is not None and self.loss_fn.needs_labels:
+            if "label" not in batch:
+                raise ValueError(
+                    "objective.reward_weight > 0 needs a prompt label per sample (the digits "
+                    "data); this batch has none"
+                )
+            labels = batch["label"].to(self.device, torch.long, non_blocking=True)
+        return latents, cond, labels
 
-    def _plan(self) -> TrajectoryPlan:
-        # The same on every rank: the plan is part of the global batch's computation.
+    def _plan(self) -> tuple[Trajectory, TrajectoryPlan]:
+        """This step's trajectory (its K) and plan: the same on every rank, since both are part
+        of the global batch's computation."""
         g = torch.Generator().manual_seed(derive_seed(self.config.run.seed, "plan", self.step))
-        return self.trajectory.plan(g)
+        trajectory = self.trajectory
+        choices = self.config.trajectory.num_steps_choices
+        if choices:
+            trajectory = self.trajectories[
+                choices[int(torch.randint(len(choices), (1,), generator=g))]
+            ]
+        return trajectory, trajectory.plan(g)
 
     def _start_and_noise(
-        self, plan: TrajectoryPlan, latents: torch.Tensor, micro_step: int
+        self,
+        trajectory: Trajectory,
+        plan: TrajectoryPlan,
+        latents: torch.Tensor,
+        micro_step: int,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Start sample and per-step noise, each sample seeded by its global batch position."""
         generators = self._generators("noise", latents, micro_step)
-        return self.trajectory.draw_noise_per_sample(plan, latents, generators)
+        return trajectory.draw_noise_per_sample(plan, latents, generators)
 
     def _generators(
         self, purpose: str, latents: torch.Tensor, micro_step: int
@@ -264,7 +297,11 @@ class Trainer:
         return self.engine if self.config.model.share_across_steps else self.engine.module
 
     def _generator_loss(
-        self, latents: torch.Tensor, cond: Conditioning, micro_step: int
+        self,
+        latents: torch.Tensor,
+        cond: Conditioning,
+        micro_step: int,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None, torch.Tensor | None]:
         """Total loss of one micro-batch, its logged terms, and (GAN) real/fake pixels."""
         config = self.config
@@ -279,14 +316,20 @@ class Trainer:
         m = config.trajectory.samples_per_prompt
         latents = latents.repeat_interleave(m, dim=0)
         cond = repeat_conditioning(cond, m)
-        plan = self._plan()
-        start, noises = self._start_and_noise(plan, latents, micro_step)
-        sample = self.trajectory.run(self._networks(), cond, start, noises, plan)
+        if labels is not None:
+            labels = labels.repeat_interleave(m, dim=0)
+        trajectory, plan = self._plan()
+        start, noises = self._start_and_noise(trajectory, plan, latents, micro_step)
+        sample = trajectory.run(self._networks(), cond, start, noises, plan)
         teacher_sample = None
         if self.teacher is not None:
             started = time.perf_counter()
             teacher_sample = self.teacher.sample(
-                cond, start, noises, self._generators("teacher-noise", latents, micro_step)
+                cond,
+                start,
+                trajectory.schedule,
+                noises,
+                self._generators("teacher-noise", latents, micro_step),
             )
             self.teacher_seconds += time.perf_counter() - started
         fake_pixels = real_pixels = None
@@ -301,6 +344,7 @@ class Trainer:
             target_pixels=real_pixels,
             samples_per_prompt=m,
             teacher_sample=teacher_sample,
+            labels=labels,
         )
         total = terms["total"]
         logged = {name: value.item() for name, value in terms.items()}
@@ -362,9 +406,12 @@ class Trainer:
             batch = next(batches)
             bad += self._count_bad_samples(batch)
             drawn += len(batch["latents"])
-            latents, cond = self._batch_to_device(batch)
+            latents, cond, labels = self._batch_to_device(batch)
+            # Labels go by keyword and only when a term reads them, so wrappers of the
+            # three-argument call (the reliability tests patch it) keep working.
+            extra = {} if labels is None else {"labels": labels}
             with gathered_once(self.engine.module, enabled=self._gather_once):
-                loss, logged, real, fake = self._generator_loss(latents, cond, micro_step)
+                loss, logged, real, fake = self._generator_loss(latents, cond, micro_step, **extra)
                 if not math.isfinite(logged.get("total", logged.get("diffusion", 0.0))):
                     local_nonfinite = True
                     loss = loss * float("nan")

@@ -157,7 +157,7 @@ def test_teacher_equal_to_the_student_with_k_steps_gives_exactly_zero(tmp_path) 
             [f"run.output_dir={tmp_path / 'same'}", *_TEACHER_RUN, "objective.teacher_steps=2"],
         )
     )
-    assert same.teacher.shares_student_noise
+    assert same.teacher.walks_student_path(same.schedule)
     assert same.train_step(iter(same.loader))["teacher"] == 0.0
     more = Trainer(
         load_config(
@@ -165,5 +165,34 @@ def test_teacher_equal_to_the_student_with_k_steps_gives_exactly_zero(tmp_path) 
             [f"run.output_dir={tmp_path / 'more'}", *_TEACHER_RUN, "objective.teacher_steps=8"],
         )
     )
-    assert not more.teacher.shares_student_noise
+    assert not more.teacher.walks_student_path(more.schedule)
     assert more.train_step(iter(more.loader))["teacher"] > 0
+
+
+def test_a_mix_of_step_counts_trains_each_k_and_stays_in_sync(tmp_path) -> None:
+    """trajectory.num_steps_choices: the step's K is drawn from the plan seed (every rank
+    alike); over a few steps more than one K is used, each with its own schedule."""
+    from e2ed2.engine.train.trainer import Trainer
+
+    trainer = Trainer(
+        load_config(
+            None,
+            [
+                f"run.output_dir={tmp_path}",
+                *[o for o in _TEACHER_RUN if not o.startswith("trajectory.num_steps")],
+                "trajectory.num_steps=2",
+                "trajectory.num_steps_choices=[1, 2, 4]",
+                "objective.teacher_sampler=ddim",
+                "objective.teacher_steps=8",
+            ],
+        )
+    )
+    used = set()
+    for step in range(6):
+        trainer.step = step
+        trajectory, plan = trainer._plan()
+        assert trajectory.schedule.num_steps == plan.num_steps
+        used.add(plan.num_steps)
+    assert used <= {1, 2, 4} and len(used) >= 2, used
+    trainer.step = 0
+    assert trainer.train_step(iter(trainer.loader))["teacher"] > 0

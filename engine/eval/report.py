@@ -1,0 +1,157 @@
+"""The main job's report: the fine-tuned export against its pretrained base, side by side.
+
+After ``e2ed2 train`` fine-tunes a digits base (the embedded preset), both models sample the same
+prompts from the same seeds at K = 1, 2, 4; the digit classifier's Fréchet distance to the
+held-out digits (:mod:`.digits`, a metric that is not any training signal) scores both, and a PNG
+shows one digit per prompt per row, upscaled with nearest-neighbour so a person can read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import TrainConfig
+from ..core.models import build_autoencoder, resolve_model_folder
+from ..core.sampler import build_schedule
+from ..core.sampling import generate_pixels
+from ..data.digits import DIGIT_WORDS
+from .common import load_export
+from .digits import DigitEvaluator, digit_prompts, score_networks
+
+__all__ = ["compare_with_base", "format_report", "side_by_side"]
+
+GRID_NAME = "compare_base_vs_finetuned.png"
+REPORT_NAME = "compare_base_vs_finetuned.json"
+
+
+def side_by_side(rows: Sequence[tuple[str, torch.Tensor]], *, cell_px: int = 64) -> Any:
+    """A PIL image: one labelled row per ``(label, images (N, C, H, W) in [-1, 1])``, each image
+    upscaled by an integer factor (nearest-neighbour: pixels stay sharp) to >= ``cell_px``."""
+    from PIL import Image, ImageDraw
+
+    label_px, pad = 150, 4
+    height, width = rows[0][1].shape[-2:]
+    scale = max(1, -(-cell_px // min(height, width)))
+    cell_h, cell_w = height * scale, width * scale
+    count = max(len(images) for _, images in rows)
+    canvas = Image.new(
+        "RGB",
+        (label_px + count * (cell_w + pad), len(rows) * (cell_h + pad) + pad),
+        "white",
+    )
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        top = pad + r * (cell_h + pad)
+        draw.text((6, top + cell_h // 2 - 6), label, fill="black")
+        pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        for c, image in enumerate(pixels):
+            tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(
+                (cell_w, cell_h), Image.NEAREST
+            )
+            canvas.paste(tile, (label_px + c * (cell_w + pad), top))
+    return canvas
+
+
+def _base_networks(config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    from diffusers import PixArtTransformer2DModel
+
+    folder = resolve_model_folder(
+        config.model.pretrained_path, "transformer", "model.pretrained_path"
+    )
+    return PixArtTransformer2DModel.from_pretrained(folder, use_safetensors=True).to(device).eval()
+
+
+def compare_with_base(
+    config: TrainConfig,
+    export_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    num_steps: Sequence[int] = (1, 2, 4),
+    seeds: Sequence[int] = (0, 1, 2),
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Scores the export and ``config.model.pretrained_path`` at each K on the same seeds, writes
+    the side-by-side PNG and a JSON report into ``out_dir``, returns the report."""
+    if config.data.source != "digits" or config.model.pretrained_path is None:
+        raise ValueError(
+            "the base comparison needs data.source='digits' and model.pretrained_path (a base)"
+        )
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    evaluator = DigitEvaluator(config.data, cache_dir=cache_dir)
+    tuned_config, tuned, decode = load_export(export_dir, device)
+    base = _base_networks(config, device)
+    models = {"base": (base, config), "finetuned": (tuned, tuned_config)}
+    scores = {
+        name: score_networks(
+            networks,
+            model_config,
+            decode,
+            evaluator,
+            num_steps=num_steps,
+            seeds=seeds,
+            device=device,
+        )
+        for name, (networks, model_config) in models.items()
+    }
+    # The grid: digits 0..9 once per row, sampling seed = the first scoring seed.
+    cond, _ = digit_prompts(evaluator.train_set, 1)
+    decode_pixels = build_autoencoder(config.model).to(device).decode
+    rows = []
+    for k in num_steps:
+        schedule = build_schedule(config.sampler, k)
+        for name, (networks, _) in models.items():
+            pixels = generate_pixels(
+                networks,
+                schedule,
+                decode_pixels,
+                cond,
+                evaluator.train_set.latent_shape,
+                seed=seeds[0],
+                device=device,
+            )
+            fd = scores[name][str(k)].get("fd_mean")
+            label = f"{name} K={k}" + ("" if fd is None else f"\nFD {fd:.1f}")
+            rows.append((label, pixels))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = out_dir / GRID_NAME
+    side_by_side(rows).save(grid)
+    report = {
+        "metric": "digit-classifier Fréchet distance to the held-out digits (lower is better)",
+        "prompts": [f"digit {w}" for w in DIGIT_WORDS],
+        "per_class": evaluator.per_class,
+        "seeds": list(seeds),
+        "base": str(config.model.pretrained_path),
+        "finetuned": str(export_dir),
+        "grid": str(grid),
+        "num_steps": {str(k): {name: scores[name][str(k)] for name in models} for k in num_steps},
+    }
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """One line: FD of base and fine-tuned per K (mean ± std over the seeds) and the change."""
+    parts = []
+    for k, by_model in report["num_steps"].items():
+        base, tuned = by_model["base"], by_model["finetuned"]
+        if "fd_mean" not in base or "fd_mean" not in tuned:
+            continue
+        change = 100.0 * (tuned["fd_mean"] - base["fd_mean"]) / base["fd_mean"]
+        parts.append(
+            f"K={k} {base['fd_mean']:.1f} ± {base['fd_std']:.1f} -> "
+            f"{tuned['fd_mean']:.1f} ± {tuned['fd_std']:.1f} ({change:+.0f}%)"
+        )
+    seeds = len(report["seeds"])
+    return f"FD base -> fine-tuned (digit classifier, mean ± std over {seeds} seeds): " + (
+        "; ".join(parts)
+    )
