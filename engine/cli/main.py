@@ -1,4 +1,4 @@
-"""The ``e2ed2`` command: ``train``, ``precompute``, ``sample``, ``evaluate``."""
+"""The ``e2ed2`` command: ``train``, ``precompute``, ``sample``, ``evaluate``, ``reward-model``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ commands:
   precompute  encode an image folder with captions into latent shards (local VAE + T5)
   sample      write a PNG grid of K-step samples from an export or checkpoint
   evaluate    score an export's samples at several K (digits: classifier FD and accuracy)
+  reward-model  fit the digit reward classifier for objective.reward_path (OUT.safetensors)
 
 exit codes: 0 done, 2 bad input (nothing changed), 1 stopped (bad data, NaN steps, full disk,
 or a bug), 130 / 143 SIGINT / SIGTERM; --debug (or E2ED2_DEBUG=1) prints tracebacks
@@ -44,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .evaluate import main as evaluate_main
 
         return evaluate_main(rest)
+    if command == "reward-model":
+        from .reward_model import main as reward_model_main
+
+        return reward_model_main(rest)
     print(f"e2ed2: unknown command {command!r}\n{_USAGE}", file=sys.stderr, end="")
     return 2
 

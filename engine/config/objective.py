@@ -15,7 +15,14 @@ LpipsNet = Literal["vgg", "alex", "squeeze"]
 EnergySpace = Literal["latent", "pixels"]
 TeacherSampler = Literal["ddim", "lcm"]
 
-_WEIGHTS = ("l1_weight", "l2_weight", "lpips_weight", "energy_weight", "teacher_weight")
+_WEIGHTS = (
+    "l1_weight",
+    "l2_weight",
+    "lpips_weight",
+    "energy_weight",
+    "teacher_weight",
+    "reward_weight",
+)
 #: The smallest image side (pixels) each LPIPS backbone accepts: below it a pooling layer sees an
 #: empty input. Measured with the lpips 0.1.4 networks.
 LPIPS_MIN_SIZE_PX: dict[str, int] = {"vgg": 16, "alex": 31, "squeeze": 17}
@@ -82,6 +89,19 @@ class ObjectiveConfig:
     """The teacher's sampler: deterministic DDIM over the student's schedule (trailing spacing,
     eta 0), or the student's own sampler (then teacher_steps = K reproduces the student).
     """
+    reward_weight: float = 0.0
+    """Weight of the differentiable reward term, -mean reward of the decoded final sample
+    (DRaFT / AlignProp; objectives/reward.py). Digits: the log-probability of the prompted digit
+    under the frozen classifier in reward_path (not the evaluator's network). Combine with
+    trajectory.truncation = last_k / random_k (DRaFT-K / AlignProp) to backpropagate through the
+    last sampler steps only. Regulariser against reward hacking, the distance to the frozen base:
+    teacher_weight > 0 with teacher_sampler = "lcm" and teacher_steps = trajectory.num_steps
+    (the base model's own K-step sample from the same noise).
+    """
+    reward_path: str | None = None
+    """Local safetensors file of the reward model (needed when reward_weight > 0); written by
+    `python -m e2ed2.engine.cli.reward_model OUT.safetensors`.
+    """
 
     def __post_init__(self) -> None:
         check_fields("objective", self)
@@ -102,12 +122,21 @@ class ObjectiveConfig:
         if self.teacher_steps < 1:
             raise ValueError(f"objective.teacher_steps must be >= 1, got {self.teacher_steps}")
         if self.kind == "diffusion":
-            for key in ("l1_weight", "lpips_weight", "energy_weight", "teacher_weight"):
+            for key in _WEIGHTS:
+                if key == "l2_weight":
+                    continue
                 if getattr(self, key) > 0:
                     raise ValueError(
                         f"objective.{key} applies to kind='e2ed2' only; kind='diffusion' is the "
                         "MSE of the network's prediction (eq. 3), set it to 0"
                     )
+        if self.reward_path is not None and not self.reward_path:
+            raise ValueError("objective.reward_path is empty; leave it unset instead")
+        if self.reward_weight > 0 and self.reward_path is None:
+            raise ValueError(
+                "objective.reward_weight > 0 needs objective.reward_path (a local reward model "
+                "file; `python -m e2ed2.engine.cli.reward_model OUT.safetensors` writes one)"
+            )
         if self.lpips_backbone_path is not None and not self.lpips_backbone_path:
             raise ValueError("objective.lpips_backbone_path is empty; leave it unset instead")
         if self.lpips_backbone_path is not None and self.lpips_random_backbone:
@@ -128,11 +157,18 @@ class ObjectiveConfig:
 
     @property
     def needs_pixels(self) -> bool:
-        """Whether the objective compares decoded pixels (LPIPS, or the energy score in pixel
-        space). The GAN needs them too."""
+        """Whether the objective reads decoded pixels (LPIPS, the reward, or the energy score in
+        pixel space). The GAN needs them too."""
         return self.kind == "e2ed2" and (
-            self.lpips_weight > 0 or (self.energy_weight > 0 and self.energy_space == "pixels")
+            self.lpips_weight > 0
+            or self.reward_weight > 0
+            or (self.energy_weight > 0 and self.energy_space == "pixels")
         )
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether the objective reads each sample's prompt label (the digit reward)."""
+        return self.kind == "e2ed2" and self.reward_weight > 0
 
     @property
     def weights(self) -> dict[str, float]:
@@ -143,5 +179,6 @@ class ObjectiveConfig:
             "lpips": self.lpips_weight,
             "energy": self.energy_weight,
             "teacher": self.teacher_weight,
+            "reward": self.reward_weight,
         }
         return {name: float(w) for name, w in named.items() if w > 0}

@@ -22,7 +22,8 @@ With the start noise independent of the target, L1 / L2 / LPIPS to the data are 
 per-prompt mean (median) image. Two well-posed terms fix that, mixable with the others by weight:
 ``energy`` (a strictly proper scoring rule over m samples per prompt, :mod:`.energy`) and
 ``teacher`` (a target paired with the start noise: a frozen teacher's many-step sample from the
-same noise, :mod:`.teacher`). The seam is :meth:`E2ED2Loss.forward`: the final samples of the
+same noise, :mod:`.teacher`); ``reward`` maximises a frozen differentiable scorer of the decoded
+sample (DRaFT / AlignProp, :mod:`.reward`). The seam is :meth:`E2ED2Loss.forward`: the final samples of the
 unroll (m per prompt), the data target, and what the frozen helpers produced (decoded pixels,
 the teacher's sample); it returns named terms and their weighted ``total``. A new term is a
 module here plus its fields in ``config/objective.py``.
@@ -49,6 +50,7 @@ from ..config.objective import LPIPS_MIN_SIZE_PX, TORCHVISION_MODELS, ObjectiveC
 from ..config.sampler import SamplerConfig
 from ..core.network import Conditioning, denoise
 from .energy import energy_score
+from .reward import digit_log_prob_reward, load_reward_model
 
 __all__ = [
     "LPIPS_MIN_SIZE_PX",
@@ -177,6 +179,8 @@ class E2ED2Loss(nn.Module):
         # Plain attributes, not submodules (see the class docstring).
         object.__setattr__(self, "_decode", decode)
         object.__setattr__(self, "_lpips", build_lpips(config) if config.lpips_weight > 0 else None)
+        reward = load_reward_model(config.reward_path) if config.reward_weight > 0 else None
+        object.__setattr__(self, "_reward", reward)
 
     @property
     def lpips_network(self) -> nn.Module | None:
@@ -184,18 +188,29 @@ class E2ED2Loss(nn.Module):
         return self._lpips
 
     @property
+    def reward_model(self) -> nn.Module | None:
+        """The frozen reward model (None when ``reward_weight`` is 0)."""
+        return self._reward
+
+    @property
     def needs_pixels(self) -> bool:
-        """Whether :meth:`forward` uses decoded pixels (LPIPS on)."""
+        """Whether :meth:`forward` uses decoded pixels (LPIPS, reward, pixel-space energy)."""
         return self.config.needs_pixels
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether :meth:`forward` needs ``labels`` (the digit reward)."""
+        return self.config.needs_labels
 
     def _apply(self, fn: Callable, recurse: bool = True) -> E2ED2Loss:
         super()._apply(fn, recurse)
-        if self._lpips is not None:
-            self._lpips._apply(fn)
+        for frozen in (self._lpips, self._reward):
+            if frozen is not None:
+                frozen._apply(fn)
         return self
 
     def train(self, mode: bool = True) -> E2ED2Loss:
-        super().train(mode)  # the LPIPS network is not a child: it stays in eval mode
+        super().train(mode)  # the frozen networks are not children: they stay in eval mode
         return self
 
     def decode_sample(self, sample: torch.Tensor) -> torch.Tensor:
@@ -247,9 +262,10 @@ class E2ED2Loss(nn.Module):
         target_pixels: torch.Tensor | None = None,
         samples_per_prompt: int = 1,
         teacher_sample: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The enabled terms (``l1``, ``l2``, ``lpips``, ``energy``, ``teacher``) and their
-        weighted sum ``"total"``, each the unweighted batch mean (float32).
+        """The enabled terms (``l1``, ``l2``, ``lpips``, ``energy``, ``teacher``, ``reward``) and
+        their weighted sum ``"total"``, each the unweighted batch mean (float32).
 
         ``sample``: the final latents ẑ0 (B·m, C, h, w) with their graph, grouped by prompt (rows
         ``i·m .. i·m+m-1`` share prompt i, m = ``samples_per_prompt``); ``target``: the data z0 of
@@ -258,7 +274,8 @@ class E2ED2Loss(nn.Module):
         e.g. shared with the GAN term, else they are decoded here). ``energy`` scores each
         prompt's m samples against its target (objectives/energy.py); ``teacher`` is the squared
         L2 to ``teacher_sample``, the frozen teacher's sample from the same start noise
-        (objectives/teacher.py).
+        (objectives/teacher.py); ``reward`` is minus the mean reward of the sample's pixels for
+        its prompt, ``labels`` (B·m,) the prompted digit of each row (objectives/reward.py).
         """
         if sample.shape != target.shape:
             raise ValueError(
@@ -297,6 +314,13 @@ class E2ED2Loss(nn.Module):
             if teacher_sample is None:
                 raise ValueError("objective.teacher_weight > 0 but no teacher sample was given")
             terms["teacher"] = F.mse_loss(sample.float(), teacher_sample.float())
+        if "reward" in weights:
+            if labels is None:
+                raise ValueError(
+                    "objective.reward_weight > 0 but no labels were given (the prompted digit of "
+                    "each sample)"
+                )
+            terms["reward"] = -digit_log_prob_reward(self._reward, sample_pixels, labels).mean()
         terms["total"] = sum(weights[name] * terms[name] for name in weights)
         return terms
 
