@@ -24,7 +24,11 @@ setup(
     python_requires=">=3.10",
     packages=_PACKAGES,
     package_dir={name: folder for folder, name in {**_FOLDERS, **_DATA}.items()},
-    package_data={"e2ed2.configs": ["*.toml"], "e2ed2.ds_configs": ["*.json"]},
+    # digits_base/: the embedded preset's pretrained digits denoiser (1.3 MB, configs/digits_base/README.md).
+    package_data={
+        "e2ed2.configs": ["*.toml", "digits_base/*.json", "digits_base/*.safetensors"],
+        "e2ed2.ds_configs": ["*.json"],
+    },
     install_requires=[
         # A plain `torch` requirement lets pip pick the registry's default build (CUDA), whose
         # torchvision ops load; the lpips package needs torchvision.

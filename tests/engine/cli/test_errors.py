@@ -11,7 +11,7 @@ import pytest
 
 from e2ed2.engine.config import config_to_toml, load_config
 
-TINY = ["model.num_layers=1", "data.resolution=8", "trajectory.num_steps=2"]
+TINY = ["--config", "scratch", "model.num_layers=1", "data.resolution=8", "trajectory.num_steps=2"]
 
 
 def _check(err: str, prog: str, *names: str) -> None:

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_the_shipped_presets_are_the_configs_folder() -> None:
     assert set(shipped_presets()) == {p.stem for p in (ROOT / "configs").glob("*.toml")}
     assert set(shipped_ds_configs()) == {p.stem for p in (ROOT / "ds_configs").glob("*.json")}
-    assert {"embedded", "pixart_alpha_512", "pixart_alpha_1024"} <= set(shipped_presets())
+    assert {"embedded", "scratch", "pixart_alpha_512", "pixart_alpha_1024"} <= set(shipped_presets())
 
 
 @pytest.mark.parametrize("name", sorted(shipped_presets()))
@@ -62,8 +62,8 @@ def load_config_text(text: str) -> TrainConfig:
     return load_config(f.name)
 
 
-def test_the_embedded_preset_is_the_default() -> None:
-    assert load_config("embedded") == load_config(None)
+def test_the_scratch_preset_is_the_dataclass_default() -> None:
+    assert load_config("scratch") == load_config(None)
 
 
 @pytest.mark.parametrize("name", sorted(shipped_ds_configs()))

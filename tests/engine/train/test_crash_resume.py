@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 TINY = [
+    "--config",
+    "scratch",
     "model.num_layers=2",
     "run.batch_per_rank=2",
     "run.log_every_steps=1",

@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 # Small and fast: 2 transformer blocks, 16x16 digits, batch 2 per rank.
 TINY = [
+    "--config",
+    "scratch",
     "model.num_layers=2",
     "run.batch_per_rank=2",
     "run.log_every_steps=1",

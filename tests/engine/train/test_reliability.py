@@ -30,6 +30,8 @@ from e2ed2.engine.train.launch import check_launch
 ENGINE = Path(__file__).parents[3] / "engine"
 # A trainer that builds in seconds: 1 block, 8x8 digits, K = 2.
 TINY = [
+    "--config",
+    "scratch",
     "model.num_layers=1",
     "model.num_attention_heads=2",
     "model.attention_head_dim=8",

@@ -26,6 +26,8 @@ from e2ed2.engine.train.checkpoint import MARKER, verify_checkpoint
 from e2ed2.engine.train.distributed import free_port
 
 TINY = [
+    "--config",
+    "scratch",
     "model.num_layers=1",
     "model.num_attention_heads=2",
     "model.attention_head_dim=8",
