@@ -53,3 +53,16 @@ def test_zero3_traffic_smoke(tmp_path: Path) -> None:
         assert rows["zero3_reuse", k]["all_gather_bytes"] <= rows["zero3", k]["all_gather_bytes"]
         assert rows["zero3_reuse", k]["all_gather_over_param_bytes"] <= 1.1
     assert max(result["max_relative_weight_difference_after_3_iterations"].values()) <= 1e-6
+
+
+def test_objective_cost_smoke(tmp_path: Path) -> None:
+    """m = 1, 2, 4 side by side: more rows per step hold more live bytes, and every row carries
+    the teacher's cost at both step counts."""
+    result = _smoke("bench_objective_cost.py", tmp_path, timeout=300)
+    rows = {r["m"]: r for r in result["rows"]}
+    assert sorted(rows) == [1, 2, 4]
+    assert rows[1]["peak_over_m1"] == 1.0
+    assert rows[1]["peak_bytes"] < rows[2]["peak_bytes"] < rows[4]["peak_bytes"]
+    assert [rows[m]["objective"] for m in (1, 2, 4)] == ["l2", "energy", "energy"]
+    for row in rows.values():
+        assert row["teacher2_seconds"] > 0 and row["teacher4_peak_bytes"] > 0

@@ -177,3 +177,14 @@ def test_one_trainer_step_with_reward_truncation_and_the_distance_to_the_base(
     assert 0 < terms["reward"] < 20 and terms["total"] == pytest.approx(terms["reward"])
     after = list(trainer.engine.module.parameters())
     assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+def test_the_reward_model_command_writes_a_loadable_file(tmp_path, capsys) -> None:
+    from e2ed2.engine.cli.main import main
+
+    out = tmp_path / "reward.safetensors"
+    assert main(["reward-model", str(out), "--epochs", "1", "--resolution", "8"]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    model = load_reward_model(out)
+    assert isinstance(model, DigitRewardMLP)
+    assert main(["reward-model", str(tmp_path / "no_such_dir" / "r.safetensors")]) == 2
