@@ -104,13 +104,14 @@ class ObjectiveConfig:
     """
 
     def __post_init__(self) -> None:
-        check_fields("objective", self)
+        # The weights first: their message says the whole rule (finite and >= 0).
         for key in _WEIGHTS:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"objective.{key} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"objective.{key} must be a finite number >= 0, got {value}")
+        check_fields("objective", self)
         if self.kind == "e2ed2" and not any(getattr(self, key) > 0 for key in _WEIGHTS):
             raise ValueError(
                 f"objective: kind='e2ed2' needs at least one positive weight among {list(_WEIGHTS)}"

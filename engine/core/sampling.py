@@ -46,11 +46,21 @@ def generate_pixels(
     return decode(sample).float().clamp(-1, 1)
 
 
-def save_grid(pixels: torch.Tensor, path: str | Path, nrow: int = 10) -> torch.Tensor:
-    """Writes a PNG grid of [-1, 1] images; returns the grid (C, H, W) in [0, 1]."""
+def save_grid(
+    pixels: torch.Tensor, path: str | Path, nrow: int = 10, *, min_side_px: int = 64
+) -> torch.Tensor:
+    """Writes a PNG grid of [-1, 1] images; returns the grid (C, H, W) in [0, 1].
+
+    Images smaller than ``min_side_px`` (the 16-px digits) are upscaled by an integer factor
+    with nearest-neighbour first, so the grid shows sharp, readable pixels.
+    """
+    import torch.nn.functional as F
     import torchvision
 
-    grid = torchvision.utils.make_grid((pixels + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
+    side = min(pixels.shape[-2:])
+    if side < min_side_px:
+        pixels = F.interpolate(pixels.float(), scale_factor=-(-min_side_px // side), mode="nearest")
+    grid = torchvision.utils.make_grid((pixels + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torchvision.utils.save_image(grid, str(path))

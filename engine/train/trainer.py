@@ -95,6 +95,8 @@ class Trainer:
         )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        elif run.cpu_threads:
+            torch.set_num_threads(run.cpu_threads)
         torch.manual_seed(derive_seed(run.seed, "torch", self.rank))
         self.output_dir = Path(run.output_dir)
         # The resume decision reads the output folder only: nothing is written into it before,
