@@ -11,7 +11,9 @@ import pytest
 
 from e2ed2.engine.config import config_to_toml, load_config
 
-TINY = ["--config", "scratch", "model.num_layers=1", "data.resolution=8", "trajectory.num_steps=2"]
+TINY = ["model.num_layers=1", "data.resolution=8", "trajectory.num_steps=2"]
+# `e2ed2 train` defaults to the embedded main job; these tests train the from-scratch toy.
+TRAIN = ["--config", "scratch", *TINY]
 
 
 def _check(err: str, prog: str, *names: str) -> None:
@@ -41,7 +43,7 @@ def test_a_bad_value_is_refused_by_the_dry_run(
     from e2ed2.engine.cli.main import main
 
     out = tmp_path / "run"
-    assert main(["train", "--dry-run", *TINY, f"run.output_dir={out}", override]) == 2
+    assert main(["train", "--dry-run", *TRAIN, f"run.output_dir={out}", override]) == 2
     _check(capsys.readouterr().err, "e2ed2 train: config error:", named)
     assert not out.exists()
 
@@ -63,7 +65,7 @@ def test_ddim_steps_beyond_its_schedule_and_path_kinds_are_refused(
         (["data.source=shards", f"data.shard_dir={a_file}"], "data.shard_dir"),
     ):
         before = a_file.read_text()
-        assert main(["train", "--dry-run", *TINY, *overrides]) == 2, overrides
+        assert main(["train", "--dry-run", *TRAIN, *overrides]) == 2, overrides
         _check(capsys.readouterr().err, "e2ed2 train:", named)
         assert a_file.read_text() == before
 
@@ -117,7 +119,7 @@ def test_a_bug_is_one_line_and_debug_shows_its_traceback(
         raise RuntimeError("an invariant broke")
 
     monkeypatch.setattr(trainer_module.Trainer, "__init__", broken)
-    argv = ["train", *TINY, f"run.output_dir={tmp_path / 'run'}"]
+    argv = ["train", *TRAIN, f"run.output_dir={tmp_path / 'run'}"]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -144,5 +146,5 @@ def test_an_unwritable_file_is_named_with_exit_2(
         raise PermissionError(13, "Permission denied", "/data/shards/index.json")
 
     monkeypatch.setattr(trainer_module.Trainer, "__init__", denied)
-    assert main(["train", *TINY, f"run.output_dir={tmp_path / 'run'}"]) == 2
+    assert main(["train", *TRAIN, f"run.output_dir={tmp_path / 'run'}"]) == 2
     _check(capsys.readouterr().err, "e2ed2 train: error:", "/data/shards/index.json")

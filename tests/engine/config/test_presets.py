@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_the_shipped_presets_are_the_configs_folder() -> None:
     assert set(shipped_presets()) == {p.stem for p in (ROOT / "configs").glob("*.toml")}
     assert set(shipped_ds_configs()) == {p.stem for p in (ROOT / "ds_configs").glob("*.json")}
-    assert {"embedded", "scratch", "pixart_alpha_512", "pixart_alpha_1024"} <= set(shipped_presets())
+    assert {"embedded", "scratch", "pixart_alpha_512", "pixart_alpha_1024"} <= set(
+        shipped_presets()
+    )
 
 
 @pytest.mark.parametrize("name", sorted(shipped_presets()))

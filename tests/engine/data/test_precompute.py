@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from e2ed2.engine.cli.main import main
+from e2ed2.engine.cli.precompute import main
 from e2ed2.engine.config.data import DataConfig
 from e2ed2.engine.data.batching import build_dataloader
 from e2ed2.engine.data.precompute import load_image, precompute

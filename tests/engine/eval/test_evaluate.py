@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from scipy import linalg
 
-from e2ed2.engine.cli.main import main
+from e2ed2.engine.cli.evaluate import main
 from e2ed2.engine.cli.main import main as cli_main
 from e2ed2.engine.config.data import DataConfig
 from e2ed2.engine.data.shards import INDEX_FORMAT, INDEX_VERSION

@@ -30,8 +30,6 @@ from e2ed2.engine.train.launch import check_launch
 ENGINE = Path(__file__).parents[3] / "engine"
 # A trainer that builds in seconds: 1 block, 8x8 digits, K = 2.
 TINY = [
-    "--config",
-    "scratch",
     "model.num_layers=1",
     "model.num_attention_heads=2",
     "model.attention_head_dim=8",
@@ -491,6 +489,8 @@ def test_nonfinite_steps_in_a_row_stop_after_a_checkpoint(
 
     _poison(monkeypatch, loss_steps=set(range(3, 100)))
     argv = [
+        "--config",
+        "scratch",
         *TINY,
         f"run.output_dir={tmp_path}",
         "run.max_steps=10",

@@ -26,8 +26,6 @@ from e2ed2.engine.train.checkpoint import MARKER, verify_checkpoint
 from e2ed2.engine.train.distributed import free_port
 
 TINY = [
-    "--config",
-    "scratch",
     "model.num_layers=1",
     "model.num_attention_heads=2",
     "model.attention_head_dim=8",
@@ -62,7 +60,7 @@ def world_of_one():
 def _train(output_dir: Path, *overrides: str) -> int:
     from e2ed2.engine.cli.train import main
 
-    return main([*TINY, f"run.output_dir={output_dir}", *overrides])
+    return main(["--config", "scratch", *TINY, f"run.output_dir={output_dir}", *overrides])
 
 
 @pytest.fixture(scope="module")
