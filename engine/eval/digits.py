@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 
 from ..config.data import DataConfig
 from ..data.digits import DigitsDataset, digit_prompt
+from ..objectives.reward import fit_classifier
 from .common import frechet_distance, load_export, scored_schedules, seed_summary
 
 __all__ = [
@@ -100,27 +100,19 @@ def train_digit_classifier(
     One-pixel random shifts augment the data so the features do not hinge on exact positions
     (generated digits are rarely pixel-aligned with the training set).
     """
-    g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DigitClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(images) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch
+    return fit_classifier(
+        model,
+        images,
+        labels,
+        augment=lambda batch, g: _random_shift(batch, 1, g),
+        seed=seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
     )
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=g)
-        for start in range(0, len(images), batch_size):
-            rows = order[start : start + batch_size]
-            batch = _random_shift(images[rows], 1, g)
-            loss = F.cross_entropy(model(batch), labels[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval().requires_grad_(False)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,11 +116,40 @@ def fit_digit_reward(
             f"fit_digit_reward needs images (N, 1, H, W) and labels (N,), got "
             f"{tuple(images.shape)} and {tuple(labels.shape)}"
         )
-    g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DigitRewardMLP()
-    images, labels = images.float(), labels.long()
+
+    def add_noise(batch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return batch + noise_std * torch.randn(batch.shape, generator=g)
+
+    return fit_classifier(
+        model,
+        images.float(),
+        labels.long(),
+        augment=add_noise,
+        seed=seed,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+    )
+
+
+def fit_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+) -> nn.Module:
+    """Cross-entropy training of a small image classifier (AdamW, one-cycle LR, shuffled
+    mini-batches through ``augment``), deterministic for a seed and thread count; returns it
+    frozen in eval mode. Shared by the reward model and the evaluator's digit classifier."""
+    g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -130,9 +160,7 @@ def fit_digit_reward(
         order = torch.randperm(len(images), generator=g)
         for start in range(0, len(images), batch_size):
             rows = order[start : start + batch_size]
-            batch = images[rows]
-            batch = batch + noise_std * torch.randn(batch.shape, generator=g)
-            loss = F.cross_entropy(model(batch), labels[rows])
+            loss = F.cross_entropy(model(augment(images[rows], g)), labels[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
