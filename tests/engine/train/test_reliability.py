@@ -648,7 +648,7 @@ def test_training_skips_bad_samples_and_stops_past_the_fraction(
         match=r"samples drawn were bad \(share 0\.\d+ > data\.max_bad_sample_fraction=0\.1\)",
     ):
         strict.train()
-    assert strict.bad_samples / 24 > 0.1 and strict.step < 6
+    assert strict.counters.bad_samples / 24 > 0.1 and strict.step < 6
 
 
 def test_precompute_reports_each_bad_input_by_path_and_goes_on(
@@ -730,7 +730,7 @@ _ONE_RANK_NAN_SCRIPT = """
 import json, sys
 import torch
 from e2ed2.engine.config import load_config
-from e2ed2.engine.trainer import Trainer
+from e2ed2.engine.train.trainer import Trainer
 
 out, tiny, zero3 = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 tiny = json.loads(tiny)
@@ -762,7 +762,7 @@ for ds_config in ("none", zero3):
         json.dump({"moved": moved, "skipped": trainer.counters.skipped_steps,
                    "finite": all(bool(torch.isfinite(t).all()) for t in snapshots[-1])}, f)
 
-from e2ed2.engine.distributed import exit_process
+from e2ed2.engine.train.distributed import exit_process
 exit_process(0)
 """
 
