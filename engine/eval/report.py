@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
-from ..core.models import build_autoencoder, resolve_model_folder
+from ..core.models import resolve_model_folder
 from ..core.sampler import build_schedule
 from ..core.sampling import generate_pixels
 from ..data.digits import DIGIT_WORDS
@@ -105,7 +105,6 @@ def compare_with_base(
     }
     # The grid: digits 0..9 once per row, sampling seed = the first scoring seed.
     cond, _ = digit_prompts(evaluator.train_set, 1)
-    decode_pixels = build_autoencoder(config.model).to(device).decode
     rows = []
     for k in num_steps:
         schedule = build_schedule(config.sampler, k)
@@ -113,7 +112,7 @@ def compare_with_base(
             pixels = generate_pixels(
                 networks,
                 schedule,
-                decode_pixels,
+                decode,
                 cond,
                 evaluator.train_set.latent_shape,
                 seed=seeds[0],
