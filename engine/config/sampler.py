@@ -71,6 +71,15 @@ class SamplerConfig:
     """LCM only: scale of the timestep inside the boundary-condition scalings c_skip / c_out."""
     eta: float = 0.0
     """DDIM only: stochasticity (0 = deterministic DDIM)."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance weight w (Ho & Salimans 2022; diffusers' ``guidance_scale``):
+    each step's network output is ``uncond + w * (cond - uncond)``, both halves from one doubled
+    batch (2x the denoiser cost per step), as ``PixArtAlphaPipeline``. 1.0 = off (one conditional
+    call, as diffusers' ``do_classifier_free_guidance = guidance_scale > 1``); > 1 needs the
+    data's null conditioning (the empty prompt, stored by ``e2ed2 precompute``). Also applies to
+    the teacher, sample grids and evaluation. LCM-distilled checkpoints (PixArt-LCM) have
+    CFG 4.5 distilled in and sample with 1.0; diffusers still guides them if asked, so this does.
+    """
 
     def __post_init__(self) -> None:
         check_fields("sampler", self)
@@ -103,6 +112,12 @@ class SamplerConfig:
             raise ValueError(f"sampler.clip_sample_range must be > 0, got {self.clip_sample_range}")
         if not self.timestep_scaling > 0:
             raise ValueError(f"sampler.timestep_scaling must be > 0, got {self.timestep_scaling}")
+        if not self.guidance_scale >= 1:
+            raise ValueError(
+                f"sampler.guidance_scale must be >= 1 (1.0 = no guidance), got "
+                f"{self.guidance_scale}; diffusers treats every value <= 1 (e.g. PixArt-LCM's 0) "
+                "as no guidance, which is 1.0 here"
+            )
 
     def max_num_steps(self) -> int:
         """The most sampler steps this schedule can give: LCM samples its distillation grid of

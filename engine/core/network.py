@@ -37,11 +37,16 @@ class Conditioning:
     ``added_cond_kwargs``: model-specific extras. PixArt-MS (sample_size 128, e.g.
     PixArt-LCM-XL-2-1024-MS) needs ``resolution`` (B, 2) = image (height, width) in pixels and
     ``aspect_ratio`` (B, 1) = height / width, both float (see :func:`pixart_size_conditions`).
+    ``unconditional``: the null conditioning of classifier-free guidance (the empty prompt
+    encoded as the prompts are, PixArt's negative prompt ""): states (1 or B, L, D) with the
+    same L and D, its mask or None, no ``added_cond_kwargs`` (both halves of a guided batch share
+    the batch's size conditions). Read by :func:`denoise` only when it guides.
     """
 
     encoder_hidden_states: torch.Tensor
     encoder_attention_mask: torch.Tensor | None = None
     added_cond_kwargs: Mapping[str, torch.Tensor | None] | None = None
+    unconditional: Conditioning | None = None
 
     def __post_init__(self) -> None:
         states, mask = self.encoder_hidden_states, self.encoder_attention_mask
@@ -62,6 +67,19 @@ class Conditioning:
                     f"added_cond_kwargs[{name!r}] must be ({batch}, {width}), "
                     f"got {tuple(value.shape)}"
                 )
+        null = self.unconditional
+        if null is not None:
+            shape = tuple(null.encoder_hidden_states.shape)
+            if shape[0] not in (1, batch) or shape[1:] != tuple(states.shape[1:]):
+                raise ValueError(
+                    f"unconditional states must be (1 or {batch}, {states.shape[1]}, "
+                    f"{states.shape[2]}) like the prompts' (the empty prompt padded to the same "
+                    f"length), got {shape}"
+                )
+            if null.added_cond_kwargs or null.unconditional is not None:
+                raise ValueError(
+                    "the unconditional part has no added_cond_kwargs or unconditional of its own"
+                )
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
         """On ``device``; the text states in ``dtype`` (default: theirs). The mask keeps its
@@ -74,10 +92,12 @@ class Conditioning:
                 for k, v in self.added_cond_kwargs.items()
             }
         mask = self.encoder_attention_mask
+        null = self.unconditional
         return Conditioning(
             self.encoder_hidden_states.to(device, dtype),
             None if mask is None else mask.to(device),
             added,
+            None if null is None else null.to(device, dtype),
         )
 
     def select(self, rows: slice) -> Conditioning:
@@ -86,9 +106,16 @@ class Conditioning:
         added = None
         if self.added_cond_kwargs is not None:
             added = {k: None if v is None else v[rows] for k, v in self.added_cond_kwargs.items()}
+        null = self.unconditional
+        if null is not None and null.encoder_hidden_states.shape[0] != 1:
+            null = null.select(rows)
         return Conditioning(
-            self.encoder_hidden_states[rows], None if mask is None else mask[rows], added
+            self.encoder_hidden_states[rows], None if mask is None else mask[rows], added, null
         )
+
+    def with_unconditional(self, null: Conditioning | None) -> Conditioning:
+        """This conditioning with ``null`` as its :attr:`unconditional` part."""
+        return dataclasses.replace(self, unconditional=null)
 
 
 # PixArt-MS's size conditions and their widths per sample.
@@ -126,17 +153,27 @@ def _forward_parameters(cls: type) -> frozenset[str]:
 
 
 def denoise(
-    model: nn.Module, sample: torch.Tensor, timestep: int | torch.Tensor, cond: Conditioning
+    model: nn.Module,
+    sample: torch.Tensor,
+    timestep: int | torch.Tensor,
+    cond: Conditioning,
+    *,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Raw network prediction (epsilon / v / x0, per the model) for ``sample`` at ``timestep``.
 
-    ``timestep``: one int for the whole batch (sampler steps), or a (B,) integer tensor (one per
-    sample, as the diffusion objective draws them).
+    ``timestep``: one int (LCM / DDIM) or float (flow matching) for the whole batch (sampler
+    steps), or a (B,) tensor (one per sample, as the diffusion objective draws them).
 
     ``sample``: (B, C, H, W) latent. Returns (B, C, H, W); of a learned-sigma model's 2C output
     channels only the first C (the mean prediction) are returned, as diffusers' pipelines do.
+
+    ``guidance_scale`` w > 1: classifier-free guidance exactly as ``PixArtAlphaPipeline``: one
+    network call on the doubled batch (rows 0..B-1 ``cond.unconditional``, rows B..2B-1 the
+    prompts; sample, timesteps and size conditions repeated), then
+    ``uncond + w * (text - uncond)`` on the raw output, then the learned-sigma split. 1.0: the
+    conditional call alone (no guidance, diffusers' ``guidance_scale <= 1``).
     """
-    accepted = _forward_parameters(type(unwrap(model)))
     batch = sample.shape[0]
     if cond.encoder_hidden_states.shape[0] != batch:
         raise ValueError(
@@ -147,7 +184,68 @@ def denoise(
             raise ValueError(f"timestep tensor must be ({batch},), got {tuple(timestep.shape)}")
         timesteps = timestep.to(sample.device)
     else:
-        timesteps = torch.full((batch,), timestep, dtype=torch.long, device=sample.device)
+        # LCM / DDIM step at integer timesteps; flow matching at float ones (sigma * 1000, as
+        # the SD3 pipeline passes them: float32, never rounded to an integer).
+        dtype = torch.float32 if isinstance(timestep, float) else torch.long
+        timesteps = torch.full((batch,), timestep, dtype=dtype, device=sample.device)
+    if not guidance_scale >= 1:
+        raise ValueError(f"guidance_scale must be >= 1 (1.0 = no guidance), got {guidance_scale}")
+    if guidance_scale > 1:
+        doubled = _guidance_batch(cond, guidance_scale)
+        out = _network_output(
+            model, torch.cat([sample, sample]), torch.cat([timesteps, timesteps]), doubled
+        )
+        out_uncond, out_text = out.chunk(2)
+        out = out_uncond + guidance_scale * (out_text - out_uncond)
+    else:
+        out = _network_output(model, sample, timesteps, cond)
+    channels = sample.shape[1]
+    if out.shape[1] == 2 * channels:
+        out = out[:, :channels]
+    elif out.shape[1] != channels:
+        raise ValueError(
+            f"denoiser returned {out.shape[1]} channels for a {channels}-channel sample "
+            f"(expected {channels} or {2 * channels} with learned sigma)"
+        )
+    return out
+
+
+def _guidance_batch(cond: Conditioning, guidance_scale: float) -> Conditioning:
+    """The 2B-row conditioning of a guided call: [unconditional; prompts], as the pipeline
+    concatenates ``negative_prompt_embeds`` before ``prompt_embeds`` (same for the masks); the
+    size conditions are the batch's own, twice."""
+    null = cond.unconditional
+    if null is None:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs the unconditional (empty-prompt) conditioning: "
+            "Conditioning(..., unconditional=...); latent shards store it in "
+            "null_condition.safetensors (`e2ed2 precompute`)"
+        )
+    states = cond.encoder_hidden_states
+    batch, length = states.shape[:2]
+    null_states = null.encoder_hidden_states.to(states.dtype).expand(batch, -1, -1)
+    mask, null_mask = cond.encoder_attention_mask, null.encoder_attention_mask
+    if mask is not None or null_mask is not None:
+        # A missing mask means "every token is real".
+        like = mask if mask is not None else null_mask
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=like.dtype, device=like.device)
+        if null_mask is None:
+            null_mask = torch.ones_like(mask)
+        mask = torch.cat([null_mask.to(mask.dtype).expand(batch, -1), mask])
+    added = None
+    if cond.added_cond_kwargs is not None:
+        added = {
+            k: None if v is None else torch.cat([v, v]) for k, v in cond.added_cond_kwargs.items()
+        }
+    return Conditioning(torch.cat([null_states, states]), mask, added)
+
+
+def _network_output(
+    model: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+) -> torch.Tensor:
+    """The model's raw output tensor (all its channels) for a (B,) ``timesteps`` tensor."""
+    accepted = _forward_parameters(type(unwrap(model)))
     kwargs: dict[str, object] = {
         "timestep": timesteps,
         "encoder_hidden_states": cond.encoder_hidden_states,
@@ -182,14 +280,6 @@ def denoise(
         out = out[0]
     elif not isinstance(out, torch.Tensor):
         out = out.sample
-    channels = sample.shape[1]
-    if out.shape[1] == 2 * channels:
-        out = out[:, :channels]
-    elif out.shape[1] != channels:
-        raise ValueError(
-            f"denoiser returned {out.shape[1]} channels for a {channels}-channel sample "
-            f"(expected {channels} or {2 * channels} with learned sigma)"
-        )
     return out
 
 
@@ -220,9 +310,13 @@ def repeat_conditioning(cond: Conditioning, repeats: int) -> Conditioning:
         return None if value is None else value.repeat_interleave(repeats, dim=0)
 
     extras = cond.added_cond_kwargs
+    null = cond.unconditional
+    if null is not None and null.encoder_hidden_states.shape[0] != 1:  # one null per prompt
+        null = repeat_conditioning(null, repeats)
     return dataclasses.replace(
         cond,
         encoder_hidden_states=rep(cond.encoder_hidden_states),
         encoder_attention_mask=rep(cond.encoder_attention_mask),
         added_cond_kwargs=None if extras is None else {k: rep(v) for k, v in extras.items()},
+        unconditional=null,
     )

@@ -117,7 +117,9 @@ def _one_step(
     sample: torch.Tensor,
     noise: torch.Tensor | None,
 ) -> torch.Tensor:
-    model_output = denoise(network, sample, schedule.timestep(index), cond)
+    # CFG (sampler.guidance_scale > 1) doubles the batch in here, inside the checkpoint region.
+    scale = schedule.config.guidance_scale
+    model_output = denoise(network, sample, schedule.timestep(index), cond, guidance_scale=scale)
     return schedule.step(index, model_output, sample, noise)
 
 
