@@ -13,7 +13,7 @@ __all__ = ["LPIPS_MIN_SIZE_PX", "TORCHVISION_MODELS", "ObjectiveConfig", "Object
 ObjectiveKind = Literal["e2ed2", "diffusion"]
 LpipsNet = Literal["vgg", "alex", "squeeze"]
 EnergySpace = Literal["latent", "pixels"]
-TeacherSampler = Literal["ddim", "lcm"]
+TeacherSampler = Literal["ddim", "lcm", "flow_euler"]
 
 _WEIGHTS = (
     "l1_weight",
@@ -87,7 +87,8 @@ class ObjectiveConfig:
     """Sampler steps of the teacher (more than trajectory.num_steps: a better sample)."""
     teacher_sampler: TeacherSampler = "ddim"
     """The teacher's sampler: deterministic DDIM over the student's schedule (trailing spacing,
-    eta 0), or the student's own sampler (then teacher_steps = K reproduces the student).
+    eta 0), or the student's own sampler (then teacher_steps = K reproduces the student). A flow
+    matching student (sampler.kind = "flow_euler", itself deterministic) needs "flow_euler".
     """
     reward_weight: float = 0.0
     """Weight of the differentiable reward term, -mean reward of the decoded final sample

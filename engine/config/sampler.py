@@ -1,4 +1,5 @@
-"""``[sampler]``: the noise schedule and few-step sampler (diffusers' LCM / DDIM fields)."""
+"""``[sampler]``: the noise schedule and few-step sampler (diffusers' LCM / DDIM fields, and
+``FlowMatchEulerDiscreteScheduler``'s for flow matching: SD3 / SD3.5)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
 __all__ = [
+    "BETA_SCHEDULE_FIELDS",
+    "FLOW_FIELDS",
     "SCHEDULER_CLASS_NAMES",
     "PredictionType",
     "SamplerConfig",
@@ -21,30 +24,91 @@ __all__ = [
     "check_num_steps",
 ]
 
-SamplerKind = Literal["lcm", "ddim"]
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+SamplerKind = Literal["lcm", "ddim", "flow_euler"]
+#: ``flow_prediction`` (diffusers' name): the network predicts the flow velocity ``noise - x0``;
+#: the only choice of ``flow_euler``, and not one of LCM / DDIM.
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow_prediction"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 
 #: The diffusers scheduler class each sampler kind is checked against (and exported as).
-SCHEDULER_CLASS_NAMES: dict[str, str] = {"lcm": "LCMScheduler", "ddim": "DDIMScheduler"}
+SCHEDULER_CLASS_NAMES: dict[str, str] = {
+    "lcm": "LCMScheduler",
+    "ddim": "DDIMScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
+}
+#: Fields of the discrete beta schedule (LCM / DDIM): they do not apply to ``flow_euler``.
+BETA_SCHEDULE_FIELDS = (
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "rescale_betas_zero_snr",
+    "timestep_spacing",
+    "steps_offset",
+    "set_alpha_to_one",
+    "clip_sample",
+    "clip_sample_range",
+    "original_inference_steps",
+    "timestep_scaling",
+    "eta",
+)
+#: Fields of diffusers' FlowMatchEulerDiscreteScheduler: they apply to ``flow_euler`` only.
+FLOW_FIELDS = (
+    "shift",
+    "use_dynamic_shifting",
+    "base_shift",
+    "max_shift",
+    "base_image_seq_len",
+    "max_image_seq_len",
+)
+# FlowMatchEulerDiscreteScheduler options this sampler does not model, and their "off" values: a
+# scheduler config holding any other value is refused instead of being silently dropped.
+_FLOW_OPTIONS_OFF: dict[str, Any] = {
+    "invert_sigmas": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "time_shift_type": "exponential",
+    "stochastic_sampling": False,
+}
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """The noise schedule and few-step sampler. Defaults: the paper's LCM with a linear schedule.
 
-    Field names and meanings are those of diffusers' ``LCMScheduler`` / ``DDIMScheduler``. To match
-    a pretrained checkpoint, build it from the checkpoint's ``scheduler_config.json`` with
-    :meth:`from_diffusers_config` (PixArt-LCM ships ``scaled_linear`` 0.00085..0.012).
+    Field names and meanings are those of diffusers' ``LCMScheduler`` / ``DDIMScheduler`` and, for
+    ``kind = "flow_euler"``, ``FlowMatchEulerDiscreteScheduler``. To match a pretrained
+    checkpoint, build it from the checkpoint's ``scheduler_config.json`` with
+    :meth:`from_diffusers_config` (PixArt-LCM ships ``scaled_linear`` 0.00085..0.012; SD3 a flow
+    matching Euler scheduler with ``shift`` 3.0). A field of the other family
+    (:data:`BETA_SCHEDULE_FIELDS` vs :data:`FLOW_FIELDS`) set away from its default is refused,
+    naming it.
     """
 
     kind: SamplerKind = "lcm"
-    """The few-step sampler: ``lcm`` (the paper) or ``ddim``."""
+    """The few-step sampler: ``lcm`` (the paper), ``ddim`` or ``flow_euler`` (flow matching's
+    Euler sampler, SD3 / SD3.5: x_next = x + (sigma_next - sigma) * v)."""
     prediction_type: PredictionType = "epsilon"
-    """What the network predicts: epsilon, v (v_prediction) or the clean sample."""
+    """What the network predicts: epsilon, v (v_prediction) or the clean sample (LCM / DDIM);
+    flow_euler needs flow_prediction (the velocity noise - x0)."""
     num_train_timesteps: int = 1000
     """Length of the discrete noise schedule the network was trained on."""
+    shift: float = 1.0
+    """flow_euler only: the timestep shift sigma' = shift * sigma / (1 + (shift - 1) * sigma)
+    (SD3 / SD3.5: 3.0; 1.0 = none). Unused with use_dynamic_shifting."""
+    use_dynamic_shifting: bool = False
+    """flow_euler only: shift by mu from the image's token count (Flux-style) instead of shift;
+    build_schedule then needs the image sequence length."""
+    base_shift: float = 0.5
+    """flow_euler + use_dynamic_shifting: mu at base_image_seq_len tokens."""
+    max_shift: float = 1.15
+    """flow_euler + use_dynamic_shifting: mu at max_image_seq_len tokens (linear in between)."""
+    base_image_seq_len: int = 256
+    """flow_euler + use_dynamic_shifting: the token count where mu = base_shift."""
+    max_image_seq_len: int = 4096
+    """flow_euler + use_dynamic_shifting: the token count where mu = max_shift."""
     beta_schedule: BetaSchedule = "linear"
     """diffusers' beta schedule name (PixArt-LCM: scaled_linear)."""
     beta_start: float = 0.0001
@@ -83,6 +147,7 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         check_fields("sampler", self)
+        self._check_kind_fields()
         if self.num_train_timesteps < 2:
             raise ValueError(
                 f"sampler.num_train_timesteps must be >= 2, got {self.num_train_timesteps}"
@@ -119,10 +184,57 @@ class SamplerConfig:
                 "as no guidance, which is 1.0 here"
             )
 
+    def _check_kind_fields(self) -> None:
+        """Refuses fields of the other sampler family set away from their defaults (a preset
+        that sets beta_schedule for flow matching, or shift for LCM, means something else)."""
+        flow = self.kind == "flow_euler"
+        defaults = type(self).__dataclass_fields__
+        foreign = BETA_SCHEDULE_FIELDS if flow else FLOW_FIELDS
+        set_keys = [k for k in foreign if getattr(self, k) != defaults[k].default]
+        if set_keys:
+            family = "LCM / DDIM's beta schedule" if flow else "flow_euler"
+            raise ValueError(
+                f"sampler.kind={self.kind!r} does not use "
+                f"{', '.join(f'sampler.{k}' for k in set_keys)} ({family} fields); remove them"
+            )
+        if flow and self.prediction_type != "flow_prediction":
+            raise ValueError(
+                f"sampler.prediction_type={self.prediction_type!r} does not apply to "
+                "kind='flow_euler': its network predicts the velocity noise - x0; set "
+                "sampler.prediction_type='flow_prediction'"
+            )
+        if not flow and self.prediction_type == "flow_prediction":
+            raise ValueError(
+                f"sampler.prediction_type='flow_prediction' needs kind='flow_euler', got "
+                f"kind={self.kind!r}"
+            )
+        if not self.shift > 0:
+            raise ValueError(f"sampler.shift must be > 0, got {self.shift}")
+        if not 1 <= self.base_image_seq_len < self.max_image_seq_len:
+            raise ValueError(
+                "sampler.base_image_seq_len/max_image_seq_len must satisfy 1 <= base < max, got "
+                f"{self.base_image_seq_len}, {self.max_image_seq_len}"
+            )
+
     def max_num_steps(self) -> int:
         """The most sampler steps this schedule can give: LCM samples its distillation grid of
-        original_inference_steps timesteps, DDIM the num_train_timesteps of the schedule."""
+        original_inference_steps timesteps, DDIM and flow_euler the num_train_timesteps of the
+        schedule."""
         return self.original_inference_steps if self.kind == "lcm" else self.num_train_timesteps
+
+    def dynamic_shift_mu(self, image_seq_len: int) -> float:
+        """Dynamic shifting's ``mu`` for an image of ``image_seq_len`` transformer tokens: linear
+        from base_shift at base_image_seq_len to max_shift at max_image_seq_len, as the SD3 / Flux
+        pipelines compute it (``calculate_shift``) before ``set_timesteps(mu=...)``."""
+        if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, int):
+            raise TypeError(f"image_seq_len must be an int, got {image_seq_len!r}")
+        if image_seq_len < 1:
+            raise ValueError(f"image_seq_len must be >= 1, got {image_seq_len}")
+        slope = (self.max_shift - self.base_shift) / (
+            self.max_image_seq_len - self.base_image_seq_len
+        )
+        intercept = self.base_shift - slope * self.base_image_seq_len
+        return image_seq_len * slope + intercept
 
     @classmethod
     def from_diffusers_config(
@@ -154,6 +266,16 @@ class SamplerConfig:
                     f"{sorted(by_class)} (or pass kind=...)"
                 )
             overrides["kind"] = by_class[class_name]
+        if overrides["kind"] == "flow_euler":
+            for key, off in _FLOW_OPTIONS_OFF.items():
+                value = values.pop(key, off)
+                if value != off:
+                    raise ValueError(
+                        f"scheduler config sets {key}={value!r}, which is not supported "
+                        f"(only {key}={off!r})"
+                    )
+            # diffusers' flow schedulers have no prediction_type: the network predicts velocity.
+            overrides.setdefault("prediction_type", "flow_prediction")
         if values.pop("thresholding", False):
             raise ValueError("scheduler config sets thresholding=True, which is not supported")
         if values.pop("trained_betas", None) is not None:
@@ -169,6 +291,10 @@ class SamplerConfig:
 
     def diffusers_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of the matching diffusers scheduler class."""
+        if self.kind == "flow_euler":
+            return {"num_train_timesteps": self.num_train_timesteps} | {
+                k: getattr(self, k) for k in FLOW_FIELDS
+            }
         kwargs = {
             "num_train_timesteps": self.num_train_timesteps,
             "beta_start": self.beta_start,
@@ -201,6 +327,7 @@ def check_num_steps(sampler: SamplerConfig, num_steps: int, key: str) -> None:
         grid = (
             f"sampler.original_inference_steps={limit} (LCM samples its distillation grid)"
             if sampler.kind == "lcm"
-            else f"sampler.num_train_timesteps={limit} (DDIM)"
+            else f"sampler.num_train_timesteps={limit} "
+            f"({'DDIM' if sampler.kind == 'ddim' else 'flow_euler'})"
         )
         raise ValueError(f"{key}={num_steps} must be in 1..{limit}: the schedule has {grid}")

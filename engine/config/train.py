@@ -79,6 +79,22 @@ class TrainConfig:
                 "objective.teacher_weight > 0 needs trajectory.start='noise' (the teacher samples "
                 f"from the student's start noise), got {traj.start!r}"
             )
+        flow_student = sampler.kind == "flow_euler"
+        if objective.teacher_weight > 0 and flow_student != (
+            objective.teacher_sampler == "flow_euler"
+        ):
+            raise ConfigError(
+                f"objective.teacher_sampler={objective.teacher_sampler!r} cannot sample a "
+                f"sampler.kind={sampler.kind!r} model: a flow matching network (velocity) needs "
+                "teacher_sampler='flow_euler', an epsilon / v network 'ddim' or 'lcm'"
+            )
+        if sampler.use_dynamic_shifting:
+            raise ConfigError(
+                "sampler.use_dynamic_shifting=true: training, sampling and evaluation use a fixed "
+                "shift (SD3 / SD3.5 ship use_dynamic_shifting=false); set sampler.shift instead "
+                "(build_schedule(..., image_seq_len=...) computes the dynamic schedule for a "
+                "library caller)"
+            )
         if objective.reward_weight > 0 and self.data.source != "digits":
             raise ConfigError(
                 "objective.reward_weight > 0 needs data.source='digits' (the reward is a prompted-"

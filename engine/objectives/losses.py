@@ -16,7 +16,9 @@ lives in :mod:`e2ed2.engine.objectives.gan` and uses the same decoded pixels, so
 
 ``kind='diffusion'`` (eqs. 3/6): one random timestep per sample, the noised latent, and the MSE
 between the network's prediction and its epsilon / v / x0 target — :func:`diffusion_loss`, so the
-same engine pretrains baselines.
+same engine pretrains baselines. Flow matching (``sampler.kind='flow_euler'``, SD3): a random
+sigma of the training grid, x_sigma = (1 - sigma) x0 + sigma eps, and the MSE of the predicted
+velocity against eps - x0 (rectified flow, Esser et al. 2024 eq. 2 with uniform weighting).
 
 With the start noise independent of the target, L1 / L2 / LPIPS to the data are minimised by the
 per-prompt mean (median) image. Two well-posed terms fix that, mixable with the others by weight:
@@ -349,7 +351,9 @@ def diffusion_input_and_target(
     ``timesteps``: (B,) integers in 0..T-1, one per sample. With ``a = alphas_cumprod[t]``:
     ``x_t = sqrt(a) * x0 + sqrt(1-a) * eps``; the target is ``eps`` (epsilon),
     ``sqrt(a) * eps - sqrt(1-a) * x0`` (v_prediction, as diffusers' ``get_velocity``) or ``x0``
-    (sample). Coefficients are computed in float32 and cast to ``clean``'s dtype.
+    (sample). Coefficients are computed in float32 and cast to ``clean``'s dtype. Flow matching:
+    ``t`` indexes the scheduler's training sigmas, ``x_t = (1 - sigma) * x0 + sigma * eps`` and
+    the target is the velocity ``eps - x0``.
     """
     if noise.shape != clean.shape:
         raise ValueError(f"noise {tuple(noise.shape)} != clean {tuple(clean.shape)}")
@@ -357,8 +361,13 @@ def diffusion_input_and_target(
         raise ValueError(
             f"timesteps must be ({clean.shape[0]},), one per sample, got {tuple(timesteps.shape)}"
         )
-    acp = _alphas_cumprod(sampler_config).to(clean.device)[timesteps.to(clean.device)]
     view = (-1,) + (1,) * (clean.dim() - 1)
+    if sampler_config.kind == "flow_euler":
+        # ``timesteps`` index the training grid; sigma = sigmas[index] (diffusers' scale_noise).
+        sigmas = _flow_training_grid(sampler_config)[0].to(clean.device)
+        sigma = sigmas[timesteps.to(clean.device)].view(view).to(clean.dtype)
+        return sigma * noise + (1.0 - sigma) * clean, noise - clean
+    acp = _alphas_cumprod(sampler_config).to(clean.device)[timesteps.to(clean.device)]
     a = acp.sqrt().view(view).to(clean.dtype)
     b = (1 - acp).sqrt().view(view).to(clean.dtype)
     noisy = a * clean + b * noise
@@ -384,7 +393,9 @@ def diffusion_loss(
     Per sample: ``t ~ U{0..T-1}`` (T = ``num_train_timesteps``), ``eps ~ N(0, I)``, then the MSE
     between ``denoise(network, x_t, t)`` and the target of ``sampler_config.prediction_type``
     (:func:`diffusion_input_and_target`). Draw order: timesteps, then noise, both from
-    ``generator``, which must live on ``clean``'s device.
+    ``generator``, which must live on ``clean``'s device. Flow matching: ``t`` is an index into
+    the (shifted) training sigmas and the network sees the float timestep ``sigma * T`` of it, as
+    diffusers' SD3 training scripts with uniform weighting.
     """
     batch = clean.shape[0]
     num_timesteps = sampler_config.num_train_timesteps
@@ -393,5 +404,17 @@ def diffusion_loss(
     )
     noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
     noisy, target = diffusion_input_and_target(sampler_config, clean, noise, timesteps)
-    prediction = denoise(network, noisy, timesteps, cond)
+    model_timesteps = timesteps
+    if sampler_config.kind == "flow_euler":
+        model_timesteps = _flow_training_grid(sampler_config)[1].to(clean.device)[timesteps]
+    prediction = denoise(network, noisy, model_timesteps, cond)
     return F.mse_loss(prediction.float(), target.float())
+
+
+@functools.lru_cache(maxsize=8)
+def _flow_training_grid(config: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow matching's training sigmas and their float timesteps ``sigma * T``, (T,) float32 on
+    the CPU, from sigma = 1 down to 1/T: ``FlowMatchEulerDiscreteScheduler`` before
+    ``set_timesteps`` (shifted by ``shift``; unshifted with dynamic shifting, as diffusers)."""
+    scheduler = config.to_diffusers()
+    return scheduler.sigmas.to(torch.float32), scheduler.timesteps.to(torch.float32)

@@ -30,9 +30,19 @@ __all__ = ["NoisePairedTeacher", "teacher_sampler_config"]
 
 
 def teacher_sampler_config(objective: ObjectiveConfig, student: SamplerConfig) -> SamplerConfig:
-    """The teacher's sampler: the student's own, or deterministic DDIM over the same schedule."""
+    """The teacher's sampler: the student's own, or deterministic DDIM over the same schedule.
+
+    Flow matching (``flow_euler``) is deterministic already: its teacher is the student's own
+    sampler with more Euler steps; DDIM / LCM cannot sample a velocity network.
+    """
     if objective.teacher_sampler == student.kind:
         return student
+    if "flow_euler" in (student.kind, objective.teacher_sampler):
+        raise ValueError(
+            f"objective.teacher_sampler={objective.teacher_sampler!r} cannot sample a "
+            f"sampler.kind={student.kind!r} model; use teacher_sampler='flow_euler' for a flow "
+            "matching student (and 'ddim' / 'lcm' otherwise)"
+        )
     return dataclasses.replace(student, kind="ddim", eta=0.0, timestep_spacing="trailing")
 
 
