@@ -1,9 +1,11 @@
 """Building the trained denoiser and the frozen autoencoder (diffusers models).
 
-The denoiser is a diffusers ``PixArtTransformer2DModel``: loaded from a local diffusers folder
-(``from_pretrained``; no hub) or, for tiny presets, built from the config. The autoencoder is a
-frozen ``AutoencoderKL`` from a local folder, or the identity (pixel-space presets such as the
-embedded digits). Frozen models are built by the caller outside ``deepspeed.zero.Init`` so ZeRO-3
+The denoiser is a diffusers ``PixArtTransformer2DModel`` or ``SD3Transformer2DModel`` (flow
+matching, SD3 / SD3.5): loaded from a local diffusers folder by its config.json ``_class_name``
+(``from_pretrained``; no hub) or, for tiny presets, a PixArt built from the config
+(:func:`sd3_transformer` builds tiny SD3s for tests). The autoencoder is a frozen
+``AutoencoderKL`` from a local folder (SD3's: 16 channels, ``scaling_factor`` 1.5305 and
+``shift_factor`` 0.0609), or the identity (pixel-space presets such as the embedded digits). Frozen models are built by the caller outside ``deepspeed.zero.Init`` so ZeRO-3
 never partitions them.
 """
 
@@ -20,17 +22,22 @@ from ..config.model import ModelConfig
 if TYPE_CHECKING:
     # Imported where used: the config (ModelConfig) is read and checked before any model is
     # built, and diffusers' model classes take seconds to import.
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel, SD3Transformer2DModel
 
 __all__ = [
+    "DENOISER_CLASSES",
     "ModelConfig",
     "IdentityAutoencoder",
     "FrozenVAE",
     "build_denoiser",
     "pixart_transformer",
+    "sd3_transformer",
     "build_autoencoder",
     "resolve_model_folder",
 ]
+
+#: The diffusers denoiser classes a pretrained folder may hold (its config.json ``_class_name``).
+DENOISER_CLASSES = ("PixArtTransformer2DModel", "SD3Transformer2DModel")
 
 
 def resolve_model_folder(path: str, subfolder: str, key: str) -> str:
@@ -91,37 +98,132 @@ def pixart_transformer(
     )
 
 
+def sd3_transformer(
+    *,
+    num_layers: int,
+    num_attention_heads: int,
+    attention_head_dim: int,
+    in_channels: int,
+    sample_size: int,
+    joint_attention_dim: int,
+    pooled_projection_dim: int,
+    caption_projection_dim: int | None = None,
+    patch_size: int = 2,
+    pos_embed_max_size: int | None = None,
+    dual_attention_layers: tuple[int, ...] = (),
+    qk_norm: str | None = None,
+) -> SD3Transformer2DModel:
+    """A randomly initialised SD3 MMDiT (joint attention over text and image tokens, adaLN from
+    the timestep and the pooled text embedding): SD3-medium's structure for tiny test models.
+
+    ``caption_projection_dim`` defaults to the hidden size (as SD3-medium: 1536 = 24 x 64);
+    ``pos_embed_max_size`` to the patch grid of ``sample_size`` (SD3-medium: 192 for 128);
+    ``dual_attention_layers`` / ``qk_norm="rms_norm"``: SD3.5's MMDiT-X.
+    """
+    from diffusers import SD3Transformer2DModel
+
+    hidden = num_attention_heads * attention_head_dim
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=caption_projection_dim or hidden,
+        pooled_projection_dim=pooled_projection_dim,
+        out_channels=in_channels,
+        pos_embed_max_size=pos_embed_max_size or sample_size // patch_size,
+        dual_attention_layers=dual_attention_layers,
+        qk_norm=qk_norm,
+    )
+
+
+def _denoiser_class(folder: str, key: str) -> type:
+    """The diffusers class named by ``folder/config.json``'s ``_class_name``."""
+    import json
+
+    import diffusers
+
+    with open(os.path.join(folder, "config.json")) as f:
+        name = json.load(f).get("_class_name")
+    if name not in DENOISER_CLASSES:
+        raise ValueError(
+            f"{key}: {folder}/config.json names _class_name={name!r}; supported denoisers: "
+            f"{', '.join(DENOISER_CLASSES)}"
+        )
+    return getattr(diffusers, name)
+
+
+def _check_fits_data(
+    model: nn.Module,
+    key: str,
+    *,
+    latent_channels: int,
+    text_dim: int,
+    pooled_dim: int | None,
+) -> None:
+    """Raises ValueError naming ``key`` unless the pretrained model takes the data's shapes."""
+    cfg = model.config
+    if type(model).__name__ == "SD3Transformer2DModel":
+        wants = {
+            "in_channels": cfg.in_channels,
+            "joint_attention_dim": cfg.joint_attention_dim,
+            "pooled_projection_dim": cfg.pooled_projection_dim,
+        }
+        has = (latent_channels, text_dim, pooled_dim)
+        what = "latent channels, text width and pooled projection width"
+        hint = (
+            "; the data has no pooled projections: precompute it from the SD3 pipeline folder "
+            "(e2ed2 precompute --text-encoder <SD3 folder>)"
+            if pooled_dim is None
+            else ""
+        )
+    else:
+        wants = {"in_channels": cfg.in_channels, "caption_channels": cfg.caption_channels}
+        has = (latent_channels, text_dim)
+        what = "latent channels and text width"
+        hint = ""
+    if tuple(wants.values()) != has:
+        taken = ", ".join(f"{k}={v}" for k, v in wants.items())
+        raise ValueError(f"{key} takes {taken}, but the data has {what} {has}{hint}")
+
+
 def build_denoiser(
     config: ModelConfig,
     *,
     latent_channels: int,
     latent_size: int,
     text_dim: int,
+    pooled_dim: int | None = None,
     load_weights: bool = True,
-) -> PixArtTransformer2DModel:
+) -> PixArtTransformer2DModel | SD3Transformer2DModel:
     """The trainable denoiser, checked against the data's latent and text shapes.
 
-    ``load_weights=False``: a pretrained model is built from its ``config.json`` alone (random
-    weights), for ``--dry-run``'s forward under ``FakeTensorMode``, where nothing is allocated.
+    A pretrained folder's class comes from its config.json ``_class_name`` (PixArt, or SD3 whose
+    ``pooled_dim`` = the data's pooled projection width must match). ``load_weights=False``: a
+    pretrained model is built from its ``config.json`` alone (random weights), for
+    ``--dry-run``'s forward under ``FakeTensorMode``, where nothing is allocated.
     """
-    from diffusers import PixArtTransformer2DModel
-
     if config.pretrained_path is not None:
+        key = f"model.pretrained_path={config.pretrained_path!r}"
         folder = resolve_model_folder(
             config.pretrained_path, "transformer", "model.pretrained_path"
         )
+        cls = _denoiser_class(folder, key)
         if load_weights:
-            model = PixArtTransformer2DModel.from_pretrained(folder, use_safetensors=True)
+            model = cls.from_pretrained(folder, use_safetensors=True)
         else:
-            model = PixArtTransformer2DModel.from_config(
-                PixArtTransformer2DModel.load_config(folder)
-            )
-        got = (model.config.in_channels, model.config.caption_channels)
-        if got != (latent_channels, text_dim):
+            model = cls.from_config(cls.load_config(folder))
+        _check_fits_data(
+            model, key, latent_channels=latent_channels, text_dim=text_dim, pooled_dim=pooled_dim
+        )
+        if config.fused_kernels and cls.__name__ != "PixArtTransformer2DModel":
             raise ValueError(
-                f"model.pretrained_path={config.pretrained_path!r} takes in_channels={got[0]}, "
-                f"caption_channels={got[1]}, but the data has {latent_channels} latent channels "
-                f"and {text_dim}-dim text embeddings"
+                f"model.fused_kernels=true supports PixArt's self- and cross-attention only; "
+                f"{cls.__name__}'s joint attention has no fused kernel: set "
+                "model.fused_kernels=false"
             )
     else:
         if latent_size % config.patch_size:
@@ -168,16 +270,23 @@ class FrozenVAE(nn.Module):
         super().__init__()
         self.vae = vae.requires_grad_(False).eval()
         self.scaling_factor = float(vae.config.scaling_factor)
+        # SD3's VAE centres its latents before scaling (latents = (z - shift) * scale, as the
+        # shards store them); SD / PixArt's has none (null in its config).
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) -> pixels (B, 3, 8h, 8w) in about [-1, 1], with graph.
+        """Scaled latents (B, C, h, w) -> pixels (B, 3, 8h, 8w) in about [-1, 1], with graph:
+        ``z = latents / scaling_factor + shift_factor``, as the diffusers pipelines decode.
 
         The latents are cast to the VAE's dtype (differentiably): a bf16/fp16 sample meeting an
         fp32 VAE (or the reverse) would otherwise fail in the first conv with "Input type
         (c10::BFloat16) and bias type (float) should be the same". The pixels come back in the
         VAE's dtype; the trainer keeps the VAE in the run's compute dtype.
         """
-        return self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+        z = latents.to(self.vae.dtype) / self.scaling_factor
+        if self.shift_factor:
+            z = z + self.shift_factor
+        return self.vae.decode(z).sample
 
     def train(self, mode: bool = True) -> FrozenVAE:
         # Frozen: stays in eval mode whatever the trainer asks.

@@ -2,8 +2,9 @@
 
 The network knows nothing of noise or schedules: it maps ``(x_t, timestep, conditioning)`` to its
 raw prediction. :func:`denoise` hides the differences between diffusers models (PixArt's
-``added_cond_kwargs``, UNet's positional ``timestep``, learned-sigma outputs with 2C channels,
-``return_dict``) so the sampler and trajectory can treat every denoiser the same.
+``added_cond_kwargs``, SD3's ``pooled_projections`` and float flow matching timesteps, UNet's
+positional ``timestep``, learned-sigma outputs with 2C channels, ``return_dict``) so the sampler
+and trajectory can treat every denoiser the same.
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ class Conditioning:
     encoded as the prompts are, PixArt's negative prompt ""): states (1 or B, L, D) with the
     same L and D, its mask or None, no ``added_cond_kwargs`` (both halves of a guided batch share
     the batch's size conditions). Read by :func:`denoise` only when it guides.
+    ``pooled_projections``: (B, D_pooled) pooled text embedding of models that take one (SD3 /
+    SD3.5: CLIP-L's and CLIP-G's projected embeddings concatenated, 2048 wide); None for the
+    others. A guided SD3 batch needs the unconditional part's pooled projections too.
     """
 
     encoder_hidden_states: torch.Tensor
     encoder_attention_mask: torch.Tensor | None = None
     added_cond_kwargs: Mapping[str, torch.Tensor | None] | None = None
     unconditional: Conditioning | None = None
+    pooled_projections: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         states, mask = self.encoder_hidden_states, self.encoder_attention_mask
@@ -67,6 +72,11 @@ class Conditioning:
                     f"added_cond_kwargs[{name!r}] must be ({batch}, {width}), "
                     f"got {tuple(value.shape)}"
                 )
+        pooled = self.pooled_projections
+        if pooled is not None and (pooled.dim() != 2 or pooled.shape[0] != batch):
+            raise ValueError(
+                f"pooled_projections must be ({batch}, D_pooled), got {tuple(pooled.shape)}"
+            )
         null = self.unconditional
         if null is not None:
             shape = tuple(null.encoder_hidden_states.shape)
@@ -93,11 +103,13 @@ class Conditioning:
             }
         mask = self.encoder_attention_mask
         null = self.unconditional
+        pooled = self.pooled_projections
         return Conditioning(
             self.encoder_hidden_states.to(device, dtype),
             None if mask is None else mask.to(device),
             added,
             None if null is None else null.to(device, dtype),
+            None if pooled is None else pooled.to(device, dtype),
         )
 
     def select(self, rows: slice) -> Conditioning:
@@ -109,8 +121,13 @@ class Conditioning:
         null = self.unconditional
         if null is not None and null.encoder_hidden_states.shape[0] != 1:
             null = null.select(rows)
+        pooled = self.pooled_projections
         return Conditioning(
-            self.encoder_hidden_states[rows], None if mask is None else mask[rows], added, null
+            self.encoder_hidden_states[rows],
+            None if mask is None else mask[rows],
+            added,
+            null,
+            None if pooled is None else pooled[rows],
         )
 
     def with_unconditional(self, null: Conditioning | None) -> Conditioning:
@@ -238,7 +255,17 @@ def _guidance_batch(cond: Conditioning, guidance_scale: float) -> Conditioning:
         added = {
             k: None if v is None else torch.cat([v, v]) for k, v in cond.added_cond_kwargs.items()
         }
-    return Conditioning(torch.cat([null_states, states]), mask, added)
+    pooled = cond.pooled_projections
+    if pooled is not None:
+        # SD3: the pipeline concatenates negative_pooled_prompt_embeds before the prompts' too.
+        if null.pooled_projections is None:
+            raise ValueError(
+                "guidance with pooled_projections (SD3) needs the unconditional part's pooled "
+                "projections (the empty prompt's)"
+            )
+        null_pooled = null.pooled_projections.to(pooled.dtype).expand(batch, -1)
+        pooled = torch.cat([null_pooled, pooled])
+    return Conditioning(torch.cat([null_states, states]), mask, added, None, pooled)
 
 
 def _network_output(
@@ -257,6 +284,19 @@ def _network_output(
                 "conditioning has one"
             )
         kwargs["encoder_attention_mask"] = cond.encoder_attention_mask
+    if "pooled_projections" in accepted:
+        if cond.pooled_projections is None:
+            raise ValueError(
+                f"{type(unwrap(model)).__name__} needs pooled_projections (SD3: the pooled CLIP "
+                "embeddings, (B, 2048)): pass Conditioning(..., pooled_projections=...); latent "
+                "shards precomputed from an SD3 pipeline folder carry them"
+            )
+        kwargs["pooled_projections"] = cond.pooled_projections
+    elif cond.pooled_projections is not None:
+        raise ValueError(
+            f"{type(unwrap(model)).__name__}.forward takes no pooled_projections, but the "
+            "conditioning has them (text encoded for SD3?)"
+        )
     if "added_cond_kwargs" in accepted:
         added = dict(cond.added_cond_kwargs or {})
         if uses_size_conditions(model):
@@ -319,4 +359,5 @@ def repeat_conditioning(cond: Conditioning, repeats: int) -> Conditioning:
         encoder_attention_mask=rep(cond.encoder_attention_mask),
         added_cond_kwargs=None if extras is None else {k: rep(v) for k, v in extras.items()},
         unconditional=null,
+        pooled_projections=rep(cond.pooled_projections),
     )

@@ -140,3 +140,10 @@ def vgg16_features_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("torchvision") / "vgg16-features.pth"
     torch.save({f"features.{k}": v.half() for k, v in features.items()}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stable-diffusion-3-medium-diffusers-structured pipeline folder (flow matching MMDiT,
+    CLIP-L + CLIP-G + T5, 16-channel VAE with a shift factor)."""
+    return _real_models().save_sd3_pipeline(tmp_path_factory.mktemp("SD3-medium"))

@@ -20,6 +20,10 @@ is kept here, only depth and widths shrink:
 * ``scheduler/``: PixArt-LCM's ``LCMScheduler`` config; ``model_index.json`` of a
   ``PixArtAlphaPipeline``.
 
+``configs/sd3_medium_512.toml`` points at a ``StableDiffusion3Pipeline`` folder
+(stable-diffusion-3-medium-diffusers): :func:`save_sd3_pipeline` keeps its structure (MMDiT,
+three text encoders, the 16-channel VAE with its shift, the flow matching scheduler).
+
 Builders are pure functions of their arguments (seeded), so a session-scoped fixture can cache
 their folders.
 """
@@ -202,6 +206,206 @@ def save_pixart_pipeline(folder: Path, sample_size: int) -> Path:
     shutil.rmtree(folder / "tokenizer")
     save_sentencepiece_tokenizer(folder / "tokenizer")
     shards = list((folder / "text_encoder").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1, "the tiny T5 must be saved in several shards"
+    return folder
+
+
+# --- SD3 (flow matching; configs/sd3_medium_512.toml) -------------------------------------------
+# stable-diffusion-3-medium-diffusers' structure at tiny width: CLIP-L (768) and CLIP-G (1280)
+# with projections become 8 and 16 wide; their penultimate hidden states, concatenated (24), are
+# zero-padded to T5's width (4096 -> 32) and stacked before T5's tokens; the pooled projection is
+# their two projected EOS embeddings (2048 -> 24). The VAE keeps 16 latent channels, SD3's
+# scaling_factor 1.5305 and shift_factor 0.0609, and no quant convs.
+SD3_CLIP_WIDTHS = (8, 16)
+SD3_T5_WIDTH = 32
+SD3_POOLED_WIDTH = sum(SD3_CLIP_WIDTHS)
+#: SD3-medium's scheduler/scheduler_config.json (its training schedule).
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins of byte-level BPE (GPT-2 / CLIP): printable Latin-1 bytes
+    stand for themselves, the others for code points from 256 on."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    alphabet, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet.append(chr(byte))
+        else:
+            alphabet.append(chr(256 + extra))
+            extra += 1
+    return alphabet
+
+
+def save_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> Path:
+    """A CLIP BPE tokenizer folder as SD3 ships it (vocab.json + merges.txt + configs, no
+    tokenizer.json): every byte, every byte ending a word, and merges that spell each word of
+    :data:`SENTENCES` whole. ``pad_token``: CLIP-L pads with <|endoftext|>, CLIP-G with "!"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    merges: list[tuple[str, str]] = []
+    for word in sorted({w for s in SENTENCES for w in s.split()}):
+        left = word[0]
+        for position, char in enumerate(word[1:], start=1):
+            right = char + ("</w>" if position == len(word) - 1 else "")
+            if (left, right) not in merges:
+                merges.append((left, right))
+            left += right
+            vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+    }
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **special})
+    )
+    return folder
+
+
+def tiny_clip_text_encoder(tokenizer, width: int, hidden_act: str, seed: int = 0):
+    """A CLIPTextModelWithProjection (SD3's text_encoder / text_encoder_2), 2 layers, tiny."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        projection_dim=width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sd3_vae(seed: int = 0):
+    """SD3's AutoencoderKL: 8x downsampling, 16 latent channels, no quant convs, scaling_factor
+    1.5305 and shift_factor 0.0609."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def tiny_sd3_transformer(seed: int = 0, **sd35):
+    """SD3-medium's MMDiT (24 layers, 24 heads x 64, pos_embed_max_size 192 for sample_size
+    128) at 2 layers, 2 heads x 16 and sample_size 8 (64 px). ``sd35``: SD3.5's extras
+    (``dual_attention_layers``, ``qk_norm``)."""
+    from e2ed2.engine.core.models import sd3_transformer
+
+    torch.manual_seed(seed)
+    model = sd3_transformer(
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=16,
+        sample_size=8,
+        joint_attention_dim=SD3_T5_WIDTH,
+        pooled_projection_dim=SD3_POOLED_WIDTH,
+        pos_embed_max_size=12,
+        **sd35,
+    )
+    # diffusers zero-initialises the output projections of adaLN-continuous / proj_out: a
+    # pretrained model is not zero there, and zeros would hide every conditioning path.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def tiny_sd3_t5_encoder(vocab_size: int, seed: int = 0):
+    """SD3's text_encoder_3 (T5 v1.1 XXL: gated-GELU, untied) at width 32."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=SD3_T5_WIDTH,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def save_sd3_pipeline(folder: Path) -> Path:
+    """A StableDiffusion3Pipeline folder with stable-diffusion-3-medium-diffusers' structure:
+    transformer/, vae/, text_encoder/ + text_encoder_2/ (CLIP with projection), text_encoder_3/
+    (T5, in several safetensors shards), tokenizer/ + tokenizer_2/ (CLIP BPE files),
+    tokenizer_3/ (spiece.model), scheduler/ (FlowMatchEulerDiscreteScheduler, shift 3.0) and
+    model_index.json naming the classes as the published one does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(save_clip_tokenizer(folder / "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(save_clip_tokenizer(folder / "tokenizer_2", "!"))
+    tokenizer_3 = T5Tokenizer.from_pretrained(save_sentencepiece_tokenizer(folder / "tokenizer_3"))
+    text_encoder_3 = tiny_sd3_t5_encoder(len(tokenizer_3))
+    pipeline = StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=tiny_sd3_vae(),
+        text_encoder=tiny_clip_text_encoder(tokenizer, SD3_CLIP_WIDTHS[0], "quick_gelu", 1),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_clip_text_encoder(tokenizer_2, SD3_CLIP_WIDTHS[1], "gelu", 2),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    # As published: T5 in shards, the tokenizers as their vocabulary files (save_pretrained
+    # wrote transformers' converted tokenizer.json instead), the classes as the real index.
+    shutil.rmtree(folder / "text_encoder_3")
+    text_encoder_3.save_pretrained(folder / "text_encoder_3", max_shard_size="40KB")
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        shutil.rmtree(folder / name)
+        save_clip_tokenizer(folder / name, pad)
+    shutil.rmtree(folder / "tokenizer_3")
+    save_sentencepiece_tokenizer(folder / "tokenizer_3")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(
+        tokenizer=["transformers", "CLIPTokenizer"],
+        tokenizer_2=["transformers", "CLIPTokenizer"],
+        tokenizer_3=["transformers", "T5TokenizerFast"],
+    )
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    shards = list((folder / "text_encoder_3").glob("model-*-of-*.safetensors"))
     assert len(shards) > 1, "the tiny T5 must be saved in several shards"
     return folder
 
