@@ -11,7 +11,7 @@ from .base import check_fields
 
 __all__ = ["CHECKPOINT_POLICIES", "CheckpointPolicy", "TrajectoryConfig"]
 
-CheckpointPolicy = Literal["none", "step", "block", "offload", "selective"]
+CheckpointPolicy = Literal["none", "step", "block", "offload", "block_offload", "selective"]
 Truncation = Literal["full", "last_k", "random_k"]
 StartKind = Literal["noise", "noised_latent"]
 
@@ -27,7 +27,10 @@ class TrajectoryConfig:
     num_steps: int = 4
     """K: sampler steps run with gradients from the start to the final sample."""
     checkpoint: CheckpointPolicy = "step"
-    """Memory policy of the unroll: none, step, block, offload or selective (core/trajectory.py)."""
+    """Memory policy of the unroll: none, step, block, offload, block_offload or selective
+    (core/trajectory.py). block_offload: block's device memory at step's compute, block inputs on
+    the host (offload_device).
+    """
     truncation: Truncation = "full"
     """Backprop through every step (full), the last grad_steps (last_k) or a random 1..grad_steps
     (random_k).
@@ -39,7 +42,7 @@ class TrajectoryConfig:
     (noised_latent).
     """
     offload_device: str = "cpu"
-    """Where ``offload`` keeps the saved latents (a torch device, e.g. cpu)."""
+    """Where ``offload`` / ``block_offload`` keep what they offload (a torch device, e.g. cpu)."""
     num_steps_choices: tuple[int, ...] = ()
     """K drawn per optimizer step (uniformly, the same on every rank) from these, e.g. [1, 2, 4]:
     one network trained for several step budgets. Empty = always num_steps, which must be one

@@ -10,20 +10,47 @@ Because it only reads ``untyped_storage().nbytes()``, it runs unchanged under ``
 a full-size model built from fake tensors can be "trained" for one step and measured without
 allocating a byte. On CUDA, ``torch.cuda.max_memory_allocated`` is recorded beside it so the two
 can be compared (the allocator adds block rounding and fragmentation on top of live bytes).
+
+Host offload (``block_offload``, ``offload``) moves saved activations off the accelerator. On a
+CPU-only machine the "host" and the "device" are the same memory, so storages created inside
+:func:`host_allocations` are counted under the name ``"host"`` instead of their device: the
+report then gives device bytes (``peak_bytes``) and offloaded bytes (``host_peak_bytes``) apart,
+on CPU as on CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["MemoryReport", "LiveTensorTracker", "track_memory"]
+__all__ = ["HOST", "MemoryReport", "LiveTensorTracker", "host_allocations", "track_memory"]
+
+#: The name offloaded storages are counted under (see :func:`host_allocations`).
+HOST = "host"
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def host_allocations() -> Iterator[None]:
+    """Storages created inside (on this thread) are offloaded copies: counted as ``"host"``."""
+    depth = getattr(_scope, "depth", 0)
+    _scope.depth = depth + 1
+    try:
+        yield
+    finally:
+        _scope.depth = depth
+
+
+def _in_host_scope() -> bool:
+    return getattr(_scope, "depth", 0) > 0
 
 
 @dataclass
@@ -31,11 +58,15 @@ class MemoryReport:
     """Peak live bytes per device for one tracked region (bytes allocated inside the region)."""
 
     peak_bytes: int = 0
-    """Peak over the region of the bytes allocated inside it and still alive, summed over devices."""
+    """Peak over the region of the bytes allocated inside it and still alive, summed over the
+    devices (offloaded host copies excluded: see ``host_peak_bytes``)."""
     peak_bytes_per_device: dict[str, int] = field(default_factory=dict)
-    """Peak of each device on its own (the per-device peaks need not coincide in time)."""
+    """Peak of each device on its own (the per-device peaks need not coincide in time); offloaded
+    copies under ``"host"``."""
     end_bytes: int = 0
-    """Bytes allocated inside the region and still alive when it closed."""
+    """Device bytes allocated inside the region and still alive when it closed."""
+    host_peak_bytes: int = 0
+    """Peak of the offloaded copies alive at once (:func:`host_allocations`)."""
     cuda_peak_bytes: int | None = None
     """``torch.cuda.max_memory_allocated`` over the region minus its value at entry, if CUDA ran."""
 
@@ -70,7 +101,8 @@ class LiveTensorTracker(TorchDispatchMode):
             if self._seen.get(key) is ref:
                 del self._seen[key]
             self._live_bytes[device] -= nbytes
-            self._live_total -= nbytes
+            if device != HOST:
+                self._live_total -= nbytes
 
     def _register(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -80,12 +112,13 @@ class LiveTensorTracker(TorchDispatchMode):
             if ref is not None and ref() is storage:
                 return
             nbytes = storage.nbytes()
-            device = str(storage.device)
+            device = HOST if _in_host_scope() else str(storage.device)
             self._seen[key] = weakref.ref(
                 storage, lambda ref, k=key, d=device, n=nbytes: self._release(ref, k, d, n)
             )
             self._live_bytes[device] += nbytes
-            self._live_total += nbytes
+            if device != HOST:
+                self._live_total += nbytes
             self._peak_per_device[device] = max(
                 self._peak_per_device[device], self._live_bytes[device]
             )
@@ -128,7 +161,7 @@ class LiveTensorTracker(TorchDispatchMode):
 
     @property
     def live_bytes(self) -> int:
-        """Bytes allocated since entry that are alive right now."""
+        """Device bytes allocated since entry that are alive right now (host copies excluded)."""
         return self._live_total
 
     def report(self) -> MemoryReport:
@@ -136,6 +169,7 @@ class LiveTensorTracker(TorchDispatchMode):
             peak_bytes=self._peak_total,
             peak_bytes_per_device=dict(self._peak_per_device),
             end_bytes=self._live_total,
+            host_peak_bytes=self._peak_per_device.get(HOST, 0),
             cuda_peak_bytes=self._cuda_peak,
         )
 

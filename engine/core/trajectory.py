@@ -11,8 +11,16 @@ Memory is the whole problem. Plain autograd keeps every activation of all K netw
 ``block``    ``step`` plus per-transformer-block checkpointing inside each step's forward and
              recompute (diffusers' ``enable_gradient_checkpointing``): the recompute keeps only
              block inputs plus one block's activations.
-``offload``  ``step`` whose saved latents live on the host (``offload_device``), copied back for
-             the recompute.
+``offload``  ``step`` whose saved step inputs (latent, injected noise) live on the host
+             (``offload_device``) and are copied back for the recompute.
+``block_offload`` per-block checkpointing in one pass: each step runs once, every transformer
+             block is a checkpoint region, and everything the forward keeps for backward (each
+             block's inputs, what the net saves outside its blocks) goes to the host
+             (core/offload.py). In backward each block's inputs come back just before its
+             recompute. Device memory is ``block``'s (one block's activations, nothing per step
+             or per block kept), compute is ``step``'s (each block recomputed once: FLOPs about
+             4/3 of ``none``); the price is host memory (every block input of all K steps) and
+             copy traffic.
 ``selective`` ``step`` whose checkpoints keep the outputs of the expensive ops (matmuls and fused
              attention, :data:`SELECTIVE_SAVE_OPS`) through ``create_selective_checkpoint_contexts``:
              the recompute in backward redoes only the cheap elementwise ops (norms, adaLN
@@ -40,6 +48,7 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 from ..config.trajectory import CHECKPOINT_POLICIES, CheckpointPolicy, TrajectoryConfig
 from .network import Conditioning, denoise, step_network, unwrap
+from .offload import HostOffload
 from .sampler import SamplerSchedule
 
 __all__ = [
@@ -123,34 +132,13 @@ def _one_step(
     return schedule.step(index, model_output, sample, noise)
 
 
-def _offloaded_step(
-    network: nn.Module,
-    schedule: SamplerSchedule,
-    cond: Conditioning,
-    index: int,
-    sample: torch.Tensor,
-    noise: torch.Tensor | None,
-    offload_device: torch.device,
-    context_fn: Callable | None,
-) -> torch.Tensor:
-    # The checkpoint keeps its inputs alive until backward; handing it host copies means only
-    # host memory holds them. The copies are differentiable, so gradients flow back to the
-    # accelerator-side latent. (``.to`` from CUDA into pageable memory synchronizes; the latent is
-    # small, so that costs little next to a network call.)
-    compute_device = sample.device
-    sample_host = sample.to(offload_device)
-    noise_host = None if noise is None else noise.to(offload_device)
-
-    def run(sample_host: torch.Tensor, noise_host: torch.Tensor | None) -> torch.Tensor:
-        noise_dev = None if noise_host is None else noise_host.to(compute_device)
-        return _one_step(network, schedule, cond, index, sample_host.to(compute_device), noise_dev)
-
-    return _checkpointed(run, sample_host, noise_host, context_fn=context_fn)
-
-
 def _checkpointed(fn: Callable, *args: object, context_fn: Callable | None) -> torch.Tensor:
     kwargs = {} if context_fn is None else {"context_fn": context_fn}
     return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+#: Policies that checkpoint inside each step, per transformer block (diffusers' own switch).
+BLOCK_POLICIES: frozenset[str] = frozenset({"block", "block_offload"})
 
 
 def _set_block_checkpointing(networks: Sequence[nn.Module], enabled: bool) -> None:
@@ -169,7 +157,8 @@ def _set_block_checkpointing(networks: Sequence[nn.Module], enabled: bool) -> No
         if enabled:
             if not supports:
                 raise ValueError(
-                    "trajectory.checkpoint='block' needs a denoiser with per-block checkpointing "
+                    "trajectory.checkpoint='block' / 'block_offload' needs a denoiser with "
+                    "per-block checkpointing "
                     f"(diffusers enable_gradient_checkpointing); {type(model).__name__} has none"
                 )
             if not model.is_gradient_checkpointing:
@@ -219,7 +208,7 @@ def run_steps(
         raise ValueError(f"got {len(noises)} noises for {num_steps} sampler steps")
 
     used = [step_network(networks, i) for i in range(start_index, num_steps)]
-    _set_block_checkpointing(used, checkpoint_policy == "block")
+    _set_block_checkpointing(used, checkpoint_policy in BLOCK_POLICIES)
     if checkpoint_policy == "selective":
         if context_fn is not None:
             raise ValueError("checkpoint_policy='selective' brings its own context_fn; pass none")
@@ -231,7 +220,8 @@ def run_steps(
                 '"zero_optimization": {"memory_efficient_linear": false} in the DeepSpeed JSON'
             )
         context_fn = selective_context_fn
-    offload_to = torch.device(offload_device)
+    # One offloader per unroll: it copies each saved tensor once, however many blocks save it.
+    offload = HostOffload(offload_device) if checkpoint_policy.endswith("offload") else None
 
     x = sample
     for index in range(start_index, num_steps):
@@ -242,8 +232,16 @@ def run_steps(
                 x = _one_step(network, schedule, cond, index, x, noise)
         elif checkpoint_policy == "none":
             x = _one_step(network, schedule, cond, index, x, noise)
+        elif checkpoint_policy == "block_offload":
+            with offload.hooks():
+                x = _one_step(network, schedule, cond, index, x, noise)
         elif checkpoint_policy == "offload":
-            x = _offloaded_step(network, schedule, cond, index, x, noise, offload_to, context_fn)
+            # Non-reentrant checkpoints save their inputs as saved tensors, outside their own
+            # hooks: under ours they are kept on the host until the recompute unpacks them.
+            with offload.hooks():
+                x = _checkpointed(
+                    _one_step, network, schedule, cond, index, x, noise, context_fn=context_fn
+                )
         else:
             x = _checkpointed(
                 _one_step, network, schedule, cond, index, x, noise, context_fn=context_fn

@@ -17,6 +17,7 @@ from e2ed2.engine import (
     build_schedule,
     track_memory,
 )
+from e2ed2.engine.core.memory import host_allocations
 
 
 def test_tracker_counts_allocations_frees_and_peak() -> None:
@@ -148,3 +149,81 @@ def test_block_checkpointing_recomputes_each_block_once_more(make_pixart, make_c
     step = _flops(make_pixart, make_conditioning, "step")
     block = _flops(make_pixart, make_conditioning, "block")
     assert step < block < plain * 5 / 3, (plain, step, block)
+
+
+def test_tracker_counts_host_copies_apart() -> None:
+    """Inside host_allocations storages count as host bytes, not device bytes (CPU runs)."""
+    with LiveTensorTracker() as tracker:
+        device = torch.empty(1000)  # 4000 B on the device
+        with host_allocations():
+            host = torch.empty(500)  # 2000 B offloaded
+        assert tracker.live_bytes == 4000
+        del device
+        fetched = torch.empty(250)  # 1000 B on the device again
+    report = tracker.report()
+    assert report.peak_bytes == 4000
+    assert report.host_peak_bytes == 2000
+    assert report.end_bytes == 1000
+    assert report.peak_bytes_per_device == {"cpu": 4000, "host": 2000}
+    del host, fetched
+
+
+def _policy_step(make_pixart, make_conditioning, policy: str, num_steps: int):
+    """Device and host peak of one forward+backward of a 4-block PixArt, for real (the host
+    copies are real copies on CPU)."""
+    size, batch = 16, 2
+    model = make_pixart(sample_size=size, num_layers=4, heads=4, head_dim=16)
+    cond = make_conditioning(batch)
+    clean = torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(3))
+    trajectory = Trajectory(
+        TrajectoryConfig(num_steps=num_steps, checkpoint=policy),
+        build_schedule(SamplerConfig(kind="ddim"), num_steps),
+    )
+    with LiveTensorTracker() as tracker:
+        sample, _ = trajectory(model, cond, clean=clean)
+        (sample - clean).square().mean().backward()
+    return tracker.report()
+
+
+def test_block_offload_device_memory_is_flat_and_below_block(make_pixart, make_conditioning):
+    """`block_offload` keeps nothing per step on the device: its device peak does not grow from
+    K=2 to K=8 and stays at or below `block`'s; what grows is the host side, ~linearly in K.
+
+    (K=1 -> 2 adds the shared weights' gradient sum that autograd holds across steps, under
+    every policy; from K=2 on nothing else may grow.)
+    """
+    reports = {
+        (p, k): _policy_step(make_pixart, make_conditioning, p, k)
+        for p in ("block", "block_offload")
+        for k in (2, 8)
+    }
+    table = ", ".join(
+        f"{p}/K={k}: device {r.peak_bytes / 2**20:.3f} MiB, host {r.host_peak_bytes / 2**20:.3f}"
+        for (p, k), r in reports.items()
+    )
+    offload_2, offload_8 = reports["block_offload", 2], reports["block_offload", 8]
+    assert offload_8.peak_bytes <= offload_2.peak_bytes * 1.01, table
+    assert offload_8.peak_bytes <= reports["block", 8].peak_bytes, table
+    assert reports["block", 8].host_peak_bytes == 0, table
+    host_growth = offload_8.host_peak_bytes / offload_2.host_peak_bytes
+    assert 3.5 <= host_growth <= 4.2, f"host K=8/K=2 = {host_growth:.2f} ({table})"
+
+
+def test_block_offload_recomputes_each_block_once(make_pixart, make_conditioning) -> None:
+    """Forward once, each block recomputed once in backward: FLOPs 4/3 of plain (within 1%;
+    slightly under, since the patch embedding and the final layer are not recomputed)."""
+    model = make_pixart(sample_size=16, num_layers=4, heads=4, head_dim=16)
+    cond = make_conditioning(2)
+    clean = torch.randn(2, 4, 16, 16)
+
+    def flops(policy: str) -> int:
+        trajectory = Trajectory(
+            TrajectoryConfig(num_steps=4, checkpoint=policy), build_schedule(SamplerConfig(), 4)
+        )
+        with FlopCounterMode(display=False) as counter:
+            sample, _ = trajectory(model, cond, clean=clean)
+            (sample - clean).square().mean().backward()
+        return counter.get_total_flops()
+
+    ratio = flops("block_offload") / flops("none")
+    assert abs(ratio - 4 / 3) <= 0.01 * 4 / 3, f"FLOPs block_offload/none = {ratio:.4f}"

@@ -48,7 +48,7 @@ def _max_relative_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> flo
     return worst
 
 
-@pytest.mark.parametrize("policy", ["step", "block", "offload"])
+@pytest.mark.parametrize("policy", ["step", "block", "offload", "block_offload"])
 @pytest.mark.parametrize("start_index", [0, 1], ids=["from_noise", "from_noised_latent"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_step"])
 def test_policies_match_plain_autograd(

@@ -112,7 +112,7 @@ def _m_trajectory_grads(model, policy: str, cond, clean, m: int) -> list[torch.T
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("policy", ["step", "block", "selective"])
+@pytest.mark.parametrize("policy", ["step", "block", "block_offload", "selective"])
 def test_m_trajectories_per_prompt_give_the_gradients_of_plain_autograd(
     make_pixart, make_conditioning, policy: str
 ) -> None:
