@@ -6,11 +6,13 @@ installed or downloaded):
     python benchmarks/gpu_check.py            # -> benchmarks/results/gpu_check_<gpu>.json
 
 Steps, each a subprocess with its own time limit (all run even when one fails; the sum of the
-limits is about 8 minutes, sized for one H100):
+limits is about 9 minutes, sized for one H100):
 
 1. ``tests``: ``pytest tests/kernels -m "not slow"`` on the GPU (the tests' conftest uses the GPU
    whenever ``nvidia-smi`` sees one), with ``E2ED2_TRITON_CONFIGS=first``: one autotune config
    per kernel, or the ~40 shapes of the tests would each compile every config.
+   ``offload``: ``tests/engine/core/test_offload_cuda.py``: ``block_offload``'s pinned
+   side-stream copies on CUDA, its gradients against ``none`` and its device peak against ``block``.
 2. ``flash_attention``: ``bench_flash_attention.py`` at PixArt-α's D = 72, bf16, batch 8, 16
    heads: self-attention over 1024 and 4096 tokens, cross-attention 4096 x 120 padded keys;
    e2ed2 vs every SDPA backend (and xformers when importable); outputs and gradients checked
@@ -42,8 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
 
-# Per-step wall-clock limits in seconds (sum ~ 8 minutes).
-LIMITS = {"tests": 150, "flash_attention": 150, "timestep_embedding": 45, "train": 135}
+# Per-step wall-clock limits in seconds (sum ~ 9 minutes).
+LIMITS = {
+    "tests": 150,
+    "offload": 45,
+    "flash_attention": 150,
+    "timestep_embedding": 45,
+    "train": 135,
+}
 
 TRAIN_OVERRIDES = [
     "run.max_steps=20",
@@ -178,6 +186,21 @@ def main(argv: list[str] | None = None) -> int:
                 [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-m", "not slow", "-x"],
                 limits["tests"],
                 {**env, "E2ED2_TRITON_CONFIGS": "first"},
+            )
+        if "offload" in args.only:
+            # block_offload's CUDA path (pinned side-stream copies): gradients and peak memory.
+            report["steps"]["offload"] = run_step(
+                "offload",
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "tests/engine/core/test_offload_cuda.py",
+                    "-q",
+                    "-s",
+                ],
+                limits["offload"],
+                env,
             )
         if "flash_attention" in args.only:
             out = tmp_path / "flash_attention.json"
