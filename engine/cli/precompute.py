@@ -21,6 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str]) -> int:
     """``e2ed2 precompute IMAGE_DIR OUT_DIR --vae PATH --text-encoder PATH [...]``."""
+    from ..data.buckets import BUCKET_TABLES
     from ..data.precompute import STORAGE_DTYPES, precompute
 
     parser = argparse.ArgumentParser(
@@ -33,7 +34,17 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument("--text-encoder", required=True, help="local transformers T5 folder")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: T5's)")
     parser.add_argument(
-        "--resolution", type=int_at_least(8), default=512, help="image side in pixels"
+        "--resolution",
+        type=int_at_least(8),
+        default=512,
+        help="image side in pixels (with --buckets: the square the buckets' areas are about)",
+    )
+    parser.add_argument(
+        "--buckets",
+        choices=list(BUCKET_TABLES),
+        default="none",
+        help="none: square center crops; pixart: crop each image to its nearest aspect-ratio "
+        "bucket (PixArt's table around --resolution); train with the same data.buckets",
     )
     parser.add_argument(
         "--max-tokens", type=int_at_least(1), default=120, help="caption length in tokens"
@@ -59,6 +70,7 @@ def _main(argv: Sequence[str]) -> int:
             text_encoder_path=args.text_encoder,
             tokenizer_path=args.tokenizer,
             resolution=args.resolution,
+            buckets=args.buckets,
             caption_max_tokens=args.max_tokens,
             batch_size=args.batch_size,
             shard_size=args.shard_size,
@@ -73,7 +85,8 @@ def _main(argv: Sequence[str]) -> int:
         return 2
     print(
         f"wrote {index['num_samples']} samples in {len(index['shards'])} shards to "
-        f"{args.out_dir} ({len(index['skipped'])} inputs skipped, listed in index.json)"
+        f"{args.out_dir} ({len(index['buckets'])} of {args.buckets!r} buckets used, "
+        f"{len(index['skipped'])} inputs skipped, listed in index.json)"
     )
     return 0
 

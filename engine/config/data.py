@@ -7,9 +7,11 @@ from typing import Literal
 
 from .base import check_fields, check_int
 
-__all__ = ["DIGITS_TEXT_HEADS", "DataConfig", "DataSource"]
+__all__ = ["DIGITS_TEXT_HEADS", "BucketTable", "DataConfig", "DataSource"]
 
 DataSource = Literal["digits", "shards"]
+#: Aspect-ratio bucket tables (data/buckets.py).
+BucketTable = Literal["none", "pixart"]
 #: Attention heads of the embedded digits' tiny T5 text encoder (data.text_dim is a multiple).
 DIGITS_TEXT_HEADS = 4
 
@@ -24,6 +26,14 @@ class DataConfig:
     """
     shard_dir: str | None = None
     """Shards: the folder ``e2ed2 precompute`` wrote (index.json + shard-*.safetensors)."""
+    buckets: BucketTable = "none"
+    """Shards: the aspect-ratio bucket table the folder was precomputed with (``e2ed2 precompute
+    --buckets``; checked against its index.json at launch). "none": square center crops, one
+    latent shape. "pixart": PixArt's aspect-ratio buckets (each image cropped to the nearest
+    bucket's height x width, one latent shape per bucket); every global batch (all ranks' micro-
+    batches of one micro-step) is drawn from one bucket, a bucket's leftover samples that do not
+    fill a global batch are left out of that epoch (data/batching.py BucketBatchSampler).
+    """
     resolution: int = 16
     """Digits: side of the upscaled images in pixels (>= 8; the 8x8 originals are only upscaled)."""
     caption_max_tokens: int = 32
@@ -50,6 +60,11 @@ class DataConfig:
             raise ValueError(
                 "data.shard_dir is required for data.source='shards' (a folder made by "
                 "`e2ed2 precompute`, with index.json)"
+            )
+        if self.buckets != "none" and self.source != "shards":
+            raise ValueError(
+                f"data.buckets={self.buckets!r} needs data.source='shards' (aspect-ratio buckets "
+                f"are made by `e2ed2 precompute --buckets`; {self.source!r} images are square)"
             )
         if self.shard_dir is not None and not isinstance(self.shard_dir, str):
             raise ValueError(f"data.shard_dir must be a path string, got {self.shard_dir!r}")

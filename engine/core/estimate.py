@@ -22,6 +22,10 @@ flash / memory-efficient kernels, and e2ed2's Triton kernel) keeps only the outp
 logsumexp, never the N x N scores. Not modelled: the CUDA context and allocator fragmentation
 (compare :attr:`MemoryReport.cuda_peak_bytes` on a GPU), and a VAE decode for LPIPS / GAN terms
 (the estimate is for the denoiser trajectory with a latent L2 loss).
+
+Non-square sizes (aspect-ratio buckets) are given as ``(height, width)``; for a bucketed run,
+estimate its largest bucket (most pixels: the longest token sequence and the largest
+activations; :func:`~e2ed2.engine.data.buckets.largest_bucket`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ __all__ = [
 ]
 
 VAE_DOWNSAMPLE = 8  # SD / PixArt VAE: 8x8 pixels per latent
+
+#: A side, or (height, width) (in latent pixels or image pixels, as the argument says).
+Size = int | tuple[int, int]
+
+
+def _height_width(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 @dataclass(frozen=True)
@@ -135,9 +146,11 @@ def drop_full_grads(model: nn.Module) -> Iterator[None]:
 
 
 def make_inputs(
-    shape: DenoiserShape, latent_size: int, batch: int, dtype: torch.dtype
+    shape: DenoiserShape, latent_size: Size, batch: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, Conditioning]:
-    clean = torch.randn(batch, shape.in_channels, latent_size, latent_size, dtype=dtype)
+    """Clean latents (B, C, h, w) for ``latent_size`` = side or (h, w), and half-padded text."""
+    height, width = _height_width(latent_size)
+    clean = torch.randn(batch, shape.in_channels, height, width, dtype=dtype)
     states = torch.randn(batch, shape.text_tokens, shape.caption_channels, dtype=dtype)
     mask = torch.ones(batch, shape.text_tokens, dtype=torch.long)
     mask[:, shape.text_tokens // 2 :] = 0  # half-length captions: the padding mask is exercised
@@ -165,7 +178,7 @@ def run_iteration(
 def step_peak_bytes(
     shape: DenoiserShape,
     *,
-    resolution_px: int,
+    resolution_px: Size,
     policy: str,
     num_steps: int,
     batch: int = 1,
@@ -175,14 +188,20 @@ def step_peak_bytes(
 ) -> int:
     """Peak live bytes allocated by one forward+backward (parameters excluded: they pre-exist).
 
+    ``resolution_px``: the image side, or its (height, width) (an aspect-ratio bucket); the
+    model is built for the square of about the same area (``sample_size`` only sets PixArt's
+    positional-embedding reference grid, which costs no activation memory).
     ``zero3_grads``: drop full gradients as ZeRO-3 does; else they are kept (and counted).
     ``fake``: under ``FakeTensorMode`` (nothing allocated); ``False`` runs it for real.
     """
-    latent_size = resolution_px // VAE_DOWNSAMPLE
+    height_px, width_px = _height_width(resolution_px)
+    latent_hw = (height_px // VAE_DOWNSAMPLE, width_px // VAE_DOWNSAMPLE)
+    patch = shape.patch_size
+    square = max(patch, round((latent_hw[0] * latent_hw[1]) ** 0.5 / patch) * patch)
     mode = FakeTensorMode() if fake else contextlib.nullcontext()
     with mode:
-        model = build_pixart(shape, latent_size, dtype=dtype)
-        clean, cond = make_inputs(shape, latent_size, batch, dtype)
+        model = build_pixart(shape, square, dtype=dtype)
+        clean, cond = make_inputs(shape, latent_hw, batch, dtype)
     trajectory = make_trajectory(policy, num_steps)
     grads = drop_full_grads(model) if zero3_grads else contextlib.nullcontext()
     with mode, grads, LiveTensorTracker(track_cuda=False) as tracker:

@@ -5,12 +5,14 @@ is ``perm[g*B*W : (g+1)*B*W]`` and rank ``r`` takes the contiguous chunk ``[r*B 
 it. So the ranks' micro-batches concatenated in rank order are exactly the batch one process with
 ``batch_per_rank = B*W`` sees at the same step, and the position (epoch, global batch) is all the
 state a resumed run needs, independent of ``num_workers``, prefetching and, for the same global
-batch size, of the world size.
+batch size, of the world size. :class:`BucketBatchSampler` does the same over aspect-ratio
+buckets: every global batch is drawn from one bucket, so every micro-batch has one latent shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,9 +22,17 @@ from ..config.base import check_int
 from ..config.data import DataConfig
 from .digits import SPLITS, DigitsDataset, Split
 from .seeding import SampleKey, seeded_generator
-from .shards import LatentShardDataset
+from .shards import LatentShardDataset, check_bucket_table
 
-__all__ = ["ResumableBatchSampler", "ResumableDataLoader", "build_dataloader", "build_dataset"]
+__all__ = [
+    "BucketBatchSampler",
+    "ResumableBatchSampler",
+    "ResumableDataLoader",
+    "build_dataloader",
+    "build_dataset",
+]
+
+logger = logging.getLogger(__name__)
 
 
 class ResumableBatchSampler:
@@ -132,6 +142,90 @@ class ResumableBatchSampler:
         self._position = position
 
 
+class BucketBatchSampler(ResumableBatchSampler):
+    """:class:`ResumableBatchSampler` over aspect-ratio buckets: every global batch (the
+    ``batch_per_rank * world_size`` samples of one micro-step on all ranks) comes from one
+    bucket, so each rank's micro-batch has one latent shape and all ranks run the same shape.
+
+    ``buckets``: the bucket of every sample, (num_samples,) integers. Epoch ``e``: each bucket's
+    samples are shuffled (a generator seeded by ``(seed, e, bucket)``) and cut into global
+    batches; a bucket's leftover samples (``n_b mod global_batch``) are left out of that epoch
+    (different ones each epoch when shuffling); then the order of all these global batches is
+    shuffled (seeded by ``(seed, e)``). Without ``shuffle``: buckets in order, samples in index
+    order. ``batches_per_epoch = sum_b n_b // global_batch`` is the same every epoch, so the
+    state (``{"epoch", "batch_in_epoch"}``), rank slicing and world-size invariance are the
+    parent's. A bucket smaller than one global batch never yields a batch (a warning names it).
+
+    Gradient accumulation needs nothing more: each micro-step is its own forward and backward,
+    so micro-steps of one optimizer step may come from different buckets.
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[int] | torch.Tensor,
+        batch_per_rank: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        *,
+        yield_keys: bool = False,
+    ) -> None:
+        bucket_of = torch.as_tensor(buckets, dtype=torch.long).flatten()
+        super().__init__(
+            len(bucket_of),
+            batch_per_rank,
+            rank,
+            world_size,
+            seed,
+            shuffle,
+            yield_keys=yield_keys,
+        )
+        if bucket_of.numel() and int(bucket_of.min()) < 0:
+            raise ValueError("bucket ids must be >= 0")
+        global_batch = self.global_batch
+        #: Per bucket id: its samples' indices, ascending.
+        self.members = {
+            int(b): (bucket_of == b).nonzero().flatten() for b in torch.unique(bucket_of)
+        }
+        sizes = {b: len(m) for b, m in self.members.items()}
+        too_small = {b: n for b, n in sizes.items() if n < global_batch}
+        self.batches_per_epoch = sum(n // global_batch for n in sizes.values())
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"no bucket fills one global batch (batch_per_rank={batch_per_rank} x "
+                f"world_size={world_size} = {global_batch}); samples per bucket: {sizes}"
+            )
+        if too_small:
+            logger.warning(
+                "%d aspect-ratio buckets hold fewer samples than one global batch (%d) and are "
+                "never trained on (%d samples): %s",
+                len(too_small),
+                global_batch,
+                sum(too_small.values()),
+                too_small,
+            )
+        #: Samples left out of every epoch (each bucket's n_b mod global_batch).
+        self.dropped_per_epoch = sum(n % global_batch for n in sizes.values())
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of ``epoch``: ``batches_per_epoch * global_batch`` sample indices, each run
+        of ``global_batch`` from one bucket (the same on every rank)."""
+        global_batch = self.global_batch
+        chunks = []
+        for bucket, members in self.members.items():
+            if self.shuffle:
+                g = seeded_generator(self.seed, "bucket-perm", epoch, bucket)
+                members = members[torch.randperm(len(members), generator=g)]
+            full = len(members) // global_batch * global_batch
+            chunks.append(members[:full].view(-1, global_batch))
+        batches = torch.cat(chunks)
+        if self.shuffle:
+            g = seeded_generator(self.seed, "bucket-order", epoch)
+            batches = batches[torch.randperm(len(batches), generator=g)]
+        return batches.flatten()
+
+
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` over a :class:`ResumableBatchSampler` whose state follows consumption.
 
@@ -182,18 +276,33 @@ def build_dataloader(
     """An endless loader of this rank's micro-batches and its sampler (for state_dict/resume).
 
     Iterate it with ``next(iterator)`` (it never ends); call ``sampler.load_state_dict`` before
-    creating the iterator to resume.
+    creating the iterator to resume. With ``data.buckets`` other than "none" the sampler is a
+    :class:`BucketBatchSampler` over the shards' buckets.
     """
     dataset = build_dataset(config, split)
-    sampler = ResumableBatchSampler(
-        len(dataset),
-        batch_per_rank,
-        rank,
-        world_size,
-        seed=config.seed,
-        shuffle=shuffle,
-        yield_keys=True,
-    )
+    sampler: ResumableBatchSampler
+    if isinstance(dataset, LatentShardDataset):
+        check_bucket_table(config, dataset.index)
+    if config.buckets == "none":
+        sampler = ResumableBatchSampler(
+            len(dataset),
+            batch_per_rank,
+            rank,
+            world_size,
+            seed=config.seed,
+            shuffle=shuffle,
+            yield_keys=True,
+        )
+    else:
+        sampler = BucketBatchSampler(
+            dataset.sample_buckets,
+            batch_per_rank,
+            rank,
+            world_size,
+            seed=config.seed,
+            shuffle=shuffle,
+            yield_keys=True,
+        )
     loader = ResumableDataLoader(
         dataset,
         sampler,

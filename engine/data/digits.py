@@ -115,6 +115,16 @@ class DigitsDataset(Dataset):
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     @property
+    def largest_latent_shape(self) -> tuple[int, int, int]:
+        """The one latent shape (the shards' bucketed datasets have several)."""
+        return self.latent_shape
+
+    @property
+    def base_latent_size(self) -> int:
+        """The square latent side a denoiser built from config gets as ``sample_size``."""
+        return int(self.images.shape[-1])
+
+    @property
     def text_shape(self) -> tuple[int, int]:
         """(L, D) of ``item["encoder_hidden_states"]``."""
         return tuple(self._text_states.shape[1:])  # type: ignore[return-value]

@@ -10,10 +10,13 @@ larger than the denoiser. This runs them once, PixArt-style, and stores per imag
 Inputs: images (``.png .jpg .jpeg .webp``, found recursively, processed in sorted order) under
 ``image_dir``; captions from ``image_dir/captions.jsonl`` (one ``{"file": <path relative to
 image_dir>, "caption": ...}`` per line; wins when both exist) or a sidecar text file next to the
-image (``cat.txt`` or ``cat.png.txt``). Images are resized (bicubic, shorter side to
-``resolution``), center-cropped to ``resolution`` x ``resolution`` and scaled to [-1, 1]; each
-sample also records the source image's ``original_size`` and the stored ``crop_size`` (height,
-width), which PixArt-MS (1024-MS) embeds as its resolution / aspect-ratio conditions. Tokenizers
+image (``cat.txt`` or ``cat.png.txt``). Images are resized (bicubic) to cover a target size and
+center-cropped to it, then scaled to [-1, 1]. The target is ``resolution`` x ``resolution``
+(``buckets="none"``), or with ``buckets="pixart"`` the aspect-ratio bucket nearest the image's
+(data/buckets.py: PixArt's table around ``resolution``), so a 3:1 panorama keeps its width;
+each bucket's samples go to shards of their own. Each sample also records the source image's
+``original_size`` and the stored ``crop_size`` (height, width), which PixArt-MS (1024-MS)
+embeds as its resolution / aspect-ratio conditions. Tokenizers
 load through :func:`~e2ed2.engine.data.text.load_tokenizer` (bare ``spiece.model`` folders too).
 
 Bad inputs (unreadable or truncated images, missing or empty captions, broken jsonl lines,
@@ -21,6 +24,10 @@ encodings with NaN/Inf) are logged with their path, listed under ``skipped`` in 
 and left out. Shards are written under a temporary name and renamed into place; ``index.json``
 is written last, so a folder with an index is complete. The format is described in
 :class:`LatentShardDataset`.
+
+Size: over 400 lines because one pass owns the whole conversion: input discovery (captions.jsonl
+or sidecars, every skipped input reported), the per-bucket encode loop and the index, plus the
+model-folder and caption helpers only precompute uses.
 """
 
 from __future__ import annotations
@@ -37,10 +44,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .buckets import BUCKET_TABLES, BucketTable, bucket_table, nearest_bucket
 from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_atomic
 from .text import encode_text, load_tokenizer
 
 __all__ = [
+    "BUCKET_PATCH_SIZE",
     "IMAGE_EXTENSIONS",
     "STORAGE_DTYPES",
     "load_image",
@@ -52,6 +61,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTIONS_FILE = "captions.jsonl"
+#: Bucket sides are multiples of the VAE's downsampling times this latent patch size
+#: (PixArt / DiT patchify latents 2 x 2), so every bucket's latent splits into whole patches.
+BUCKET_PATCH_SIZE = 2
 #: ``--dtype`` / ``--compute-dtype`` names.
 STORAGE_DTYPES = {
     "float16": torch.float16,
@@ -70,9 +82,16 @@ def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     return load_image_and_size(path, resolution)[0]
 
 
-def load_image_and_size(path: str | os.PathLike, resolution: int) -> tuple[torch.Tensor, tuple]:
+def load_image_and_size(
+    path: str | os.PathLike, resolution: int, buckets: BucketTable | None = None
+) -> tuple[torch.Tensor, tuple]:
     """:func:`load_image` and the file's original ``(height, width)`` in pixels (PixArt-MS's
-    ``resolution`` condition is the source image's size, not the crop's)."""
+    ``resolution`` condition is the source image's size, not the crop's).
+
+    ``buckets``: a table of :func:`~e2ed2.engine.data.buckets.bucket_table`; the image is then
+    resized to cover its nearest bucket and center-cropped to it, (3, height, width), instead of
+    the ``resolution`` square.
+    """
     from PIL import Image
 
     with Image.open(path) as opened:
@@ -86,11 +105,15 @@ def load_image_and_size(path: str | os.PathLike, resolution: int) -> tuple[torch
     width, height = image.size
     if min(width, height) < 1:
         raise ValueError(f"empty image ({width}x{height})")
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    crop_h, crop_w = (
+        (resolution, resolution) if buckets is None else nearest_bucket(height, width, buckets)
+    )
+    # Cover: the smallest scale at which the image holds the crop, then its center.
+    scale = max(crop_h / height, crop_w / width)
+    size = (max(crop_w, round(width * scale)), max(crop_h, round(height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    left, top = (size[0] - crop_w) // 2, (size[1] - crop_h) // 2
+    image = image.crop((left, top, left + crop_w, top + crop_h))
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0, (height, width)
 
@@ -103,6 +126,7 @@ def precompute(
     text_encoder_path: str | os.PathLike,
     tokenizer_path: str | os.PathLike | None = None,
     resolution: int,
+    buckets: str = "none",
     caption_max_tokens: int = 120,
     batch_size: int = 8,
     shard_size: int = 1024,
@@ -118,6 +142,8 @@ def precompute(
     ``vae/``). ``text_encoder_path``: a local transformers T5 encoder folder (or a pipeline folder
     with ``text_encoder/``); its tokenizer comes from ``tokenizer_path``, else from
     ``text_encoder_path`` itself, its ``tokenizer/`` subfolder or a sibling ``tokenizer/``.
+    ``buckets``: "none" (``resolution`` squares) or "pixart" (aspect-ratio buckets around
+    ``resolution``, sides multiples of the VAE factor x :data:`BUCKET_PATCH_SIZE`).
     ``caption_max_tokens``: 120 is PixArt-α's T5 length. ``batch_size``: images per encoder call.
     ``shard_size``: samples per shard file. ``dtype``: storage dtype of latents and text states;
     ``compute_dtype``: the encoders' dtype (T5 overflows in float16; use bfloat16 or float32).
@@ -131,6 +157,8 @@ def precompute(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    if buckets not in BUCKET_TABLES:
+        raise ValueError(f"buckets={buckets!r} is not one of {list(BUCKET_TABLES)}")
     for key, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
         if value not in STORAGE_DTYPES.values():
             raise ValueError(f"{key}={value} is not one of {list(STORAGE_DTYPES)}")
@@ -175,10 +203,17 @@ def precompute(
             f"resolution={resolution} must be a multiple of the VAE's downsampling factor {factor}"
         )
 
+    table = (
+        None if buckets == "none" else bucket_table(buckets, resolution, factor * BUCKET_PATCH_SIZE)
+    )
     writer = ShardWriter(out, shard_size, dtype)
-    pending: list[tuple[str, str, torch.Tensor, tuple[int, int]]] = []  # + original (h, w)
+    # Per bucket (crop (height, width) in pixels): images waiting for the encoders, as
+    # (name, caption, pixels, original (h, w)); a VAE call takes one shape.
+    waiting: dict[tuple[int, int], list[tuple[str, str, torch.Tensor, tuple[int, int]]]] = {}
+    bucket_ids: dict[tuple[int, int], int] = {}  # numbered as their first rows are stored
 
-    def flush() -> None:
+    def flush(crop: tuple[int, int]) -> None:
+        pending = waiting.get(crop)
         if not pending:
             return
         pixels = torch.stack([p for _, _, p, _ in pending]).to(device, compute_dtype)
@@ -210,6 +245,7 @@ def precompute(
                 {k: v[keep.to(v.device)] for k, v in encoded.items()},
                 [captions[i] for i in keep.tolist()],
                 [pending[i][0] for i in keep.tolist()],
+                bucket=bucket_ids.setdefault(crop, len(bucket_ids)),
             )
         pending.clear()
 
@@ -221,14 +257,16 @@ def precompute(
             skip(name, f"no caption (not in {CAPTIONS_FILE}, no sidecar .txt, or empty)")
             continue
         try:
-            pixels, size = load_image_and_size(image_root / name, resolution)
+            pixels, size = load_image_and_size(image_root / name, resolution, table)
         except Exception as error:  # PIL raises many types for malformed files
             skip(name, f"unreadable image ({type(error).__name__}: {error})")
             continue
-        pending.append((name, caption.strip(), pixels, size))
-        if len(pending) == batch_size:
-            flush()
-    flush()
+        crop = (pixels.shape[-2], pixels.shape[-1])
+        waiting.setdefault(crop, []).append((name, caption.strip(), pixels, size))
+        if len(waiting[crop]) == batch_size:
+            flush(crop)
+    for crop in list(waiting):
+        flush(crop)
     writer.close()
     if writer.num_samples == 0:
         raise ValueError(
@@ -236,18 +274,30 @@ def precompute(
             f"{len(skipped)} skipped; see the warnings)"
         )
 
+    counts = writer.bucket_counts()
+    bucket_list = [
+        {
+            "height": crop[0],
+            "width": crop[1],
+            "latent_shape": list(writer.shapes[number]["latent_mean"]),
+            "num_samples": counts[number],
+        }
+        for crop, number in bucket_ids.items()  # ids in order, each given with its first rows
+    ]
+    latent = {"kind": "distribution", "dtype": _dtype_name(dtype)}
+    if len(bucket_list) == 1:  # one latent shape: readable where buckets are not known
+        latent["shape"] = bucket_list[0]["latent_shape"]
+    shapes = next(iter(writer.shapes.values()))
     index = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
         "num_samples": writer.num_samples,
         "shards": writer.shards,
-        "latent": {
-            "kind": "distribution",
-            "shape": list(writer.shapes["latent_mean"]),
-            "dtype": _dtype_name(dtype),
-        },
+        "latent": latent,
+        "bucket_table": buckets,
+        "buckets": bucket_list,
         "text": {
-            "shape": list(writer.shapes["encoder_hidden_states"]),
+            "shape": list(shapes["encoder_hidden_states"]),
             "dtype": _dtype_name(dtype),
             "max_tokens": caption_max_tokens,
         },

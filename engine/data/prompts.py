@@ -1,7 +1,9 @@
 """Prompts for sample grids, taken from the run's data so that sampling needs no text encoder:
 for the embedded digits, :func:`~e2ed2.engine.data.digits.digit_prompt` for each digit in turn
 (encoded by the dataset's own frozen text encoder); for latent shards, the stored text
-embeddings of the first samples, with their PixArt-MS size conditions."""
+embeddings of the first samples, with their PixArt-MS size conditions; with aspect-ratio buckets,
+the first samples of the grid bucket (``LatentShardDataset.grid_bucket``, the most populous), so
+the prompts' size conditions match ``dataset.latent_shape``, the shape the grid is drawn at."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from ..core.network import Conditioning
 from .digits import DigitsDataset, digit_prompt
+from .shards import LatentShardDataset
 
 __all__ = ["batch_conditioning", "sample_conditioning", "stack_items"]
 
@@ -43,6 +46,9 @@ def sample_conditioning(dataset, count: int) -> tuple[Conditioning, list[str]]:
         captions = [digit_prompt(i % 10) for i in range(count)]
         states, mask = dataset.encode(captions)
         return Conditioning(states, mask), captions
-    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    indices = range(min(count, len(dataset)))
+    if isinstance(dataset, LatentShardDataset):
+        indices = dataset.bucket_members(dataset.grid_bucket)[:count].tolist()
+    items = [dataset[i] for i in indices]
     captions = [dataset.captions[int(it["index"])] for it in items]
     return batch_conditioning(stack_items(items)), captions

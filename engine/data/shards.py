@@ -2,7 +2,8 @@
 for both sides, so the writer and the reader cannot drift apart.
 
 Size: over 400 lines because that one format has both sides here (reader with its per-shard
-checks and bad-sample replacement, writer), plus the optional size conditions of PixArt-MS.
+checks and bad-sample replacement, writer), plus the optional size conditions of PixArt-MS and
+the aspect-ratio buckets (one latent shape per bucket, one bucket per shard).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from .seeding import SampleKey, seeded_generator, unpack_key
 __all__ = [
     "INDEX_FORMAT",
     "INDEX_VERSION",
+    "READABLE_INDEX_VERSIONS",
     "LatentShardDataset",
     "ShardWriter",
+    "check_bucket_table",
     "read_index",
     "write_atomic",
 ]
@@ -34,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 #: ``index.json`` of a shard folder: ``format`` must equal INDEX_FORMAT, ``version`` INDEX_VERSION.
 INDEX_FORMAT = "e2ed2-latent-shards"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+#: Versions read: 1 (one latent shape, no buckets) and 2 (aspect-ratio buckets).
+READABLE_INDEX_VERSIONS = (1, 2)
 
 
 class LatentShardDataset(Dataset):
@@ -42,12 +47,16 @@ class LatentShardDataset(Dataset):
 
     Folder layout (``index.json`` is written last, so its presence means the folder is complete)::
 
-        index.json                  {"format": "e2ed2-latent-shards", "version": 1,
+        index.json                  {"format": "e2ed2-latent-shards", "version": 2,
                                      "num_samples": N,
                                      "shards": [{"file": "shard-00000.safetensors",
-                                                 "num_samples": n}, ...],
+                                                 "num_samples": n, "bucket": b}, ...],
                                      "latent": {"kind": "distribution" | "sample",
                                                 "shape": [C, h, w], "dtype": "float16"},
+                                     "bucket_table": "none" | "pixart",
+                                     "buckets": [{"height": H, "width": W,
+                                                  "latent_shape": [C, h, w],
+                                                  "num_samples": n_b}, ...],
                                      "text": {"shape": [L, D], "dtype": "float16"},
                                      "vae": {"scaling_factor": 0.18215, "shift_factor": null,
                                              ...},
@@ -61,6 +70,14 @@ class LatentShardDataset(Dataset):
                                       crop, in pixels (PixArt-MS's size conditions)
                                     metadata: "captions" (JSON list of n strings),
                                               "files" (JSON list of n source paths, optional)
+
+    Buckets (version 2): every shard holds the samples of one aspect-ratio bucket ``b`` (an index
+    into ``buckets``: the crop's ``height`` x ``width`` in pixels and its latent shape), so shards
+    of different buckets hold different latent shapes and a sample's bucket is known from the
+    index alone (:attr:`sample_buckets`, for the bucketed batch sampler). ``latent.shape`` is
+    written only when every sample has the same shape. Version 1 (no buckets) and a version 2
+    index without ``buckets`` read as one bucket of ``latent.shape``; :func:`read_index` returns
+    every index in the version 2 form.
 
     Stored latents are the VAE's raw (unscaled) outputs. An item's latent is
     ``scaling_factor * (z - shift_factor)`` with ``z = mean + std * eps`` for a distribution
@@ -85,7 +102,11 @@ class LatentShardDataset(Dataset):
         self.index = read_index(self.root)
         latent = self.index["latent"]
         self.latent_kind: str = latent["kind"]
-        self._latent_shape = tuple(int(s) for s in latent["shape"])
+        buckets = self.index["buckets"]
+        #: Per bucket: the crop's (height, width) in pixels and the latent's (C, h, w).
+        self.bucket_sizes = [(int(b["height"]), int(b["width"])) for b in buckets]
+        self.bucket_latent_shapes = [tuple(int(s) for s in b["latent_shape"]) for b in buckets]
+        self.bucket_table: str = self.index["bucket_table"]
         self._text_shape = tuple(int(s) for s in self.index["text"]["shape"])
         vae = self.index.get("vae") or {}
         self.scaling_factor = float(vae.get("scaling_factor") or 1.0)
@@ -104,10 +125,19 @@ class LatentShardDataset(Dataset):
         if self._starts[-1] == 0:
             raise ValueError(f"{self.root}/index.json lists no samples")
 
+        shard_buckets = [int(s["bucket"]) for s in self.index["shards"]]
+        #: The bucket of every sample, (N,) int64 (from the index: no tensor is read).
+        self.sample_buckets = torch.repeat_interleave(
+            torch.tensor(shard_buckets, dtype=torch.long), torch.tensor(counts, dtype=torch.long)
+        )
+        # Per bucket: its samples' indices, ascending (bad samples are replaced within them).
+        self._bucket_members = [
+            (self.sample_buckets == b).nonzero().flatten() for b in range(len(buckets))
+        ]
+
         # Read every shard's header once (cheap: no tensor data) to check it against the index
         # and collect the captions. A bad shard (missing, unreadable, wrong shape or dtype) does
         # not stop training: its rows are bad samples, skipped and counted like any other.
-        expected = _expected_tensors(self.latent_kind, self._latent_shape, self._text_shape)
         declared = {
             "latent": _SAFETENSORS_DTYPES.get(str(latent.get("dtype"))),
             "text": _SAFETENSORS_DTYPES.get(str(self.index["text"].get("dtype"))),
@@ -117,6 +147,9 @@ class LatentShardDataset(Dataset):
         #: Unusable shards: shard number -> why (every row of one is a bad sample).
         self.bad_shards: dict[int, str] = {}
         for number, (path, count) in enumerate(zip(self.shard_files, counts, strict=True)):
+            expected = _expected_tensors(
+                self.latent_kind, self.bucket_latent_shapes[shard_buckets[number]], self._text_shape
+            )
             try:
                 captions, files = _check_shard(path, count, expected, declared)
             except Exception as error:  # safetensors/OS/JSON raise many types for broken files
@@ -143,8 +176,38 @@ class LatentShardDataset(Dataset):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of ``item["latents"]``."""
-        return self._latent_shape  # type: ignore[return-value]
+        """(C, h, w) of ``item["latents"]`` in the grid bucket (:attr:`grid_bucket`): the one
+        latent shape of a folder without buckets; with buckets, the shape sample grids and
+        evaluation generate at, with :func:`~e2ed2.engine.data.prompts.sample_conditioning`'s
+        prompts taken from that bucket."""
+        return self.bucket_latent_shapes[self.grid_bucket]  # type: ignore[return-value]
+
+    @property
+    def grid_bucket(self) -> int:
+        """The bucket sample grids are drawn in: the one with the most samples (on a tie, the
+        one listed first), so the grid's prompts are real samples of that shape."""
+        counts = [len(members) for members in self._bucket_members]
+        return counts.index(max(counts))
+
+    @property
+    def largest_latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the bucket with the most latent pixels (the memory peak of a run)."""
+        return max(self.bucket_latent_shapes, key=lambda shape: shape[-2] * shape[-1])  # type: ignore[return-value]
+
+    @property
+    def base_latent_size(self) -> int:
+        """The latent side of the square the buckets are built around (precompute's
+        ``resolution`` over the VAE's downsampling): a denoiser built from config gets it as
+        ``sample_size``, its positional embedding's reference grid (PixArt interpolates for
+        other shapes)."""
+        height, _ = self.bucket_sizes[0]
+        downsample = height // self.bucket_latent_shapes[0][-2]
+        resolution = self.index.get("resolution")
+        return int(resolution) // downsample if resolution else self.bucket_latent_shapes[0][-2]
+
+    def bucket_members(self, bucket: int) -> torch.Tensor:
+        """The sample indices of ``bucket``, ascending, (n_b,) int64."""
+        return self._bucket_members[bucket]
 
     @property
     def text_shape(self) -> tuple[int, int]:
@@ -181,16 +244,20 @@ class LatentShardDataset(Dataset):
         return f"{where} (source {source})" if source else where
 
     def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
-        """The item of ``key``; a bad sample is replaced by the next good one (in index order).
+        """The item of ``key``; a bad sample is replaced by the next good one of its bucket (in
+        index order).
 
         ``bad_count`` (0 or 1) says whether the drawn sample was bad and ``bad_sample`` where it
         lives and why (empty if good), so the trainer can count and log it; the replacement keeps
         every batch full, so all ranks run the same collective operations.
         """
         index, epoch = unpack_key(key, len(self))
+        # Replacements come from the drawn sample's bucket, so a batch keeps one latent shape.
+        members = self._bucket_members[int(self.sample_buckets[index])]
+        position = int(torch.searchsorted(members, index))
         drawn_problem = None
-        for offset in range(len(self)):
-            candidate = (index + offset) % len(self)
+        for offset in range(len(members)):
+            candidate = int(members[(position + offset) % len(members)])
             try:
                 item = self._read(candidate, epoch)
                 problem = _non_finite(item)
@@ -203,7 +270,9 @@ class LatentShardDataset(Dataset):
             if problem is None:
                 break
         else:
-            raise ValueError(f"{self.root}: no usable sample left (last: {drawn_problem})")
+            bucket = int(self.sample_buckets[index])
+            where = f" in bucket {bucket}" if len(self.bucket_sizes) > 1 else ""
+            raise ValueError(f"{self.root}: no usable sample left{where} (last: {drawn_problem})")
         item["bad_count"] = 0 if drawn_problem is None else 1
         item["bad_sample"] = drawn_problem or ""
         return item
@@ -320,7 +389,9 @@ def _non_finite(item: dict[str, Any]) -> str | None:
 
 
 def read_index(root: str) -> dict[str, Any]:
-    """``root/index.json`` of a shard folder, checked for format, version and required keys."""
+    """``root/index.json`` of a shard folder, checked for format, version and required keys, in
+    the version 2 form: ``bucket_table``, ``buckets`` and every shard's ``bucket`` are filled in
+    for an index without buckets (one bucket of ``latent.shape``)."""
     path = os.path.join(root, "index.json")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data.shard_dir {root!r} does not exist")
@@ -333,9 +404,10 @@ def read_index(root: str) -> dict[str, Any]:
         index = json.load(f)
     if index.get("format") != INDEX_FORMAT:
         raise ValueError(f"{path}: format {index.get('format')!r} is not {INDEX_FORMAT!r}")
-    if index.get("version") != INDEX_VERSION:
+    if index.get("version") not in READABLE_INDEX_VERSIONS:
         raise ValueError(
-            f"{path}: version {index.get('version')!r} is not supported (expected {INDEX_VERSION})"
+            f"{path}: version {index.get('version')!r} is not supported (expected one of "
+            f"{list(READABLE_INDEX_VERSIONS)})"
         )
     for key in ("num_samples", "shards", "latent", "text"):
         if key not in index:
@@ -343,6 +415,69 @@ def read_index(root: str) -> dict[str, Any]:
     kinds = ("distribution", "sample")
     if index["latent"].get("kind") not in kinds:
         raise ValueError(f"{path}: latent.kind={index['latent'].get('kind')!r} not in {kinds}")
+    return _with_buckets(index, path)
+
+
+def check_bucket_table(config: DataConfig, index: dict[str, Any]) -> None:
+    """``data.buckets`` must name the table the shard folder was precomputed with."""
+    table = index.get("bucket_table", "none")
+    if config.buckets != table:
+        raise ValueError(
+            f"data.buckets={config.buckets!r}, but data.shard_dir={config.shard_dir!r} was "
+            f"precomputed with buckets {table!r} ({len(index['buckets'])} in use); set "
+            f"data.buckets={table!r}"
+        )
+    if table == "none" and len(index["buckets"]) > 1:
+        raise ValueError(
+            f"data.shard_dir={config.shard_dir!r} holds {len(index['buckets'])} latent shapes "
+            "but bucket table 'none'; precompute it again"
+        )
+
+
+def _with_buckets(index: dict[str, Any], path: str) -> dict[str, Any]:
+    """``index`` with its buckets checked, or (no buckets) one bucket of ``latent.shape``."""
+    if "buckets" not in index:
+        shape = index["latent"].get("shape")
+        if shape is None:
+            raise ValueError(f"{path}: neither latent.shape nor buckets")
+        # Written before buckets: the stored crop is the square of index "resolution" (if
+        # recorded) else the latent times the SD/PixArt VAE's 8.
+        side = index.get("resolution")
+        height, width = (side, side) if side else (8 * shape[-2], 8 * shape[-1])
+        total = index["num_samples"]
+        index = {
+            **index,
+            "bucket_table": "none",
+            "buckets": [
+                {"height": height, "width": width, "latent_shape": shape, "num_samples": total}
+            ],
+            "shards": [{**shard, "bucket": 0} for shard in index["shards"]],
+        }
+    buckets = index["buckets"]
+    if not isinstance(buckets, list) or not buckets:
+        raise ValueError(f"{path}: buckets must be a non-empty list, got {buckets!r}")
+    counts = [0] * len(buckets)
+    for shard in index["shards"]:
+        bucket = shard.get("bucket")
+        if (
+            isinstance(bucket, bool)
+            or not isinstance(bucket, int)
+            or not 0 <= bucket < len(buckets)
+        ):
+            raise ValueError(
+                f"{path}: shard {shard.get('file')!r} has bucket {bucket!r}, expected an index "
+                f"into the {len(buckets)} buckets"
+            )
+        counts[bucket] += int(shard["num_samples"])
+    for number, (bucket, count) in enumerate(zip(buckets, counts, strict=True)):
+        if not all(key in bucket for key in ("height", "width", "latent_shape")):
+            raise ValueError(f"{path}: bucket {number} needs height, width and latent_shape")
+        if int(bucket.get("num_samples", count)) != count:
+            raise ValueError(
+                f"{path}: bucket {number} lists num_samples={bucket['num_samples']}, but its "
+                f"shards hold {count}"
+            )
+    index.setdefault("bucket_table", "none")
     return index
 
 
@@ -367,51 +502,84 @@ def _expected_tensors(
 
 
 class ShardWriter:
-    """Buffers encoded rows and writes ``shard-NNNNN.safetensors`` files of ``shard_size`` rows."""
+    """Buffers encoded rows per bucket and writes ``shard-NNNNN.safetensors`` files of at most
+    ``shard_size`` rows, each holding one bucket's rows (one latent shape per file).
+
+    At most ``shard_size`` rows wait in memory across all buckets (with 33 buckets, one full
+    buffer per bucket would hold 33 shards of T5 states): when that many are waiting, the bucket
+    with the most rows is written, so rare buckets get smaller shards. ``shards`` lists the written files with their ``bucket``; ``shapes[bucket]`` holds the per-row
+    shape of every tensor of that bucket. :meth:`close` writes each bucket's remainder.
+    """
 
     def __init__(self, out: Path, shard_size: int, dtype: torch.dtype) -> None:
         self.out, self.shard_size, self.dtype = out, shard_size, dtype
-        self.buffers: dict[str, list[torch.Tensor]] = {}
-        self.captions: list[str] = []
-        self.files: list[str] = []
+        self.buffers: dict[int, _BucketBuffer] = {}
         self.shards: list[dict[str, Any]] = []
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.shapes: dict[int, dict[str, tuple[int, ...]]] = {}
         self.num_samples = 0
 
-    def add(self, tensors: dict[str, torch.Tensor], captions: list[str], files: list[str]) -> None:
+    def add(
+        self,
+        tensors: dict[str, torch.Tensor],
+        captions: list[str],
+        files: list[str],
+        bucket: int = 0,
+    ) -> None:
+        """Rows of one bucket (every tensor's first dimension = ``len(captions)``)."""
+        buffer = self.buffers.setdefault(bucket, _BucketBuffer())
+        shapes = self.shapes.setdefault(bucket, {})
         for name, value in tensors.items():
             value = value.detach().to("cpu")
             if value.is_floating_point():
                 value = value.to(self.dtype)
-            self.buffers.setdefault(name, []).append(value)
-            self.shapes[name] = tuple(value.shape[1:])
-        self.captions.extend(captions)
-        self.files.extend(files)
-        while len(self.captions) >= self.shard_size:
-            self._write(self.shard_size)
+            buffer.tensors.setdefault(name, []).append(value)
+            shapes[name] = tuple(value.shape[1:])
+        buffer.captions.extend(captions)
+        buffer.files.extend(files)
+        while sum(len(b.captions) for b in self.buffers.values()) >= self.shard_size:
+            fullest = max(self.buffers, key=lambda number: len(self.buffers[number].captions))
+            self._write(fullest, min(self.shard_size, len(self.buffers[fullest].captions)))
 
     def close(self) -> None:
-        if self.captions:
-            self._write(len(self.captions))
+        for bucket in sorted(self.buffers):
+            if self.buffers[bucket].captions:
+                self._write(bucket, len(self.buffers[bucket].captions))
 
-    def _write(self, count: int) -> None:
+    def bucket_counts(self) -> dict[int, int]:
+        """Samples written per bucket."""
+        counts: dict[int, int] = {}
+        for shard in self.shards:
+            counts[shard["bucket"]] = counts.get(shard["bucket"], 0) + shard["num_samples"]
+        return counts
+
+    def _write(self, bucket: int, count: int) -> None:
         from safetensors.torch import save
 
+        buffer = self.buffers[bucket]
         tensors, rest = {}, {}
-        for name, parts in self.buffers.items():
+        for name, parts in buffer.tensors.items():
             joined = torch.cat(parts)
             tensors[name] = joined[:count].contiguous()
             rest[name] = [joined[count:]] if joined.shape[0] > count else []
         metadata = {
-            "captions": json.dumps(self.captions[:count]),
-            "files": json.dumps(self.files[:count]),
+            "captions": json.dumps(buffer.captions[:count]),
+            "files": json.dumps(buffer.files[:count]),
         }
         name = f"shard-{len(self.shards):05d}.safetensors"
         write_atomic(self.out / name, save(tensors, metadata=metadata))
-        self.shards.append({"file": name, "num_samples": count})
+        self.shards.append({"file": name, "num_samples": count, "bucket": bucket})
         self.num_samples += count
-        self.buffers = rest
-        self.captions, self.files = self.captions[count:], self.files[count:]
+        buffer.tensors = rest
+        buffer.captions, buffer.files = buffer.captions[count:], buffer.files[count:]
+
+
+class _BucketBuffer:
+    """One bucket's rows not yet written: tensors by name, captions, source files."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, list[torch.Tensor]] = {}
+        self.captions: list[str] = []
+        self.files: list[str] = []
 
 
 def write_atomic(path: Path, payload: bytes) -> None:

@@ -189,16 +189,21 @@ def real_data_metrics(
 
 def _shard_batches(dataset: Any, count: int, batch_size: int):
     """(conditioning, latents, captions) of the first ``count`` samples, ``batch_size`` at a
-    time (a bad sample is replaced by the dataset's next good one, caption included)."""
+    time (a bad sample is replaced by the dataset's next good one, caption included); with
+    aspect-ratio buckets each batch holds one bucket's samples (one latent shape)."""
     from ..data.prompts import batch_conditioning, stack_items
 
-    for start in range(0, count, batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        batch = stack_items(items)
-        # With the samples' PixArt-MS size conditions, which a 1024-MS model cannot run without.
-        cond = batch_conditioning(batch)
-        captions = [dataset.captions[int(it["index"])] for it in items]
-        yield cond, batch["latents"], captions
+    buckets = dataset.sample_buckets[:count].tolist()
+    for bucket in dict.fromkeys(buckets):  # buckets in order of their first sample
+        group = [i for i in range(count) if buckets[i] == bucket]
+        for start in range(0, len(group), batch_size):
+            items = [dataset[i] for i in group[start : start + batch_size]]
+            batch = stack_items(items)
+            # With the samples' PixArt-MS size conditions, which a 1024-MS model cannot run
+            # without.
+            cond = batch_conditioning(batch)
+            captions = [dataset.captions[int(it["index"])] for it in items]
+            yield cond, batch["latents"], captions
 
 
 def evaluate_shard_export(
@@ -249,13 +254,13 @@ def evaluate_shard_export(
         scores = []
         for seed in seeds:
             batches = _shard_batches(dataset, count, batch_size)
-            for number, (cond, _, captions) in enumerate(batches):
+            for number, (cond, latents, captions) in enumerate(batches):
                 pixels = generate_pixels(
                     networks,
                     schedule,
                     decode,
                     cond,
-                    dataset.latent_shape,
+                    latents.shape[1:],  # the batch's bucket
                     seed=derive_seed(seed, "evaluate", number),
                     device=device,
                 )

@@ -6,13 +6,15 @@ in a dtype it can run. Those failed only at the first training step. Here the de
 VAE are built from their ``config.json`` under ``FakeTensorMode`` (no weights are read, nothing
 is allocated, so a 0.6B model costs nothing), in the run's compute dtype as the trainer builds
 them, and run once on the first real batch of the data (its latents, text and size conditions
-made fake): the shapes, dtypes and keyword arguments of that forward are the real ones.
+made fake): the shapes, dtypes and keyword arguments of that forward are the real ones. With
+aspect-ratio buckets the batch is taken from the largest bucket (most latent pixels: the
+run's memory peak and its longest token sequence).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -21,7 +23,7 @@ from ..config import TrainConfig
 from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import Conditioning, denoise
 from ..core.sampler import build_schedule
-from ..data import build_dataset
+from ..data import LatentShardDataset, build_dataset
 from ..data.prompts import batch_conditioning, stack_items
 
 __all__ = ["COMPUTE_DTYPES", "dry_run_forward"]
@@ -46,9 +48,13 @@ def dry_run_forward(config: TrainConfig) -> str:
     first training step would raise (e.g. ValueError naming missing size conditions)."""
     dtype = COMPUTE_DTYPES[config.run.precision]
     dataset = build_dataset(config.data)
-    count = min(config.run.batch_per_rank, len(dataset))
-    batch = stack_items([dataset[i] for i in range(count)])
-    channels, latent_size, _ = dataset.latent_shape
+    indices: Sequence[int] = range(len(dataset))
+    if isinstance(dataset, LatentShardDataset):
+        shapes = dataset.bucket_latent_shapes
+        largest = shapes.index(dataset.largest_latent_shape)
+        indices = dataset.bucket_members(largest).tolist()
+    batch = stack_items([dataset[i] for i in indices[: config.run.batch_per_rank]])
+    channels, latent_size = dataset.latent_shape[0], dataset.base_latent_size
     _, text_dim = dataset.text_shape
     schedule = build_schedule(config.sampler, config.trajectory.num_steps)
 

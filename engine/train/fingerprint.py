@@ -29,9 +29,10 @@ def run_fingerprint(config: TrainConfig, zero_stage: int) -> dict[str, Any]:
     The model (architecture, freezing, and any adapter layout it gains), the sampler and K
     (what the network was trained to do at each step), the objective (what it was trained
     towards; local paths and the memory-only checkpoint switches excluded, they change nothing
-    learned), the data source, the discriminator's shape and loss, EMA, the precision (mixed
-    precision keeps fp32 master weights and a loss scale in the optimizer state) and the ZeRO
-    stage (the optimizer state is partitioned per stage).
+    learned), the data source and its bucketing (the saved data position), the discriminator's
+    shape and loss, EMA, the precision (mixed precision keeps fp32 master weights and a loss
+    scale in the optimizer state) and the ZeRO stage (the optimizer state is partitioned per
+    stage).
     """
     objective = {
         key: value
@@ -44,6 +45,8 @@ def run_fingerprint(config: TrainConfig, zero_stage: int) -> dict[str, Any]:
         "trajectory.num_steps": config.trajectory.num_steps,
         "objective": objective,
         "data.source": config.data.source,
+        # Bucketed or not: the sampler's saved position means a different batch order.
+        "data.buckets": config.data.buckets,
         "gan.enabled": config.gan.enabled,
         "gan.base_channels": config.gan.base_channels,
         "gan.loss": config.gan.loss,

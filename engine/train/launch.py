@@ -13,7 +13,7 @@ from typing import Any
 from ..config import ConfigError, TrainConfig
 from ..config.objective import TORCHVISION_MODELS
 from ..core.models import resolve_model_folder
-from ..data.shards import read_index
+from ..data.shards import check_bucket_table, read_index
 from .distributed import build_ds_config
 
 __all__ = ["check_launch"]
@@ -61,7 +61,9 @@ def check_launch(config: TrainConfig, world_size: int) -> dict[str, Any]:
                 f"torchvision {TORCHVISION_MODELS[config.objective.lpips_net]} state dict (.pth)"
             )
         if config.data.source == "shards":
-            _check_latent_size(config, read_index(config.data.shard_dir))
+            index = read_index(config.data.shard_dir)
+            check_bucket_table(config.data, index)
+            _check_latent_size(config, index)
         _check_output_paths(config)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err).replace("\n", " ")) from None
@@ -89,15 +91,16 @@ def _keep_linear_for_selective(config: TrainConfig, ds_config: dict[str, Any]) -
 
 
 def _check_latent_size(config: TrainConfig, index: dict[str, Any]) -> None:
-    """The shards' latent side must split into the transformer's patches (built from config;
-    a pretrained transformer is checked against its own config when it loads)."""
-    height, width = index["latent"]["shape"][-2:]
+    """Every bucket's latent sides must split into the transformer's patches (built from
+    config; a pretrained transformer is checked against its own config when it loads)."""
     patch = config.model.patch_size
-    if config.model.pretrained_path is None and (height % patch or width % patch):
-        raise ValueError(
-            f"model.patch_size={patch} does not divide the latent size {height}x{width} of "
-            f"data.shard_dir={config.data.shard_dir!r}"
-        )
+    for bucket in index["buckets"]:
+        height, width = bucket["latent_shape"][-2:]
+        if config.model.pretrained_path is None and (height % patch or width % patch):
+            raise ValueError(
+                f"model.patch_size={patch} does not divide the latent size {height}x{width} of "
+                f"data.shard_dir={config.data.shard_dir!r}"
+            )
 
 
 def _check_output_paths(config: TrainConfig) -> None:

@@ -123,7 +123,10 @@ class Trainer:
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"[data] {err}") from err
         dataset = self.loader.dataset
-        channels, latent_size, _ = dataset.latent_shape
+        # With aspect-ratio buckets the latents have several shapes (one per global batch): a
+        # denoiser built from config gets the square they are built around as sample_size,
+        # the reference grid of PixArt's positional embedding, recomputed per input h x w.
+        channels, latent_size = dataset.latent_shape[0], dataset.base_latent_size
         _, text_dim = dataset.text_shape
 
         # Frozen modules are built plainly (never under zero.Init) and never wrapped. The VAE

@@ -97,7 +97,13 @@ def mixed_image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _real_models().save_image_folder(tmp_path_factory.mktemp("images"))
 
 
-def _precompute(folder: Path, images: Path, out: Path) -> Path:
+@pytest.fixture(scope="session")
+def bucket_image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six captioned images, two each of 3:1, 1:1 and 3:4 (three PixArt buckets at 64 px)."""
+    return _real_models().save_bucket_image_folder(tmp_path_factory.mktemp("bucket-images"))
+
+
+def _precompute(folder: Path, images: Path, out: Path, buckets: str = "none") -> Path:
     from e2ed2.engine.data.precompute import precompute
 
     # 64 px: the presets' 512/1024 would only cost time; the tiny VAE downsamples 8x to 8x8.
@@ -107,6 +113,7 @@ def _precompute(folder: Path, images: Path, out: Path) -> Path:
         vae_path=folder,
         text_encoder_path=folder,
         resolution=64,
+        buckets=buckets,
         caption_max_tokens=16,
         batch_size=4,
         progress=False,
@@ -129,6 +136,20 @@ def shards_512(pixart_512_folder, mixed_image_folder, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bucket_shards_1024(pixart_1024_ms_folder, bucket_image_folder, tmp_path_factory) -> Path:
+    """``bucket_image_folder`` precomputed with PixArt buckets around 64 px (1024-MS folder)."""
+    out = tmp_path_factory.mktemp("bucket-shards-1024")
+    return _precompute(pixart_1024_ms_folder, bucket_image_folder, out, buckets="pixart")
+
+
+@pytest.fixture(scope="session")
+def bucket_shards_512(pixart_512_folder, bucket_image_folder, tmp_path_factory) -> Path:
+    """``bucket_image_folder`` precomputed with PixArt buckets around 64 px (512 folder)."""
+    out = tmp_path_factory.mktemp("bucket-shards-512")
+    return _precompute(pixart_512_folder, bucket_image_folder, out, buckets="pixart")
+
+
+@pytest.fixture(scope="session")
 def vgg16_features_path(tmp_path_factory) -> Path:
     """A torchvision vgg16 state dict with its ``features.*`` only (random; what LPIPS loads),
     in fp16 (29 MB instead of the 528 MB of the full fp32 model)."""
@@ -147,3 +168,10 @@ def sd3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A stable-diffusion-3-medium-diffusers-structured pipeline folder (flow matching MMDiT,
     CLIP-L + CLIP-G + T5, 16-channel VAE with a shift factor)."""
     return _real_models().save_sd3_pipeline(tmp_path_factory.mktemp("SD3-medium"))
+
+
+@pytest.fixture(scope="session")
+def shards_sd3(sd3_folder, mixed_image_folder, tmp_path_factory) -> Path:
+    """``mixed_image_folder`` precomputed with the SD3 folder's VAE and text encoders (64 px,
+    16 T5 tokens after CLIP's 77)."""
+    return _precompute(sd3_folder, mixed_image_folder, tmp_path_factory.mktemp("shards-sd3"))

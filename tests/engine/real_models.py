@@ -432,3 +432,31 @@ def save_image_folder(folder: Path) -> Path:
             lines.append(json.dumps({"file": name, "caption": caption}))
     (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+#: (width, height) of :func:`save_bucket_image_folder`'s images: two each of 3:1, 1:1 and 3:4
+#: (portrait), so at 64 px every PixArt bucket in use holds two samples.
+BUCKET_IMAGE_SIZES = [(192, 64), (150, 50), (72, 72), (64, 64), (60, 80), (48, 64)]
+
+
+def save_bucket_image_folder(folder: Path) -> Path:
+    """Captioned images in three aspect ratios (see :data:`BUCKET_IMAGE_SIZES`); each image's
+    left, middle and right thirds are red, green and blue (plus noise), so a crop shows which
+    part of the image it kept."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    lines = []
+    for i, ((width, height), caption) in enumerate(zip(BUCKET_IMAGE_SIZES, SENTENCES, strict=True)):
+        third = torch.div(torch.arange(width) * 3, width, rounding_mode="floor")  # 0, 1, 2
+        pixels = torch.zeros(height, width, 3)
+        pixels[:, :, 0] = 200.0 * (third == 0)
+        pixels[:, :, 1] = 200.0 * (third == 1)
+        pixels[:, :, 2] = 200.0 * (third == 2)
+        pixels += torch.randint(0, 40, (height, width, 3), generator=g)
+        name = f"bucket{i}.png"
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / name)
+        lines.append(json.dumps({"file": name, "caption": caption}))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

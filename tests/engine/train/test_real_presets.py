@@ -1,7 +1,8 @@
 """The shipped PixArt presets end to end on folders with the real checkpoints' structure:
-precompute (mixed sizes and aspect ratios) -> ``e2ed2 train --config <preset>`` with only paths
-and budget overridden, in the preset's own precision (bf16, ZeRO-3, fused kernels, LPIPS) ->
-export -> a stock diffusers pipeline generates an image from a prompt."""
+precompute (3:1, 1:1 and 3:4 images into PixArt aspect-ratio buckets) -> ``e2ed2 train --config
+<preset>`` with only paths, budget and ``data.buckets`` overridden, in the preset's own precision
+(bf16, ZeRO-3, fused kernels, LPIPS) on batches of non-square latents -> export -> a stock
+diffusers pipeline generates a non-square image from a prompt."""
 
 from __future__ import annotations
 
@@ -14,18 +15,21 @@ import pytest
 from e2ed2.engine.cli.train import main as train_main
 from e2ed2.engine.train.distributed import free_port
 
-PRESETS = {  # preset -> (pipeline folder fixture, shards fixture)
-    "pixart_alpha_512": ("pixart_512_folder", "shards_512"),
-    "pixart_alpha_1024": ("pixart_1024_ms_folder", "shards_1024"),
+PRESETS = {  # preset -> (pipeline folder fixture, bucketed shards fixture)
+    "pixart_alpha_512": ("pixart_512_folder", "bucket_shards_512"),
+    "pixart_alpha_1024": ("pixart_1024_ms_folder", "bucket_shards_1024"),
 }
 
 
-def _overrides(folder: Path, shards: Path, vgg: Path, out: Path) -> list[str]:
+def _overrides(
+    folder: Path, shards: Path, vgg: Path, out: Path, buckets: str = "none"
+) -> list[str]:
     return [
         # paths
         f"model.pretrained_path={folder}",
         f"model.vae_path={folder}",
         f"data.shard_dir={shards}",
+        f"data.buckets={buckets}",
         f"objective.lpips_backbone_path={vgg}",
         f"run.output_dir={out}",
         # budget: 2 steps of batch 2, a 2-image grid, no loader worker processes
@@ -46,13 +50,13 @@ def _generate(export: Path, *, expect_size_conditions: bool) -> np.ndarray:
         "a photo of a cat sitting on a red sofa",
         num_inference_steps=2,
         guidance_scale=0.0,  # LCM: guidance is distilled in
-        height=64,
+        height=80,  # a 3:4 bucket's size (64 px table), non-square
         width=64,
         max_sequence_length=16,
         use_resolution_binning=False,
         output_type="np",
     ).images
-    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    assert images.shape == (1, 80, 64, 3) and np.isfinite(images).all()
     return images
 
 
@@ -62,10 +66,13 @@ def test_preset_trains_exports_and_generates(
 ) -> None:
     folder, shards = (request.getfixturevalue(name) for name in PRESETS[preset])
     out = tmp_path / "run"
-    args = ["--config", preset, *_overrides(folder, shards, vgg16_features_path, out)]
+    overrides = _overrides(folder, shards, vgg16_features_path, out, buckets="pixart")
+    args = ["--config", preset, *overrides]
     assert train_main([*args, "--dry-run"]) == 0
-    assert "dry run: denoiser forward" in capsys.readouterr().out
+    # The fake forward runs at the largest bucket (80x64 px: latents 10x8).
+    assert "dry run: denoiser forward (2, 4, 10, 8)" in capsys.readouterr().out
     assert train_main(args) == 0, capsys.readouterr().err[-3000:]
+    # Each of the three buckets holds one batch of 2 per epoch: the 2 steps ran two shapes.
     export = out / "export"
     assert (export / "model_index.json").is_file() and (export / "vae").is_symlink()
     assert (out / "samples").is_dir()
@@ -91,10 +98,13 @@ def test_dry_run_catches_missing_size_conditions(
 
 @pytest.mark.slow
 def test_preset_1024_on_two_launcher_ranks(
-    pixart_1024_ms_folder, shards_1024, vgg16_features_path, tmp_path, run_checked
+    pixart_1024_ms_folder, bucket_shards_1024, vgg16_features_path, tmp_path, run_checked
 ) -> None:
+    """Two ranks, one sample each: every global batch is one bucket, split across the ranks."""
     out = tmp_path / "run"
-    overrides = _overrides(pixart_1024_ms_folder, shards_1024, vgg16_features_path, out)
+    overrides = _overrides(
+        pixart_1024_ms_folder, bucket_shards_1024, vgg16_features_path, out, buckets="pixart"
+    )
     overrides[overrides.index("run.batch_per_rank=2")] = "run.batch_per_rank=1"
     run_checked(
         [
