@@ -140,3 +140,14 @@ def test_key_padding_mask_from_attention_mask():
         key_padding_mask_from_attention_mask(torch.zeros(2, 4, 3), 2, 3)
     with pytest.raises(ValueError, match="does not match"):
         key_padding_mask_from_attention_mask(bias, 2, 4)
+
+
+def test_installed_pixart_on_non_square_latents(make_pixart, device):
+    """An aspect-ratio bucket: 6 x 10 latents (15 tokens, a sequence no tile divides)."""
+    model = make_pixart(heads=2, head_dim=40, num_layers=1).to(device)
+    fused = copy.deepcopy(model)
+    install_fused_kernels(fused, backend="triton")
+    latents, text, mask, timesteps = _inputs(2, 5, 24, device, seed=2)
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 6, 10, generator=g).to(device)
+    _assert_same(model, fused, latents, text, mask, timesteps)
