@@ -1,4 +1,5 @@
-"""The ``e2ed2`` command: ``train``, ``precompute``, ``sample``, ``evaluate``, ``reward-model``."""
+"""The ``e2ed2`` command: ``train``, ``precompute``, ``sample``, ``evaluate``, ``reward-model``,
+``null-condition``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ commands:
   sample      write a PNG grid of K-step samples from an export or checkpoint
   evaluate    score an export's samples at several K (digits: classifier FD and accuracy)
   reward-model  fit the digit reward classifier for objective.reward_path (OUT.safetensors)
+  null-condition  add the empty prompt's encoding (classifier-free guidance) to a shard folder
 
 exit codes: 0 done, 2 bad input (nothing changed), 1 stopped (bad data, NaN steps, full disk,
 or a bug), 130 / 143 SIGINT / SIGTERM; --debug (or E2ED2_DEBUG=1) prints tracebacks
@@ -45,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .evaluate import main as evaluate_main
 
         return evaluate_main(rest)
+    if command == "null-condition":
+        from .null_condition import main as null_condition_main
+
+        return null_condition_main(rest)
     if command == "reward-model":
         from .reward_model import main as reward_model_main
 

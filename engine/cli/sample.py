@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ def _main(argv: Sequence[str]) -> int:
     from ..core.models import build_autoencoder
     from ..core.sampler import build_schedule
     from ..core.sampling import generate_pixels, save_grid
-    from ..data import build_dataset, sample_conditioning
+    from ..data import build_dataset, null_conditioning, sample_conditioning
     from ..train.export import CONFIG_NAME, load_exported_networks
 
     parser = argparse.ArgumentParser(prog="e2ed2 sample", description=main.__doc__)
@@ -42,6 +43,12 @@ def _main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--num-images", type=int_at_least(1), default=20)
     parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance weight (default: the run's sampler.guidance_scale; 1 = off)",
+    )
     parser.add_argument("--out", default=None, help="PNG path (default: PATH/samples_K<k>.png)")
     parser.add_argument(
         "--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
@@ -74,14 +81,26 @@ def _main(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    sampler = config.sampler
+    if args.guidance_scale is not None:
+        try:
+            sampler = dataclasses.replace(sampler, guidance_scale=args.guidance_scale)
+        except ValueError as err:
+            print(f"e2ed2 sample: --guidance-scale: {err}", file=sys.stderr)
+            return 2
     device = torch.device(args.device)
     networks = load_exported_networks(export, trained_steps).to(device).eval()
     autoencoder = build_autoencoder(config.model).to(device)
     dataset = build_dataset(config.data, "train")
     cond, captions = sample_conditioning(dataset, args.num_images)
+    try:
+        cond = cond.with_unconditional(null_conditioning(dataset, sampler.guidance_scale))
+    except ValueError as err:
+        print(f"e2ed2 sample: {err}", file=sys.stderr)
+        return 2
     pixels = generate_pixels(
         networks,
-        build_schedule(config.sampler, num_steps),
+        build_schedule(sampler, num_steps),
         autoencoder.decode,
         cond,
         dataset.latent_shape,
@@ -90,7 +109,8 @@ def _main(argv: Sequence[str]) -> int:
     )
     out = Path(args.out) if args.out else export / f"samples_K{num_steps}.png"
     save_grid(pixels, out)
-    print(f"wrote {len(captions)} samples (K={num_steps}) to {out}")
+    guided = f", guidance_scale={sampler.guidance_scale:g}" if sampler.guidance_scale > 1 else ""
+    print(f"wrote {len(captions)} samples (K={num_steps}{guided}) to {out}")
     return 0
 
 

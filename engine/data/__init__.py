@@ -21,7 +21,7 @@ shards), ``prompts`` (prompts for sample grids).
 
 from .batching import ResumableBatchSampler, ResumableDataLoader, build_dataloader, build_dataset
 from .digits import DIGIT_WORDS, DigitsDataset, digit_prompt
-from .prompts import batch_conditioning, sample_conditioning
+from .prompts import batch_conditioning, null_conditioning, sample_conditioning
 from .seeding import SampleKey, derive_seed
 from .shards import INDEX_FORMAT, INDEX_VERSION, LatentShardDataset, read_index
 from .text import digits_text_encoder, encode_text
@@ -42,6 +42,7 @@ __all__ = [
     "digit_prompt",
     "digits_text_encoder",
     "encode_text",
+    "null_conditioning",
     "read_index",
     "sample_conditioning",
 ]

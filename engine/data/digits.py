@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..config.data import DataConfig
+from .null_condition import encode_null_condition
 from .seeding import SampleKey, seeded_generator, unpack_key
 from .text import digits_text_encoder, encode_text
 
@@ -128,6 +129,15 @@ class DigitsDataset(Dataset):
     def text_shape(self) -> tuple[int, int]:
         """(L, D) of ``item["encoder_hidden_states"]``."""
         return tuple(self._text_states.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def null_condition(self) -> dict[str, torch.Tensor]:
+        """The empty prompt through this dataset's text encoder, as the captions (classifier-free
+        guidance's unconditional half): states (1, L, D) float32 and mask (1, L) long."""
+        states, mask = encode_null_condition(
+            self.tokenizer, self.text_encoder, self.config.caption_max_tokens
+        )
+        return {"encoder_hidden_states": states.float(), "encoder_attention_mask": mask}
 
     def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Any captions through this dataset's text encoder: ((N, L, D) float32, (N, L) long)."""

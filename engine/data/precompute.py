@@ -7,6 +7,9 @@ larger than the denoiser. This runs them once, PixArt-style, and stores per imag
   ``scaling_factor * (mean + std * eps)``), and
 * the text encoder's ``encoder_hidden_states`` (L, D) with its ``encoder_attention_mask`` (L,).
 
+Once per folder it also stores ``null_condition.safetensors``: the empty prompt encoded the same
+way, the unconditional half of classifier-free guidance (data/null_condition.py).
+
 Inputs: images (``.png .jpg .jpeg .webp``, found recursively, processed in sorted order) under
 ``image_dir``; captions from ``image_dir/captions.jsonl`` (one ``{"file": <path relative to
 image_dir>, "caption": ...}`` per line; wins when both exist) or a sidecar text file next to the
@@ -45,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .buckets import BUCKET_TABLES, BucketTable, bucket_table, nearest_bucket
+from .null_condition import encode_null_condition, write_null_condition
 from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_atomic
 from .text import encode_text, load_tokenizer
 
@@ -288,6 +292,9 @@ def precompute(
     if len(bucket_list) == 1:  # one latent shape: readable where buckets are not known
         latent["shape"] = bucket_list[0]["latent_shape"]
     shapes = next(iter(writer.shapes.values()))
+    # Classifier-free guidance's unconditional half: "" as the pipeline encodes it (once).
+    null_states, null_mask = encode_null_condition(tokenizer, encoder, caption_max_tokens, device)
+    write_null_condition(out, null_states, null_mask, dtype)
     index = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,

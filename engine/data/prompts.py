@@ -16,7 +16,7 @@ from ..core.network import Conditioning
 from .digits import DigitsDataset, digit_prompt
 from .shards import LatentShardDataset
 
-__all__ = ["batch_conditioning", "sample_conditioning", "stack_items"]
+__all__ = ["batch_conditioning", "null_conditioning", "sample_conditioning", "stack_items"]
 
 #: Per-sample keys of a batch that become ``Conditioning.added_cond_kwargs`` (PixArt-MS).
 SIZE_CONDITION_KEYS = ("resolution", "aspect_ratio")
@@ -52,3 +52,23 @@ def sample_conditioning(dataset, count: int) -> tuple[Conditioning, list[str]]:
     items = [dataset[i] for i in indices]
     captions = [dataset.captions[int(it["index"])] for it in items]
     return batch_conditioning(stack_items(items)), captions
+
+
+def null_conditioning(dataset: Any, guidance_scale: float) -> Conditioning | None:
+    """The unconditional half of classifier-free guidance where ``guidance_scale`` > 1: the
+    dataset's empty-prompt conditioning (one row for any batch; attach it with
+    ``Conditioning.with_unconditional``); None where guidance is off. Raises ValueError naming
+    the shard folder and the command that writes it where the data has none."""
+    if guidance_scale <= 1:
+        return None
+    null = getattr(dataset, "null_condition", None)
+    if null is None:
+        root = getattr(dataset, "root", None)
+        raise ValueError(
+            f"sampler.guidance_scale={guidance_scale} needs the empty prompt's conditioning, but "
+            f"the shard folder {root!r} has no null_condition.safetensors (precomputed before "
+            f"`e2ed2 precompute` stored it): add it with `e2ed2 null-condition {root}` (the "
+            "text encoder its index.json records), or re-run `e2ed2 precompute IMAGE_DIR "
+            f"{root} --overwrite ...`; or set sampler.guidance_scale = 1.0"
+        )
+    return Conditioning(null["encoder_hidden_states"], null["encoder_attention_mask"])

@@ -70,6 +70,9 @@ class LatentShardDataset(Dataset):
                                       crop, in pixels (PixArt-MS's size conditions)
                                     metadata: "captions" (JSON list of n strings),
                                               "files" (JSON list of n source paths, optional)
+        null_condition.safetensors  optional: the empty prompt's states (1, L, D) and mask (1, L),
+                                    classifier-free guidance's unconditional half (written by
+                                    precompute since it guides; data/null_condition.py)
 
     Buckets (version 2): every shard holds the samples of one aspect-ratio bucket ``b`` (an index
     into ``buckets``: the crop's ``height`` x ``width`` in pixels and its latent shape), so shards
@@ -213,6 +216,15 @@ class LatentShardDataset(Dataset):
     def text_shape(self) -> tuple[int, int]:
         """(L, D) of ``item["encoder_hidden_states"]``."""
         return self._text_shape  # type: ignore[return-value]
+
+    @property
+    def null_condition(self) -> dict[str, torch.Tensor] | None:
+        """The empty prompt's ``encoder_hidden_states`` (1, L, D) float32 and
+        ``encoder_attention_mask`` (1, L) long (classifier-free guidance), or None where the
+        folder has no ``null_condition.safetensors``."""
+        from .null_condition import read_null_condition  # it imports this module
+
+        return read_null_condition(self.root, self.text_shape)
 
     def _shard(self, shard: int) -> Any:
         from safetensors import safe_open

@@ -228,7 +228,10 @@ def digit_prompts(dataset: DigitsDataset, per_class: int) -> tuple[Any, torch.Te
 
     labels = torch.arange(10).repeat_interleave(per_class)
     states, mask = dataset.encode([digit_prompt(int(c)) for c in labels])
-    return Conditioning(states, mask), labels
+    # With the empty prompt, for a sampler that guides (sampler.guidance_scale > 1).
+    null = dataset.null_condition
+    unconditional = Conditioning(null["encoder_hidden_states"], null["encoder_attention_mask"])
+    return Conditioning(states, mask, unconditional=unconditional), labels
 
 
 def evaluate_export(

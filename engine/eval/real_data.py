@@ -231,7 +231,7 @@ def evaluate_shard_export(
     import dataclasses
 
     from ..core.sampling import generate_pixels, save_grid
-    from ..data import build_dataset, derive_seed
+    from ..data import build_dataset, derive_seed, null_conditioning
 
     export_dir = Path(export_dir)
     device = torch.device(device)
@@ -241,6 +241,7 @@ def evaluate_shard_export(
     if shard_dir is not None:
         data_config = dataclasses.replace(data_config, shard_dir=str(shard_dir))
     dataset = build_dataset(data_config)
+    null = null_conditioning(dataset, config.sampler.guidance_scale)  # None: no guidance
     count = min(num_images, len(dataset))
     scorer = RealDataScorer(
         inception_weights=inception_weights, clip_model=clip_model, device=device
@@ -259,7 +260,7 @@ def evaluate_shard_export(
                     networks,
                     schedule,
                     decode,
-                    cond,
+                    cond.with_unconditional(null),
                     latents.shape[1:],  # the batch's bucket
                     seed=derive_seed(seed, "evaluate", number),
                     device=device,

@@ -13,12 +13,17 @@ Layout::
                                 encoded with, from the shard index); the embedded digits save
                                 their tiny T5 and ByT5 tokenizer here as real folders
     <dir>/e2ed2_config.toml     the run config (data/conditioning, sampler, model settings)
+    <dir>/README.md             the sampling settings it was trained with (K, guidance_scale)
 
 Frozen parts are symlinked, not copied (T5-XXL alone is ~19 GB and every checkpoint carries an
 export); ``cp -rL export elsewhere`` materialises them. Latent presets load as a stock pipeline::
 
     pipe = PixArtAlphaPipeline.from_pretrained("runs/x/export")
     image = pipe("a cat", num_inference_steps=4, guidance_scale=0.0).images[0]
+
+with ``guidance_scale`` = the run's ``sampler.guidance_scale`` where it guided (> 1: the
+pipeline's negative prompt "" is the empty prompt the training used; 0.0 or 1.0 = off); the
+export's README.md states the K and guidance_scale it was trained at.
 
 The embedded digits have no VAE (pixel space): ``model_index.json`` lists ``vae`` as null, so
 ``PixArtAlphaPipeline.from_pretrained(export, vae=None)`` loads, and
@@ -42,8 +47,15 @@ from diffusers import PixArtTransformer2DModel
 from torch import nn
 
 from ..config import TrainConfig, config_to_toml
+from ..config.sampler import SCHEDULER_CLASS_NAMES
 
-__all__ = ["CONFIG_NAME", "gathered_state_dict", "load_exported_networks", "write_export"]
+__all__ = [
+    "CONFIG_NAME",
+    "gathered_state_dict",
+    "load_exported_networks",
+    "sampling_settings",
+    "write_export",
+]
 
 CONFIG_NAME = "e2ed2_config.toml"
 
@@ -94,6 +106,7 @@ def write_export(
     if not isinstance(module, nn.ModuleList):
         _write_model_index(staging, components)
     (staging / CONFIG_NAME).write_text(config_to_toml(config))
+    (staging / "README.md").write_text(sampling_settings(config))
     if directory.exists():
         retired = directory.with_name(f".old-{directory.name}")
         shutil.rmtree(retired, ignore_errors=True)
@@ -103,6 +116,30 @@ def write_export(
     else:
         os.replace(staging, directory)
     return directory
+
+
+def sampling_settings(config: TrainConfig) -> str:
+    """The export's README.md: the sampler, K and guidance scale the model was trained at."""
+    sampler, num_steps = config.sampler, config.trajectory.num_steps
+    guidance = sampler.guidance_scale
+    if guidance > 1:
+        cfg = (
+            f"guidance_scale = {guidance!r}: classifier-free guidance, the unconditional half "
+            'from the negative prompt "" (PixArtAlphaPipeline\'s default; the empty prompt the '
+            "training used)"
+        )
+    else:
+        cfg = "guidance_scale = 1.0: no classifier-free guidance (diffusers: any value <= 1)"
+    return (
+        "# Sampling settings of this e2ed2 export\n\n"
+        "Trained end to end through the sampler below; sample it with the same settings:\n\n"
+        f"- scheduler: {SCHEDULER_CLASS_NAMES[sampler.kind]} (scheduler/), "
+        f"num_inference_steps = {num_steps}\n"
+        f"- {cfg}\n\n"
+        f"    image = pipe(prompt, num_inference_steps={num_steps}, "
+        f"guidance_scale={guidance!r}).images[0]\n\n"
+        "The run's whole config: e2ed2_config.toml; `e2ed2 sample` reads it.\n"
+    )
 
 
 def _write_model_index(staging: Path, components: dict[str, list[str | None]]) -> None:

@@ -44,7 +44,13 @@ from ..core.network import Conditioning, per_step_networks, repeat_conditioning
 from ..core.sampler import build_schedule
 from ..core.sampling import generate_pixels, save_grid
 from ..core.trajectory import Trajectory, TrajectoryPlan
-from ..data import batch_conditioning, build_dataloader, derive_seed, sample_conditioning
+from ..data import (
+    batch_conditioning,
+    build_dataloader,
+    derive_seed,
+    null_conditioning,
+    sample_conditioning,
+)
 from ..objectives.gan import discriminator_loss, generator_adversarial_loss
 from ..objectives.losses import E2ED2Loss, diffusion_loss
 from ..objectives.teacher import NoisePairedTeacher
@@ -128,6 +134,10 @@ class Trainer:
         # the reference grid of PixArt's positional embedding, recomputed per input h x w.
         channels, latent_size = dataset.latent_shape[0], dataset.base_latent_size
         _, text_dim = dataset.text_shape
+        try:  # classifier-free guidance's empty prompt (None: guidance off), before any model
+            self.null_cond = null_conditioning(dataset, config.sampler.guidance_scale)
+        except ValueError as err:
+            raise ConfigError(f"[sampler] {err}") from err
 
         # Frozen modules are built plainly (never under zero.Init) and never wrapped. The VAE
         # runs in the compute dtype: the bf16/fp16 sample is decoded (LPIPS, GAN, sample grids)
@@ -248,7 +258,8 @@ class Trainer:
         """Latents, conditioning and (when the objective scores prompts: the reward) labels."""
         latents = batch["latents"].to(self.device, self.compute_dtype, non_blocking=True)
         # Text in the compute dtype; PixArt-MS's size conditions (shards) ride along in float32.
-        cond = batch_conditioning(batch).to(self.device, self.compute_dtype)
+        cond = batch_conditioning(batch).with_unconditional(self.null_cond)
+        cond = cond.to(self.device, self.compute_dtype)
         labels = None
         if self.loss_fn is not None and self.loss_fn.needs_labels:
             if "label" not in batch:
@@ -488,6 +499,7 @@ class Trainer:
         if count == 0:
             return None
         cond, _ = sample_conditioning(self.loader.dataset, count)
+        cond = cond.with_unconditional(self.null_cond)
         context = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
         self.engine.eval()
         with context:

@@ -131,6 +131,7 @@ def test_precompute_end_to_end(workspace, caplog) -> None:
     assert on_disk["num_samples"] == 4 and on_disk["skipped"] == index["skipped"]
     assert sorted(p.name for p in out.iterdir()) == [
         "index.json",
+        "null_condition.safetensors",  # the empty prompt, for classifier-free guidance
         "shard-00000.safetensors",
         "shard-00001.safetensors",
     ]
@@ -200,7 +201,11 @@ def test_pipeline_layout_overwrite_and_cli(tmp_path: Path, capsys) -> None:
     assert main(argv) == 2
     assert "already holds shards" in capsys.readouterr().err
     assert main([*argv[:-3], "--shard-size", "4", "--overwrite", "--no-progress"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-00000.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "index.json",
+        "null_condition.safetensors",
+        "shard-00000.safetensors",
+    ]
 
 
 def test_missing_models_name_the_path_and_what_belongs_there(workspace) -> None:
