@@ -36,6 +36,8 @@ setup(
         "torchvision",
         "deepspeed>=0.15",
         "diffusers>=0.30",
+        # LoRA adapters (model.lora_rank): injection, state dicts and merging (core/lora.py).
+        "peft>=0.21",
         "transformers>=4.40",
         # PixArt's T5 tokenizer folders hold a bare sentencepiece model (spiece.model, no
         # tokenizer.json): transformers converts it with sentencepiece + protobuf.

@@ -334,8 +334,9 @@ def per_step_networks(model: nn.Module, num_steps: int) -> nn.ModuleList:
 
 
 def step_network(networks: nn.Module | Sequence[nn.Module], index: int) -> nn.Module:
-    """The network of sampler step ``index``: the shared one, or the step's own copy."""
-    if isinstance(networks, nn.ModuleList | list | tuple):
+    """The network of sampler step ``index``: the shared one, or the step's own (a copy, or a
+    per-step adapter on a shared base: any ``Sequence``, as ``core.lora.PerStepLoRA``)."""
+    if isinstance(networks, nn.ModuleList | Sequence):
         return networks[index]
     return networks
 

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, TrainConfig, config_to_toml
+from ..core.lora import add_lora
 from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import Conditioning, per_step_networks, repeat_conditioning
 from ..core.sampler import build_schedule
@@ -160,9 +161,15 @@ class Trainer:
         if config.objective.kind == "e2ed2" and config.objective.teacher_weight > 0:
             self.teacher = NoisePairedTeacher(denoiser, config.objective, config.sampler)
             self.teacher.to(self.device, self.compute_dtype)
-        module: nn.Module = (
-            denoiser if config.model.share_across_steps else per_step_networks(denoiser, num_steps)
-        )
+        if config.model.lora_rank:
+            # After the teacher's copy: it samples with the pretrained weights, no adapters.
+            # Shared: the denoiser with one adapter; per-step: one base, K adapters
+            # (a PerStepLoRA, indexed by step like the ModuleList of copies below).
+            module: nn.Module = add_lora(denoiser, config.model, num_steps)
+        elif config.model.share_across_steps:
+            module = denoiser
+        else:
+            module = per_step_networks(denoiser, num_steps)
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=module,
             model_parameters=[p for p in module.parameters() if p.requires_grad],
@@ -173,11 +180,11 @@ class Trainer:
         # norm is NaN/Inf (counted in engine.skipped_steps); plain fp32 without ZeRO does not,
         # so the trainer checks the gradients itself there (see train_step).
         self.guard = StepGuard(self.engine, self.device)
-        self.ema = (
-            ShardedEMA(list(self.engine.module.parameters()), config.ema.decay)
-            if config.ema.enabled
-            else None
-        )
+        ema_params = list(self.engine.module.parameters())
+        if config.model.lora_rank:
+            # The adapters only: a shadow of the frozen base would be a second copy of it.
+            ema_params = [p for p in ema_params if p.requires_grad]
+        self.ema = ShardedEMA(ema_params, config.ema.decay) if config.ema.enabled else None
 
         self.trajectory = Trajectory(config.trajectory, self.schedule)
         # trajectory.num_steps_choices: one trajectory per K, the step's K drawn in _plan.
