@@ -31,7 +31,11 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument("image_dir", help="images (png/jpg/webp, recursive) with captions")
     parser.add_argument("out_dir", help="shard folder to write (index.json + *.safetensors)")
     parser.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder")
-    parser.add_argument("--text-encoder", required=True, help="local transformers T5 folder")
+    parser.add_argument(
+        "--text-encoder",
+        required=True,
+        help="local transformers T5 folder, or an SD3 pipeline folder (its CLIP-L, CLIP-G and T5)",
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: T5's)")
     parser.add_argument(
         "--resolution",
@@ -47,7 +51,10 @@ def _main(argv: Sequence[str]) -> int:
         "bucket (PixArt's table around --resolution); train with the same data.buckets",
     )
     parser.add_argument(
-        "--max-tokens", type=int_at_least(1), default=120, help="caption length in tokens"
+        "--max-tokens",
+        type=int_at_least(1),
+        default=120,
+        help="caption length in T5 tokens (PixArt-α: 120; SD3: 256, after CLIP's 77)",
     )
     parser.add_argument(
         "--batch-size", type=int_at_least(1), default=8, help="images per encoder call"

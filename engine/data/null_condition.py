@@ -11,8 +11,12 @@ File ``null_condition.safetensors`` next to ``index.json`` (``e2ed2 precompute``
 the index; :func:`add_null_condition` adds it to a folder written before)::
 
     encoder_hidden_states   (1, L, D)  in the shards' text storage dtype (rounded as the captions)
-    encoder_attention_mask  (1, L)     bool
+    encoder_attention_mask  (1, L)     bool (absent for SD3, which has no text mask)
+    pooled_projections      (1, D_p)   SD3 only: the pooled CLIP projections of ""
     metadata                "prompt": the encoded prompt ("")
+
+For an SD3 pipeline folder the empty prompt goes through ``StableDiffusion3Pipeline.encode_prompt``
+as its default negative prompt does (:func:`~e2ed2.engine.data.text.encode_sd3_text`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ from typing import Any
 import torch
 
 from .shards import read_index, write_atomic
-from .text import encode_text, load_tokenizer
+from .text import (
+    encode_sd3_text,
+    encode_text,
+    is_sd3_pipeline,
+    load_sd3_text_encoders,
+    load_tokenizer,
+)
 
 __all__ = [
     "NULL_CONDITION_FILE",
@@ -52,31 +62,47 @@ def encode_null_condition(
 
 
 def write_null_condition(
-    shard_dir: str | os.PathLike, states: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype
+    shard_dir: str | os.PathLike,
+    states: torch.Tensor,
+    mask: torch.Tensor | None,
+    dtype: torch.dtype,
+    *,
+    pooled: torch.Tensor | None = None,
 ) -> Path:
-    """Writes ``shard_dir/null_condition.safetensors`` (states in ``dtype``, mask bool)."""
+    """Writes ``shard_dir/null_condition.safetensors`` (states and SD3's ``pooled`` (1, D_p) in
+    ``dtype``, mask bool; SD3 has no mask: None)."""
     from safetensors.torch import save
 
-    if states.dim() != 3 or states.shape[0] != 1 or tuple(mask.shape) != tuple(states.shape[:2]):
+    mask_shape = tuple(states.shape[:2]) if mask is None else tuple(mask.shape)
+    if states.dim() != 3 or states.shape[0] != 1 or mask_shape != tuple(states.shape[:2]):
         raise ValueError(
             f"null condition must be states (1, L, D) and mask (1, L), got "
-            f"{tuple(states.shape)} and {tuple(mask.shape)}"
+            f"{tuple(states.shape)} and {mask_shape}"
         )
-    tensors = {
-        "encoder_hidden_states": states.detach().to("cpu", dtype).contiguous(),
-        "encoder_attention_mask": mask.detach().to("cpu", torch.bool).contiguous(),
-    }
+    if pooled is not None and (pooled.dim() != 2 or pooled.shape[0] != 1):
+        raise ValueError(f"null pooled projections must be (1, D_p), got {tuple(pooled.shape)}")
+    tensors = {"encoder_hidden_states": states.detach().to("cpu", dtype).contiguous()}
+    if mask is not None:
+        tensors["encoder_attention_mask"] = mask.detach().to("cpu", torch.bool).contiguous()
+    if pooled is not None:
+        tensors["pooled_projections"] = pooled.detach().to("cpu", dtype).contiguous()
     path = Path(shard_dir) / NULL_CONDITION_FILE
     write_atomic(path, save(tensors, metadata={"prompt": json.dumps(NULL_PROMPT)}))
     return path
 
 
 def read_null_condition(
-    shard_dir: str | os.PathLike, text_shape: tuple[int, int]
+    shard_dir: str | os.PathLike,
+    text_shape: tuple[int, int],
+    *,
+    pooled_dim: int | None = None,
+    masked: bool = True,
 ) -> dict[str, torch.Tensor] | None:
     """``{"encoder_hidden_states": (1, L, D) float32, "encoder_attention_mask": (1, L) long}``
-    of ``shard_dir``, or None where the folder has no null condition. Raises ValueError naming
-    the file when it does not match the captions' ``text_shape`` (L, D)."""
+    of ``shard_dir``, or None where the folder has no null condition; SD3 folders
+    (``pooled_dim`` set, ``masked`` False): no mask, ``pooled_projections`` (1, D_p) float32.
+    Raises ValueError naming the file when it does not match the captions' ``text_shape``
+    (L, D)."""
     from safetensors.torch import load_file
 
     path = Path(shard_dir) / NULL_CONDITION_FILE
@@ -87,10 +113,19 @@ def read_null_condition(
     except Exception as error:  # safetensors raises several types for a broken file
         raise ValueError(f"{path}: unreadable ({type(error).__name__}: {error})") from error
     states = tensors.get("encoder_hidden_states")
-    mask = tensors.get("encoder_attention_mask")
     length, width = text_shape
+    mask = tensors.get("encoder_attention_mask")
+    if not masked:  # SD3: every token is real
+        mask = torch.ones(1, length, dtype=torch.long)
     if states is None or mask is None:
         raise ValueError(f"{path}: needs encoder_hidden_states and encoder_attention_mask")
+    pooled = tensors.get("pooled_projections")
+    if pooled_dim is not None and (pooled is None or tuple(pooled.shape) != (1, pooled_dim)):
+        got = None if pooled is None else tuple(pooled.shape)
+        raise ValueError(
+            f"{path}: needs pooled_projections (1, {pooled_dim}) like the captions' (SD3), "
+            f"got {got}; re-run `e2ed2 null-condition`"
+        )
     if tuple(states.shape) != (1, length, width) or tuple(mask.shape) != (1, length):
         raise ValueError(
             f"{path}: states {tuple(states.shape)} / mask {tuple(mask.shape)} do not match the "
@@ -98,7 +133,12 @@ def read_null_condition(
         )
     if not torch.isfinite(states).all():
         raise ValueError(f"{path}: non-finite values (NaN/Inf) in encoder_hidden_states")
-    return {"encoder_hidden_states": states.float(), "encoder_attention_mask": mask.long()}
+    null = {"encoder_hidden_states": states.float(), "encoder_attention_mask": mask.long()}
+    if pooled_dim is not None:
+        null["pooled_projections"] = pooled.float()
+    if not masked:
+        del null["encoder_attention_mask"]
+    return null
 
 
 def add_null_condition(
@@ -131,6 +171,16 @@ def add_null_condition(
     length, width = (int(s) for s in text["shape"])
     max_tokens = int(text.get("max_tokens") or length)
     dtype = _STORAGE_DTYPES.get(str(text.get("dtype")), torch.float16)
+    if is_sd3_pipeline(encoder_dir):
+        pipeline = load_sd3_text_encoders(encoder_dir, device, compute_dtype)
+        states, pooled = encode_sd3_text(pipeline, [NULL_PROMPT], max_tokens)
+        if tuple(states.shape) != (1, length, width):
+            raise ValueError(
+                f"{encoder_dir!r} encodes to {tuple(states.shape[1:])}, but the captions of "
+                f"{os.fspath(shard_dir)} are {(length, width)}: not the pipeline they were made "
+                "with"
+            )
+        return write_null_condition(shard_dir, states, None, dtype, pooled=pooled)
     # transformers 5 renamed torch_dtype to dtype.
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     encoder = T5EncoderModel.from_pretrained(

@@ -5,7 +5,10 @@ larger than the denoiser. This runs them once, PixArt-style, and stores per imag
 
 * the VAE posterior ``latent_mean`` / ``latent_std`` (unscaled; the loader draws
   ``scaling_factor * (mean + std * eps)``), and
-* the text encoder's ``encoder_hidden_states`` (L, D) with its ``encoder_attention_mask`` (L,).
+* the text encoder's ``encoder_hidden_states`` (L, D) with its ``encoder_attention_mask`` (L,);
+  for an SD3 pipeline folder (``model_index.json``: StableDiffusion3Pipeline) the states of its
+  own ``encode_prompt`` (CLIP-L + CLIP-G's 77 tokens, then T5's ``caption_max_tokens``) and the
+  ``pooled_projections`` (D_p,), no mask (data/text.py ``encode_sd3_text``).
 
 Once per folder it also stores ``null_condition.safetensors``: the empty prompt encoded the same
 way, the unconditional half of classifier-free guidance (data/null_condition.py).
@@ -48,9 +51,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .buckets import BUCKET_TABLES, BucketTable, bucket_table, nearest_bucket
-from .null_condition import encode_null_condition, write_null_condition
+from .null_condition import NULL_PROMPT, encode_null_condition, write_null_condition
 from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_atomic
-from .text import encode_text, load_tokenizer
+from .text import (
+    encode_sd3_text,
+    encode_text,
+    is_sd3_pipeline,
+    load_sd3_text_encoders,
+    load_tokenizer,
+)
 
 __all__ = [
     "BUCKET_PATCH_SIZE",
@@ -145,7 +154,9 @@ def precompute(
     ``vae_path``: a local diffusers ``AutoencoderKL`` folder (or a pipeline folder with
     ``vae/``). ``text_encoder_path``: a local transformers T5 encoder folder (or a pipeline folder
     with ``text_encoder/``); its tokenizer comes from ``tokenizer_path``, else from
-    ``text_encoder_path`` itself, its ``tokenizer/`` subfolder or a sibling ``tokenizer/``.
+    ``text_encoder_path`` itself, its ``tokenizer/`` subfolder or a sibling ``tokenizer/``. An SD3
+    pipeline folder as ``text_encoder_path`` brings its three encoders and tokenizers (no
+    ``tokenizer_path``); ``caption_max_tokens`` is then T5's ``max_sequence_length`` (SD3: 256).
     ``buckets``: "none" (``resolution`` squares) or "pixart" (aspect-ratio buckets around
     ``resolution``, sides multiples of the VAE factor x :data:`BUCKET_PATCH_SIZE`).
     ``caption_max_tokens``: 120 is PixArt-α's T5 length. ``batch_size``: images per encoder call.
@@ -172,13 +183,22 @@ def precompute(
     vae_dir = _model_folder(
         vae_path, "vae", "vae_path", "a diffusers AutoencoderKL folder (config.json + weights)"
     )
-    encoder_dir = _model_folder(
-        text_encoder_path,
-        "text_encoder",
-        "text_encoder_path",
-        "a transformers T5 encoder folder (config.json + weights)",
-    )
-    tokenizer_dir = _tokenizer_folder(tokenizer_path, text_encoder_path, encoder_dir)
+    sd3 = text_encoder_path is not None and is_sd3_pipeline(text_encoder_path)
+    if sd3:
+        if tokenizer_path is not None:
+            raise ValueError(
+                f"tokenizer_path={os.fspath(tokenizer_path)!r}: an SD3 pipeline folder as "
+                "text_encoder_path brings its own three tokenizers; pass no tokenizer_path"
+            )
+        encoder_dir = tokenizer_dir = os.fspath(text_encoder_path)
+    else:
+        encoder_dir = _model_folder(
+            text_encoder_path,
+            "text_encoder",
+            "text_encoder_path",
+            "a transformers T5 encoder folder (config.json + weights) or an SD3 pipeline folder",
+        )
+        tokenizer_dir = _tokenizer_folder(tokenizer_path, text_encoder_path, encoder_dir)
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
 
@@ -199,8 +219,17 @@ def precompute(
 
     device = torch.device(device)
     vae, encoder, tokenizer = _load_models(
-        vae_dir, encoder_dir, tokenizer_dir, device, compute_dtype
+        vae_dir, encoder_dir, tokenizer_dir, device, compute_dtype, sd3=sd3
     )
+
+    def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
+        """The stored text tensors of ``captions``: T5 states + mask, or SD3's states + pooled."""
+        if sd3:
+            states, pooled = encode_sd3_text(encoder, captions, caption_max_tokens, device=device)
+            return {"encoder_hidden_states": states, "pooled_projections": pooled}
+        states, mask = encode_text(tokenizer, encoder, captions, caption_max_tokens, device=device)
+        return {"encoder_hidden_states": states, "encoder_attention_mask": mask.bool()}
+
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % factor:
         raise ValueError(
@@ -224,20 +253,17 @@ def precompute(
         captions = [c for _, c, _, _ in pending]
         with torch.no_grad():
             posterior = vae.encode(pixels).latent_dist
-            states, mask = encode_text(
-                tokenizer, encoder, captions, caption_max_tokens, device=device
-            )
+            text = encode_captions(captions)
         encoded = {
             "latent_mean": posterior.mean,
             "latent_std": posterior.std,
-            "encoder_hidden_states": states,
-            "encoder_attention_mask": mask.bool(),
+            **text,
             "original_size": torch.tensor([size for *_, size in pending], dtype=torch.int32),
             "crop_size": torch.tensor([list(pixels.shape[-2:])] * len(pending), dtype=torch.int32),
         }
         # Checked as stored: a value finite in compute_dtype can overflow the storage dtype.
         finite = torch.ones(len(pending), dtype=torch.bool)
-        for name in ("latent_mean", "latent_std", "encoder_hidden_states"):
+        for name in ("latent_mean", "latent_std", *text.keys() - {"encoder_attention_mask"}):
             stored = encoded[name].detach().to("cpu", dtype)
             finite &= torch.isfinite(stored.flatten(1)).all(dim=1)
         for ok, (name, *_) in zip(finite.tolist(), pending, strict=True):
@@ -293,8 +319,23 @@ def precompute(
         latent["shape"] = bucket_list[0]["latent_shape"]
     shapes = next(iter(writer.shapes.values()))
     # Classifier-free guidance's unconditional half: "" as the pipeline encodes it (once).
-    null_states, null_mask = encode_null_condition(tokenizer, encoder, caption_max_tokens, device)
-    write_null_condition(out, null_states, null_mask, dtype)
+    if sd3:  # SD3's negative prompt "" through the same encode_prompt: states and pooled
+        null = encode_captions([NULL_PROMPT])
+        write_null_condition(
+            out, null["encoder_hidden_states"], None, dtype, pooled=null["pooled_projections"]
+        )
+    else:
+        null_states, null_mask = encode_null_condition(
+            tokenizer, encoder, caption_max_tokens, device
+        )
+        write_null_condition(out, null_states, null_mask, dtype)
+    text_index: dict[str, Any] = {
+        "shape": list(shapes["encoder_hidden_states"]),
+        "dtype": _dtype_name(dtype),
+        "max_tokens": caption_max_tokens,
+    }
+    if sd3:
+        text_index.update(pooled_dim=shapes["pooled_projections"][0], attention_mask=False)
     index = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
@@ -303,11 +344,7 @@ def precompute(
         "latent": latent,
         "bucket_table": buckets,
         "buckets": bucket_list,
-        "text": {
-            "shape": list(shapes["encoder_hidden_states"]),
-            "dtype": _dtype_name(dtype),
-            "max_tokens": caption_max_tokens,
-        },
+        "text": text_index,
         "resolution": resolution,
         "vae": {
             "class": type(vae).__name__,
@@ -397,13 +434,20 @@ def _load_models(
     tokenizer_dir: str,
     device: torch.device,
     compute_dtype: torch.dtype,
+    *,
+    sd3: bool = False,
 ) -> tuple[Any, Any, Any]:
+    """The VAE, the text encoder and its tokenizer; ``sd3``: the encoder is the SD3 pipeline's
+    text half (three encoders and tokenizers) and the tokenizer None."""
     import transformers
     from diffusers import AutoencoderKL
     from transformers import T5EncoderModel
 
     # safetensors only: a pickled .bin can run code when loaded.
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=compute_dtype, use_safetensors=True)
+    if sd3:
+        vae.to(device).eval().requires_grad_(False)
+        return vae, load_sd3_text_encoders(encoder_dir, device, compute_dtype), None
     # transformers 5 renamed torch_dtype to dtype.
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     encoder = T5EncoderModel.from_pretrained(

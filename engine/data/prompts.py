@@ -26,8 +26,12 @@ def batch_conditioning(batch: Mapping[str, Any]) -> Conditioning:
     """The conditioning of a collated batch: text states, mask and, where the data carries them
     (latent shards), the size conditions PixArt-MS embeds (``resolution``, ``aspect_ratio``)."""
     added = {k: batch[k] for k in SIZE_CONDITION_KEYS if k in batch}
+    # SD3's shards carry pooled projections and no mask (its transformer attends to all tokens).
     return Conditioning(
-        batch["encoder_hidden_states"], batch["encoder_attention_mask"], added or None
+        batch["encoder_hidden_states"],
+        batch.get("encoder_attention_mask"),
+        added or None,
+        pooled_projections=batch.get("pooled_projections"),
     )
 
 
@@ -71,4 +75,8 @@ def null_conditioning(dataset: Any, guidance_scale: float) -> Conditioning | Non
             "text encoder its index.json records), or re-run `e2ed2 precompute IMAGE_DIR "
             f"{root} --overwrite ...`; or set sampler.guidance_scale = 1.0"
         )
-    return Conditioning(null["encoder_hidden_states"], null["encoder_attention_mask"])
+    return Conditioning(
+        null["encoder_hidden_states"],
+        null.get("encoder_attention_mask"),
+        pooled_projections=null.get("pooled_projections"),
+    )

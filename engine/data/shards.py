@@ -57,14 +57,19 @@ class LatentShardDataset(Dataset):
                                      "buckets": [{"height": H, "width": W,
                                                   "latent_shape": [C, h, w],
                                                   "num_samples": n_b}, ...],
-                                     "text": {"shape": [L, D], "dtype": "float16"},
+                                     "text": {"shape": [L, D], "dtype": "float16",
+                                              "pooled_dim": D_p (SD3 only),
+                                              "attention_mask": false (SD3 only)},
                                      "vae": {"scaling_factor": 0.18215, "shift_factor": null,
                                              ...},
                                      "skipped": [{"path": ..., "reason": ...}], ...}
         shard-00000.safetensors     latent_mean, latent_std (n, C, h, w)   ("distribution")
                                     or latents (n, C, h, w)                 ("sample")
                                     encoder_hidden_states (n, L, D)
-                                    encoder_attention_mask (n, L) bool / uint8 / int
+                                    encoder_attention_mask (n, L) bool / uint8 / int (absent
+                                      where text.attention_mask is false: SD3 attends to all)
+                                    pooled_projections (n, D_p), where text.pooled_dim is set
+                                      (SD3's pooled CLIP projections)
                                     original_size, crop_size (n, 2) int32, optional:
                                       (height, width) of the source image and of the stored
                                       crop, in pixels (PixArt-MS's size conditions)
@@ -111,6 +116,9 @@ class LatentShardDataset(Dataset):
         self.bucket_latent_shapes = [tuple(int(s) for s in b["latent_shape"]) for b in buckets]
         self.bucket_table: str = self.index["bucket_table"]
         self._text_shape = tuple(int(s) for s in self.index["text"]["shape"])
+        text = self.index["text"]
+        self._pooled_dim = None if text.get("pooled_dim") is None else int(text["pooled_dim"])
+        self._masked = bool(text.get("attention_mask", True))
         vae = self.index.get("vae") or {}
         self.scaling_factor = float(vae.get("scaling_factor") or 1.0)
         self.shift_factor = float(vae.get("shift_factor") or 0.0)
@@ -151,7 +159,11 @@ class LatentShardDataset(Dataset):
         self.bad_shards: dict[int, str] = {}
         for number, (path, count) in enumerate(zip(self.shard_files, counts, strict=True)):
             expected = _expected_tensors(
-                self.latent_kind, self.bucket_latent_shapes[shard_buckets[number]], self._text_shape
+                self.latent_kind,
+                self.bucket_latent_shapes[shard_buckets[number]],
+                self._text_shape,
+                pooled_dim=self._pooled_dim,
+                masked=self._masked,
             )
             try:
                 captions, files = _check_shard(path, count, expected, declared)
@@ -218,13 +230,21 @@ class LatentShardDataset(Dataset):
         return self._text_shape  # type: ignore[return-value]
 
     @property
+    def pooled_dim(self) -> int | None:
+        """D_p of ``item["pooled_projections"]`` (SD3's pooled text embedding), or None where
+        the shards hold none."""
+        return self._pooled_dim
+
+    @property
     def null_condition(self) -> dict[str, torch.Tensor] | None:
         """The empty prompt's ``encoder_hidden_states`` (1, L, D) float32 and
         ``encoder_attention_mask`` (1, L) long (classifier-free guidance), or None where the
         folder has no ``null_condition.safetensors``."""
         from .null_condition import read_null_condition  # it imports this module
 
-        return read_null_condition(self.root, self.text_shape)
+        return read_null_condition(
+            self.root, self.text_shape, pooled_dim=self._pooled_dim, masked=self._masked
+        )
 
     def _shard(self, shard: int) -> Any:
         from safetensors import safe_open
@@ -309,13 +329,17 @@ class LatentShardDataset(Dataset):
         else:
             z = read("latents").float()
         latents = self.scaling_factor * (z - self.shift_factor)
-        return {
+        item = {
             "latents": latents,
             "encoder_hidden_states": read("encoder_hidden_states").float(),
-            "encoder_attention_mask": read("encoder_attention_mask").long(),
             **self._size_conditions(handle, read, latents.shape),
             "index": index,
         }
+        if self._masked:
+            item["encoder_attention_mask"] = read("encoder_attention_mask").long()
+        if self._pooled_dim is not None:
+            item["pooled_projections"] = read("pooled_projections").float()
+        return item
 
     def _size_conditions(self, handle: Any, read: Any, latent_shape: Any) -> dict[str, Any]:
         """PixArt-MS's conditions of one sample (float32): ``resolution`` (2,) = the original
@@ -374,7 +398,8 @@ def _check_shard(
             if name == "encoder_attention_mask":
                 allowed = _MASK_DTYPES
             else:
-                wanted = declared["text" if name == "encoder_hidden_states" else "latent"]
+                text = name in ("encoder_hidden_states", "pooled_projections")
+                wanted = declared["text" if text else "latent"]
                 allowed = frozenset({wanted}) if wanted else _FLOAT_DTYPES
             if dtype not in allowed:
                 raise ValueError(f"{name} has dtype {dtype}, expected one of {sorted(allowed)}")
@@ -394,8 +419,8 @@ def _check_shard(
 
 def _non_finite(item: dict[str, Any]) -> str | None:
     """Why an item cannot be trained on (NaN/Inf in a stored tensor), or None."""
-    for name in ("latents", "encoder_hidden_states"):
-        if not torch.isfinite(item[name]).all():
+    for name in ("latents", "encoder_hidden_states", "pooled_projections"):
+        if name in item and not torch.isfinite(item[name]).all():
             return f"non-finite values (NaN/Inf) in {name}"
     return None
 
@@ -494,19 +519,25 @@ def _with_buckets(index: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def _expected_tensors(
-    kind: str, latent_shape: tuple[int, ...], text_shape: tuple[int, ...]
+    kind: str,
+    latent_shape: tuple[int, ...],
+    text_shape: tuple[int, ...],
+    *,
+    pooled_dim: int | None = None,
+    masked: bool = True,
 ) -> dict[str, tuple[int, ...]]:
-    """Per-row shapes of the tensors a shard must hold."""
+    """Per-row shapes of the tensors a shard must hold (SD3's: pooled projections, no mask)."""
     latents = (
         {"latent_mean": latent_shape, "latent_std": latent_shape}
         if kind == "distribution"
         else {"latents": latent_shape}
     )
-    return {
-        **latents,
-        "encoder_hidden_states": text_shape,
-        "encoder_attention_mask": text_shape[:1],
-    }
+    expected = {**latents, "encoder_hidden_states": text_shape}
+    if masked:
+        expected["encoder_attention_mask"] = text_shape[:1]
+    if pooled_dim is not None:
+        expected["pooled_projections"] = (pooled_dim,)
+    return expected
 
 
 # --------------------------------------------------------------------------------------------

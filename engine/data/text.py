@@ -1,4 +1,6 @@
-"""Text encoding: captions -> (T5 hidden states, attention mask), PixArt's convention."""
+"""Text encoding: captions -> (T5 hidden states, attention mask), PixArt's convention; for an SD3
+pipeline folder, captions -> (joint CLIP + T5 states, pooled CLIP projections) by the pipeline's
+own ``encode_prompt``."""
 
 from __future__ import annotations
 
@@ -11,7 +13,18 @@ import torch
 from ..config.data import DIGITS_TEXT_HEADS
 from .seeding import derive_seed
 
-__all__ = ["digits_text_encoder", "encode_text", "load_tokenizer"]
+__all__ = [
+    "SD3_PIPELINE",
+    "digits_text_encoder",
+    "encode_sd3_text",
+    "encode_text",
+    "is_sd3_pipeline",
+    "load_sd3_text_encoders",
+    "load_tokenizer",
+]
+
+#: The pipeline class of SD3 / SD3.5 folders (``model_index.json``'s ``_class_name``).
+SD3_PIPELINE = "StableDiffusion3Pipeline"
 
 # The digits text encoder: a T5 encoder (gated-GELU, as T5 v1.1 / ByT5) small enough to build in
 # milliseconds. d_kv = text_dim // heads.
@@ -113,3 +126,62 @@ def _importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # the parent package (google) is missing
         return False
+
+
+def is_sd3_pipeline(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is an SD3 / SD3.5 pipeline folder (its model_index.json names
+    :data:`SD3_PIPELINE`): its text conditioning is three encoders' joint states plus pooled
+    projections, not one T5's states and mask."""
+    import json
+
+    index = os.path.join(os.fspath(folder), "model_index.json")
+    try:
+        with open(index) as f:
+            return json.load(f).get("_class_name") == SD3_PIPELINE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_sd3_text_encoders(
+    folder: str | os.PathLike, device: str | torch.device, dtype: torch.dtype
+) -> Any:
+    """The text half of an SD3 pipeline folder: a ``StableDiffusion3Pipeline`` with its
+    tokenizers and text encoders (CLIP-L, CLIP-G with projections, T5) loaded in ``dtype`` on
+    ``device`` and no transformer or VAE, so :func:`encode_sd3_text` runs the pipeline's own
+    ``encode_prompt`` (safetensors only)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    try:
+        pipeline = StableDiffusion3Pipeline.from_pretrained(
+            os.fspath(folder), transformer=None, vae=None, dtype=dtype, use_safetensors=True
+        )
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the SD3 text encoders of {folder!r}: {error}") from error
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        getattr(pipeline, name).to(device).eval().requires_grad_(False)
+    return pipeline
+
+
+@torch.no_grad()
+def encode_sd3_text(
+    pipeline: Any,
+    captions: Sequence[str],
+    max_tokens: int,
+    *,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> ``(states (N, 77 + max_tokens, D_T5), pooled (N, D_pooled))`` exactly as
+    ``StableDiffusion3Pipeline`` conditions its transformer: CLIP-L's and CLIP-G's penultimate
+    hidden states (77 tokens, concatenated and zero-padded to T5's width) before T5's
+    ``max_tokens`` (the pipeline's ``max_sequence_length``), and the two CLIP projections
+    concatenated as the pooled embedding. No attention mask: SD3 attends to every position."""
+    device = device if device is not None else pipeline.text_encoder.device
+    states, _, pooled, _ = pipeline.encode_prompt(
+        list(captions),
+        None,
+        None,
+        device=device,
+        do_classifier_free_guidance=False,
+        max_sequence_length=max_tokens,
+    )
+    return states, pooled

@@ -2,8 +2,9 @@
 
 Layout::
 
-    <dir>/model_index.json      PixArtAlphaPipeline: every component below, by library and class
-    <dir>/transformer/          PixArtTransformer2DModel (shared network), or
+    <dir>/model_index.json      PixArtAlphaPipeline (StableDiffusion3Pipeline for an SD3
+                                transformer): every component below, by library and class
+    <dir>/transformer/          PixArtTransformer2DModel / SD3Transformer2DModel (shared), or
     <dir>/transformer_step{i}/  one per sampler step (independent per-step networks; then no
                                 model_index.json: no stock pipeline runs K different networks)
     <dir>/scheduler/            the sampler's diffusers scheduler config
@@ -11,7 +12,9 @@ Layout::
     <dir>/text_encoder/         the frozen T5: a symlink to the pretrained pipeline folder's
     <dir>/tokenizer/            text_encoder/ + tokenizer/ (else to the folders the shards were
                                 encoded with, from the shard index); the embedded digits save
-                                their tiny T5 and ByT5 tokenizer here as real folders
+                                their tiny T5 and ByT5 tokenizer here as real folders. SD3:
+                                text_encoder{,_2,_3}/ + tokenizer{,_2,_3}/, symlinks to the
+                                SD3 pipeline folder's (pretrained, else the shards' encoder)
     <dir>/e2ed2_config.toml     the run config (data/conditioning, sampler, model settings)
     <dir>/README.md             the sampling settings it was trained with (K, guidance_scale)
 
@@ -61,7 +64,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import PixArtTransformer2DModel
 from torch import nn
 
 from ..config import TrainConfig, config_to_toml
@@ -69,6 +71,7 @@ from ..config.sampler import SCHEDULER_CLASS_NAMES
 
 __all__ = [
     "CONFIG_NAME",
+    "PIPELINE_CLASSES",
     "gathered_state_dict",
     "load_exported_networks",
     "sampling_settings",
@@ -76,9 +79,23 @@ __all__ = [
 ]
 
 CONFIG_NAME = "e2ed2_config.toml"
+#: The diffusers pipeline an export of each transformer class is (model_index.json).
+PIPELINE_CLASSES = {
+    "PixArtTransformer2DModel": "PixArtAlphaPipeline",
+    "SD3Transformer2DModel": "StableDiffusion3Pipeline",
+}
+# SD3's frozen text parts (text_encoder: CLIP-L, _2: CLIP-G, both with projection; _3: T5).
+_SD3_TEXT_PARTS = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+)
 
 
-def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> PixArtTransformer2DModel:
+def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A fresh diffusers model (no engine hooks, no fused kernels) holding ``state``."""
     fresh = type(model).from_config(model.config)
     fresh.load_state_dict(state, strict=True)
@@ -120,13 +137,15 @@ def write_export(
         _plain_copy(module, state).save_pretrained(staging / "transformer")
     scheduler = config.sampler.to_diffusers()
     scheduler.save_pretrained(staging / "scheduler")
+    transformer_class = _transformer_class(module)
+    sd3 = transformer_class == "SD3Transformer2DModel"
     components = {
-        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "transformer": ["diffusers", transformer_class],
         "scheduler": ["diffusers", type(scheduler).__name__],
-        **_frozen_components(staging, config),
+        **(_sd3_frozen_components(staging, config) if sd3 else _frozen_components(staging, config)),
     }
     if stock_pipeline:
-        _write_model_index(staging, components)
+        _write_model_index(staging, components, PIPELINE_CLASSES[transformer_class])
     (staging / CONFIG_NAME).write_text(config_to_toml(config))
     (staging / "README.md").write_text(sampling_settings(config))
     if directory.exists():
@@ -204,10 +223,24 @@ def sampling_settings(config: TrainConfig) -> str:
     )
 
 
-def _write_model_index(staging: Path, components: dict[str, list[str | None]]) -> None:
+def _transformer_class(module: nn.Module) -> str:
+    """The diffusers class name of the exported transformer(s) (per-step: the first's)."""
+    from ..core.lora import lora_base
+
+    if isinstance(module, nn.ModuleList):
+        module = module[0]
+    name = type(lora_base(module)).__name__
+    if name not in PIPELINE_CLASSES:
+        raise ValueError(f"cannot export a {name}: expected one of {sorted(PIPELINE_CLASSES)}")
+    return name
+
+
+def _write_model_index(
+    staging: Path, components: dict[str, list[str | None]], pipeline: str
+) -> None:
     import diffusers
 
-    index = {"_class_name": "PixArtAlphaPipeline", "_diffusers_version": diffusers.__version__}
+    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
     index.update(dict(sorted(components.items())))
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -250,6 +283,39 @@ def _frozen_components(staging: Path, config: TrainConfig) -> dict[str, list[str
     return entries
 
 
+def _sd3_frozen_components(staging: Path, config: TrainConfig) -> dict[str, list[str | None]]:
+    """SD3's frozen vae/, three text encoders and three tokenizers, linked from the SD3
+    pipeline folder (model.pretrained_path's, else the one the shards were encoded with); their
+    model_index.json entries, as the pipeline folder's own model_index.json lists them."""
+    from ..core.models import resolve_model_folder
+    from ..data.text import is_sd3_pipeline
+
+    entries: dict[str, list[str | None]] = {
+        "vae": [None, None],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+    }
+    if config.model.vae_path is not None:
+        vae = resolve_model_folder(config.model.vae_path, "vae", "model.vae_path")
+        _link(staging / "vae", vae)
+        entries["vae"] = [
+            "diffusers",
+            _json(vae, "config.json").get("_class_name", "AutoencoderKL"),
+        ]
+    candidates = [config.model.pretrained_path]
+    if config.data.source == "shards":
+        recorded = _json(config.data.shard_dir, "index.json").get("text_encoder") or {}
+        candidates.append(recorded.get("path"))
+    folder = next((c for c in candidates if c and is_sd3_pipeline(c)), None)
+    listed = _json(folder, "model_index.json") if folder is not None else {}
+    for part in _SD3_TEXT_PARTS:
+        entries[part] = [None, None]
+        if folder is not None and (Path(folder) / part).is_dir():
+            _link(staging / part, str(Path(folder) / part))
+            entries[part] = list(listed.get(part) or [None, None])
+    return entries
+
+
 def _text_folders(config: TrainConfig) -> tuple[str | None, str | None]:
     """The text encoder and tokenizer folders: the pretrained pipeline folder's, else those the
     shards were encoded with (recorded in their index.json by ``e2ed2 precompute``)."""
@@ -289,13 +355,15 @@ def load_exported_networks(
 ) -> nn.Module | nn.ModuleList:
     """The shared network, or the K per-step networks, of an export folder (with LoRA: the
     base with its adapters loaded, or the merged weights; per-step LoRA unmerged: a
-    :class:`~e2ed2.engine.core.lora.PerStepLoRA`)."""
+    :class:`~e2ed2.engine.core.lora.PerStepLoRA`); their class is the one their config.json
+    names (PixArt or SD3)."""
     directory = Path(directory)
+    transformer_cls = _exported_class(directory)
     model = _exported_model_config(directory)
     if model is not None and model.lora_rank and not model.lora_merge_on_export:
         from ..core.lora import DEFAULT_ADAPTER, PerStepLoRA, load_lora_weights, lora_weight_name
 
-        base = PixArtTransformer2DModel.from_pretrained(directory / "transformer")
+        base = transformer_cls.from_pretrained(directory / "transformer")
         if model.share_across_steps:
             return load_lora_weights(base, directory / lora_weight_name(DEFAULT_ADAPTER))
         names = [f"step_{i}" for i in range(num_steps)]
@@ -305,12 +373,12 @@ def load_exported_networks(
     if model is not None and model.lora_rank and not model.share_across_steps:
         # Merged per-step LoRA: transformer/ is the base, the step networks are beside it.
         steps = [directory / f"transformer_step{i}" for i in range(num_steps)]
-        return nn.ModuleList(PixArtTransformer2DModel.from_pretrained(p) for p in steps)
+        return nn.ModuleList(transformer_cls.from_pretrained(p) for p in steps)
     if (directory / "transformer").is_dir():
-        return PixArtTransformer2DModel.from_pretrained(directory / "transformer")
+        return transformer_cls.from_pretrained(directory / "transformer")
     steps = [directory / f"transformer_step{i}" for i in range(num_steps)]
     if all(p.is_dir() for p in steps):
-        return nn.ModuleList(PixArtTransformer2DModel.from_pretrained(p) for p in steps)
+        return nn.ModuleList(transformer_cls.from_pretrained(p) for p in steps)
     raise FileNotFoundError(
         f"{directory}: no transformer/ nor transformer_step0..{num_steps - 1}/ folders; "
         "expected an `e2ed2 train` export"
@@ -324,3 +392,14 @@ def _exported_model_config(directory: Path) -> Any:
     if not (directory / CONFIG_NAME).is_file():
         return None
     return load_config(str(directory / CONFIG_NAME)).model
+
+
+def _exported_class(directory: Path) -> type:
+    """The diffusers class of an export's transformer(s), from their config.json."""
+    import diffusers
+
+    for folder in ("transformer", "transformer_step0"):
+        name = _json(directory / folder, "config.json").get("_class_name")
+        if name in PIPELINE_CLASSES:
+            return getattr(diffusers, name)
+    return diffusers.PixArtTransformer2DModel

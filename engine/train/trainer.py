@@ -150,7 +150,11 @@ class Trainer:
         }[run.precision]
         self.autoencoder = build_autoencoder(config.model).to(self.device, self.compute_dtype)
         denoiser = build_denoiser(
-            config.model, latent_channels=channels, latent_size=latent_size, text_dim=text_dim
+            config.model,
+            latent_channels=channels,
+            latent_size=latent_size,
+            text_dim=text_dim,
+            pooled_dim=getattr(dataset, "pooled_dim", None),  # SD3's pooled text embedding
         )
         num_steps = config.trajectory.num_steps
         self.schedule = build_schedule(config.sampler, num_steps)
