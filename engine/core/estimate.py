@@ -148,20 +148,25 @@ def drop_full_grads(model: nn.Module) -> Iterator[None]:
 def make_inputs(
     shape: DenoiserShape, latent_size: Size, batch: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, Conditioning]:
-    """Clean latents (B, C, h, w) for ``latent_size`` = side or (h, w), and half-padded text."""
+    """Clean latents (B, C, h, w) for ``latent_size`` = side or (h, w), and half-padded text
+    (with a one-row empty prompt for classifier-free guidance)."""
     height, width = _height_width(latent_size)
     clean = torch.randn(batch, shape.in_channels, height, width, dtype=dtype)
     states = torch.randn(batch, shape.text_tokens, shape.caption_channels, dtype=dtype)
     mask = torch.ones(batch, shape.text_tokens, dtype=torch.long)
     mask[:, shape.text_tokens // 2 :] = 0  # half-length captions: the padding mask is exercised
-    return clean, Conditioning(states, mask)
+    null_mask = torch.zeros(1, shape.text_tokens, dtype=torch.long)
+    null_mask[:, 0] = 1  # "" encodes to EOS alone
+    null = Conditioning(states[:1].clone(), null_mask)
+    return clean, Conditioning(states, mask, unconditional=null)
 
 
-def make_trajectory(policy: str, num_steps: int) -> Trajectory:
-    """K LCM steps from noise under ``policy`` (build it outside ``FakeTensorMode``)."""
+def make_trajectory(policy: str, num_steps: int, guidance_scale: float = 1.0) -> Trajectory:
+    """K LCM steps from noise under ``policy`` (build it outside ``FakeTensorMode``);
+    ``guidance_scale`` > 1: classifier-free guidance, each network call on the doubled batch."""
     return Trajectory(
         TrajectoryConfig(num_steps=num_steps, checkpoint=policy),
-        build_schedule(SamplerConfig(), num_steps),
+        build_schedule(SamplerConfig(guidance_scale=guidance_scale), num_steps),
     )
 
 
@@ -185,6 +190,7 @@ def step_peak_bytes(
     dtype: torch.dtype = torch.bfloat16,
     zero3_grads: bool = True,
     fake: bool = True,
+    guidance_scale: float = 1.0,
 ) -> int:
     """Peak live bytes allocated by one forward+backward (parameters excluded: they pre-exist).
 
@@ -193,6 +199,8 @@ def step_peak_bytes(
     positional-embedding reference grid, which costs no activation memory).
     ``zero3_grads``: drop full gradients as ZeRO-3 does; else they are kept (and counted).
     ``fake``: under ``FakeTensorMode`` (nothing allocated); ``False`` runs it for real.
+    ``guidance_scale`` > 1: classifier-free guidance (``sampler.guidance_scale``): every network
+    call, forward and recompute, runs the doubled batch.
     """
     height_px, width_px = _height_width(resolution_px)
     latent_hw = (height_px // VAE_DOWNSAMPLE, width_px // VAE_DOWNSAMPLE)
@@ -202,7 +210,7 @@ def step_peak_bytes(
     with mode:
         model = build_pixart(shape, square, dtype=dtype)
         clean, cond = make_inputs(shape, latent_hw, batch, dtype)
-    trajectory = make_trajectory(policy, num_steps)
+    trajectory = make_trajectory(policy, num_steps, guidance_scale)
     grads = drop_full_grads(model) if zero3_grads else contextlib.nullcontext()
     with mode, grads, LiveTensorTracker(track_cuda=False) as tracker:
         run_iteration(model, trajectory, clean, cond)

@@ -9,6 +9,11 @@ map noise -> teacher sample is a function, so its minimiser is that function, no
 The teacher runs deterministically when it can (DDIM with eta = 0, ``trailing`` spacing so that
 its first step is the student's pure-noise timestep); with the student's own sampler and as many
 steps it reuses the student's per-step noise, so teacher = student gives a loss of exactly 0.
+
+Classifier-free guidance: the teacher guides at the student's ``sampler.guidance_scale`` (its
+sampler config is the student's with another kind or step count), with the same conditioning and
+empty prompt: a guided teacher, the usual setup of guided distillation, and no second key to
+keep in step with the first. An unguided student of a guided teacher is not offered.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import Conditioning, denoise
 from ..core.sampler import build_schedule
 from ..data import LatentShardDataset, build_dataset
-from ..data.prompts import batch_conditioning, stack_items
+from ..data.prompts import batch_conditioning, null_conditioning, stack_items
 
 __all__ = ["COMPUTE_DTYPES", "dry_run_forward"]
 
@@ -69,6 +69,8 @@ def dry_run_forward(config: TrainConfig) -> str:
         )
         autoencoder = build_autoencoder(config.model, load_weights=False)
     # The trainer's conversions, on the real batch; then the tensors become fake.
+    # Classifier-free guidance's empty prompt: a folder without one is refused, as by the trainer.
+    null = null_conditioning(dataset, config.sampler.guidance_scale)
     cond = batch_conditioning(batch).to("cpu", dtype)
     fake = mode.from_tensor
     added = cond.added_cond_kwargs
@@ -77,11 +79,24 @@ def dry_run_forward(config: TrainConfig) -> str:
         None if cond.encoder_attention_mask is None else fake(cond.encoder_attention_mask),
         None if added is None else {k: None if v is None else fake(v) for k, v in added.items()},
     )
+    if null is not None:
+        null = null.to("cpu", dtype)
+        null_pooled = null.pooled_projections  # SD3
+        cond = cond.with_unconditional(
+            Conditioning(
+                fake(null.encoder_hidden_states),
+                fake(null.encoder_attention_mask),
+                pooled_projections=None if null_pooled is None else fake(null_pooled),
+            )
+        )
     latents = fake(batch["latents"].to(dtype))
     with mode, torch.no_grad():
-        prediction = denoise(denoiser, latents, schedule.timestep(0), cond)
+        scale = config.sampler.guidance_scale
+        prediction = denoise(denoiser, latents, schedule.timestep(0), cond, guidance_scale=scale)
         pixels = autoencoder.decode(prediction)
     sizes = "" if added is None else ", size conditions resolution/aspect_ratio"
+    if null is not None:
+        sizes += f", guidance_scale {config.sampler.guidance_scale:g} (doubled batch)"
     return (
         f"dry run: denoiser forward {tuple(latents.shape)} {str(dtype).removeprefix('torch.')} "
         f"with text {tuple(cond.encoder_hidden_states.shape)}{sizes} -> decode "

@@ -200,3 +200,23 @@ def test_config_guidance_scale() -> None:
             SamplerConfig(guidance_scale=bad)
     # Not a scheduler argument: the exported scheduler stays a stock diffusers config.
     assert "guidance_scale" not in SamplerConfig(guidance_scale=2.0).diffusers_kwargs()
+
+
+def test_memory_estimate_sees_the_doubled_batch() -> None:
+    """Guided batch 1 costs what unguided batch 2 costs (within the text rows: < 1%), measured
+    under fake tensors as in a real run."""
+    from e2ed2.engine.core.estimate import DenoiserShape, step_peak_bytes
+
+    toy = DenoiserShape(
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        caption_channels=32,
+        text_tokens=8,
+    )
+    kwargs = dict(resolution_px=128, policy="step", num_steps=2, dtype=torch.float32)
+    guided = step_peak_bytes(toy, guidance_scale=GUIDANCE, **kwargs)
+    assert guided == step_peak_bytes(toy, guidance_scale=GUIDANCE, fake=False, **kwargs)
+    unguided_batch_2 = step_peak_bytes(toy, batch=2, **kwargs)
+    assert abs(guided - unguided_batch_2) < 0.01 * unguided_batch_2
+    assert guided > 1.5 * step_peak_bytes(toy, **kwargs)

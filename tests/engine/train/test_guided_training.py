@@ -3,6 +3,7 @@ unroll, the teacher and the sample grid; a shard folder without one is refused a
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def test_guided_student_teacher_and_grid(tmp_path: Path) -> None:
 def test_shards_without_a_null_condition_are_refused_at_start(
     shards_512: Path, tmp_path: Path
 ) -> None:
+    from e2ed2.engine.train.dry_run import dry_run_forward
     from e2ed2.engine.train.trainer import Trainer
 
     old = tmp_path / "old-shards"
@@ -81,3 +83,10 @@ def test_shards_without_a_null_condition_are_refused_at_start(
     )
     with pytest.raises(ConfigError, match=rf"\[sampler\].*{old}.*e2ed2 null-condition"):
         Trainer(config)
+    # The dry run refuses it too, and runs the guided (doubled) call where the data has one.
+    with pytest.raises(ValueError, match=rf"{old}.*no null_condition"):
+        dry_run_forward(config)
+    guided = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, shard_dir=str(shards_512))
+    )
+    assert "guidance_scale 4.5 (doubled batch)" in dry_run_forward(guided)
