@@ -90,3 +90,24 @@ def test_shards_without_a_null_condition_are_refused_at_start(
         config, data=dataclasses.replace(config.data, shard_dir=str(shards_512))
     )
     assert "guidance_scale 4.5 (doubled batch)" in dry_run_forward(guided)
+
+
+def test_a_guided_export_says_so_and_samples_guided(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from e2ed2.engine.cli.main import main
+    from e2ed2.engine.core.models import build_denoiser
+    from e2ed2.engine.train.export import write_export
+
+    config = load_config(
+        None,
+        ["model.num_layers=1", "data.resolution=8", "trajectory.num_steps=2", *_GUIDED_RUN[-1:]],
+    )
+    torch.manual_seed(0)
+    model = build_denoiser(config.model, latent_channels=1, latent_size=8, text_dim=64)
+    export = write_export(tmp_path / "export", config, model, model.state_dict())
+    assert "num_inference_steps=2, guidance_scale=4.5)" in (export / "README.md").read_text()
+    assert main(["sample", str(export), "--num-images", "2"]) == 0
+    assert "(K=2, guidance_scale=4.5)" in capsys.readouterr().out
+    assert main(["sample", str(export), "--guidance-scale", "0.5"]) == 2
+    assert "sampler.guidance_scale must be >= 1" in capsys.readouterr().err
