@@ -33,6 +33,10 @@ module here plus its fields in ``config/objective.py``.
 Default weights are L2 only (``l2_weight=1``, ``lpips_weight=0``): right for the embedded
 pixel-space default, which has no LPIPS backbone on disk. The paper's best mix is L2 + LPIPS
 (App. D.1); presets for real models set ``lpips_weight`` and ``lpips_backbone_path``.
+
+Size: over 400 lines because it holds both objectives of ``objective.kind``: the E2ED2 terms on
+the final sample and the standard one-step loss (epsilon / v / x0 targets and flow matching's
+velocity), which share the sampler config and the network seam.
 """
 
 from __future__ import annotations

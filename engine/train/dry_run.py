@@ -65,6 +65,7 @@ def dry_run_forward(config: TrainConfig) -> str:
             latent_channels=channels,
             latent_size=latent_size,
             text_dim=text_dim,
+            pooled_dim=getattr(dataset, "pooled_dim", None),
             load_weights=False,
         )
         autoencoder = build_autoencoder(config.model, load_weights=False)
@@ -74,10 +75,12 @@ def dry_run_forward(config: TrainConfig) -> str:
     cond = batch_conditioning(batch).to("cpu", dtype)
     fake = mode.from_tensor
     added = cond.added_cond_kwargs
+    pooled = cond.pooled_projections
     cond = Conditioning(
         fake(cond.encoder_hidden_states),
         None if cond.encoder_attention_mask is None else fake(cond.encoder_attention_mask),
         None if added is None else {k: None if v is None else fake(v) for k, v in added.items()},
+        pooled_projections=None if pooled is None else fake(pooled),
     )
     if null is not None:
         null = null.to("cpu", dtype)
@@ -85,7 +88,8 @@ def dry_run_forward(config: TrainConfig) -> str:
         cond = cond.with_unconditional(
             Conditioning(
                 fake(null.encoder_hidden_states),
-                fake(null.encoder_attention_mask),
+                # SD3's empty prompt has no mask (it attends to every token).
+                None if null.encoder_attention_mask is None else fake(null.encoder_attention_mask),
                 pooled_projections=None if null_pooled is None else fake(null_pooled),
             )
         )
@@ -97,6 +101,8 @@ def dry_run_forward(config: TrainConfig) -> str:
     sizes = "" if added is None else ", size conditions resolution/aspect_ratio"
     if null is not None:
         sizes += f", guidance_scale {config.sampler.guidance_scale:g} (doubled batch)"
+    if pooled is not None:
+        sizes += f", pooled projections {tuple(pooled.shape)}"
     return (
         f"dry run: denoiser forward {tuple(latents.shape)} {str(dtype).removeprefix('torch.')} "
         f"with text {tuple(cond.encoder_hidden_states.shape)}{sizes} -> decode "

@@ -85,13 +85,8 @@ PIPELINE_CLASSES = {
     "SD3Transformer2DModel": "StableDiffusion3Pipeline",
 }
 # SD3's frozen text parts (text_encoder: CLIP-L, _2: CLIP-G, both with projection; _3: T5).
-_SD3_TEXT_PARTS = (
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "tokenizer",
-    "tokenizer_2",
-    "tokenizer_3",
+_SD3_TEXT_PARTS = tuple(
+    f"{kind}{n}" for kind in ("text_encoder", "tokenizer") for n in ("", "_2", "_3")
 )
 
 

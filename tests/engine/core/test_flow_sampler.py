@@ -222,3 +222,20 @@ def test_flow_diffusion_loss_targets_the_velocity() -> None:
     )
     torch.testing.assert_close(noisy, expected)
     assert torch.equal(target, noise - clean)
+
+
+def test_train_config_pairs_the_teacher_with_the_sampler_family() -> None:
+    from e2ed2.engine.config import ConfigError, load_config
+
+    flow_keys = ["sampler.kind=flow_euler", "sampler.prediction_type=flow_prediction"]
+    teacher = ["objective.teacher_weight=1.0", "objective.l2_weight=0.0"]
+    with pytest.raises(ConfigError, match="teacher_sampler='ddim' cannot sample"):
+        load_config(None, [*flow_keys, *teacher])
+    config = load_config(None, [*flow_keys, *teacher, "objective.teacher_sampler=flow_euler"])
+    from e2ed2.engine.objectives.teacher import teacher_sampler_config
+
+    assert teacher_sampler_config(config.objective, config.sampler) == config.sampler
+    with pytest.raises(ConfigError, match="cannot sample"):
+        load_config(None, [*teacher, "objective.teacher_sampler=flow_euler"])
+    with pytest.raises(ConfigError, match="use_dynamic_shifting"):
+        load_config(None, [*flow_keys, "sampler.use_dynamic_shifting=true"])

@@ -142,3 +142,40 @@ def test_frozen_vae_decodes_with_the_shift_factor(real_models) -> None:
         got = frozen.decode(latents)
     assert torch.equal(got, expected)
     assert not torch.allclose(got, unshifted)
+
+
+def test_flow_diffusion_loss_feeds_the_float_training_timestep(real_models, monkeypatch) -> None:
+    """objective.kind='diffusion' on SD3: the network sees sigma * 1000 of the drawn training
+    sigma (a float) and the loss is the MSE of its velocity against noise - x0."""
+    from e2ed2.engine.objectives import losses
+
+    model = real_models.tiny_sd3_transformer()
+    cond = _cond(real_models)
+    clean = torch.randn(2, 16, 8, 8)
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["timestep"])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    g = torch.Generator().manual_seed(0)
+    loss = losses.diffusion_loss(model, clean, cond, FLOW, generator=g)
+    loss.backward()
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 1000, (2,), generator=g)
+    noise = torch.randn(clean.shape, generator=g)
+    grid = FLOW.to_diffusers().timesteps
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], grid[indices])
+    noisy, target = losses.diffusion_input_and_target(FLOW, clean, noise, indices)
+    with torch.no_grad():
+        velocity = forward(
+            hidden_states=noisy,
+            timestep=grid[indices],
+            encoder_hidden_states=cond.encoder_hidden_states,
+            pooled_projections=cond.pooled_projections,
+            return_dict=False,
+        )[0]
+    torch.testing.assert_close(loss.detach(), torch.nn.functional.mse_loss(velocity, target))
+    assert model.proj_out.weight.grad is not None

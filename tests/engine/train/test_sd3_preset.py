@@ -97,6 +97,9 @@ def test_sd3_preset_trains_exports_and_generates(
     assert train_main([*args, "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "dry run: denoiser forward" in printed and "pooled" in printed
+    # Guided as SD3 samples (w = 7): the empty prompt's states and pooled projections join.
+    assert train_main([*args, "sampler.guidance_scale=7.0", "--dry-run"]) == 0
+    assert "guidance_scale 7 (doubled batch)" in capsys.readouterr().out
     assert train_main(args) == 0, capsys.readouterr().err[-3000:]
     export = out / "export"
     index = json.loads((export / "model_index.json").read_text())
