@@ -160,7 +160,13 @@ def add_lora(model: nn.Module, config: ModelConfig, num_steps: int) -> nn.Module
     """
     names = adapter_names(config, num_steps)
     model.requires_grad_(False)
-    _inject(model, lora_config(config), names)
+    try:
+        _inject(model, lora_config(config), names)
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        raise ValueError(
+            f"model.lora_target_modules={list(config.lora_target_modules)} match no module of "
+            f"{type(model).__name__} ({err})"
+        ) from err
     _check_injected(model, config)
     if config.share_across_steps:
         return model

@@ -169,7 +169,10 @@ class Trainer:
             # After the teacher's copy: it samples with the pretrained weights, no adapters.
             # Shared: the denoiser with one adapter; per-step: one base, K adapters
             # (a PerStepLoRA, indexed by step like the ModuleList of copies below).
-            module: nn.Module = add_lora(denoiser, config.model, num_steps)
+            try:  # targets that match no module, or that the fused kernels would bypass
+                module: nn.Module = add_lora(denoiser, config.model, num_steps)
+            except ValueError as err:
+                raise ConfigError(f"[model] {err}") from err
         elif config.model.share_across_steps:
             module = denoiser
         else:

@@ -258,3 +258,16 @@ def test_per_step_lora_trains_the_same_under_zero3(
     assert all(v.abs().sum() > 0 for k, v in exported["zero2"].items() if "lora_B" in k)
     for key, value in exported["zero2"].items():
         torch.testing.assert_close(exported["zero3"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_targets_matching_no_module_are_a_config_error(
+    world_of_one: None, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = _train(
+        tmp_path / "run",
+        "run.max_steps=1",
+        "model.lora_rank=4",
+        'model.lora_target_modules=["to_qq"]',
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "model.lora_target_modules=['to_qq'] match no module" in err, err
