@@ -381,11 +381,16 @@ def load_exported_networks(
 
 
 def _exported_model_config(directory: Path) -> Any:
-    """The ``[model]`` section of the export's run config, or None (an export without one)."""
+    """The ``[model]`` section of a LoRA export's run config; None for an export without LoRA
+    files (its config is not read: an older export loads as before)."""
     from ..config import load_config
 
-    if not (directory / CONFIG_NAME).is_file():
+    if not any(directory.glob("pytorch_lora_weights*.safetensors")):
         return None
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{directory} holds LoRA files but no {CONFIG_NAME} (it says how to apply them)"
+        )
     return load_config(str(directory / CONFIG_NAME)).model
 
 
