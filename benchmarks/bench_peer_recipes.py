@@ -30,7 +30,7 @@ gradient sum autograd holds across the K steps (measured as the K=2 minus K=1 de
 
     python benchmarks/bench_peer_recipes.py                # results/peer_recipes.{json,png}
     python benchmarks/bench_peer_recipes.py --estimate     # + the full-size estimate (~30 min)
-    python benchmarks/bench_peer_recipes.py --smoke        # toy model, seconds
+    python benchmarks/bench_peer_recipes.py --smoke        # toy model, K = 2 and 4, ~1 min
 """
 
 from __future__ import annotations
@@ -206,9 +206,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    num_steps, full_recipes = args.num_steps, args.recipes
     if args.smoke:
         shape, latent, batch, repeats = _common.SMOKE_MODEL, _common.SMOKE_LATENT, 1, 1
         full, resolutions = replace(_common.SMOKE_MODEL, text_tokens=8), (64,)
+        num_steps, full_recipes = [2, 4], ["plain", "block_offload"]
     else:
         shape, latent, batch, repeats = (
             _common.CPU_MODEL,
@@ -217,8 +219,8 @@ def main(args: argparse.Namespace) -> dict:
             args.repeats,
         )
         full, resolutions = PIXART_ALPHA_XL_2, ESTIMATE_RESOLUTIONS
-    k_max = max(args.num_steps)
-    cells = [(r, k, 1) for k in args.num_steps for r in args.recipes]
+    k_max = max(num_steps)
+    cells = [(r, k, 1) for k in num_steps for r in args.recipes]
     cells += [("block_offload", k_max, m) for m in args.m if m != 1]
     rows = measure(shape, latent, batch, cells, repeats)
     by = {(r["recipe"], r["num_steps"], r["samples_per_prompt"]): r for r in rows}
@@ -245,7 +247,7 @@ def main(args: argparse.Namespace) -> dict:
             num_params = count_parameters(build_pixart(full, 8, dtype=torch.bfloat16))
         full_rows = []
         for res in resolutions:
-            for name in args.recipes:
+            for name in full_recipes:
                 full_rows.append(estimate(full, res, name, args.estimate_steps))
                 print(
                     f"{name:>13} {res} px K={args.estimate_steps}: device "
@@ -271,7 +273,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"shared-weight gradient sum: {(two - one) / 2**30:.2f} GiB measured", flush=True)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
-    ks = list(args.num_steps)
+    ks = list(num_steps)
     for name in args.recipes:
         axes[0].plot(ks, [_common.mib(by[name, k, 1]["device_peak_bytes"]) for k in ks], "o-")
         axes[1].plot(ks, [_common.mib(by[name, k, 1]["host_peak_bytes"]) for k in ks], "o-")

@@ -7,6 +7,15 @@ Per rank, an iteration's peak is
   + ZeRO communication buckets          (reduce bucket for gradients, prefetch bucket for params)
   + activation peak of forward+backward (measured, not modelled: see below)
 
+and, apart from it, the host bytes the offloading policies (``block_offload``, ``offload``) keep
+per rank (``RankMemoryEstimate.host_bytes``; measured the same way, :func:`step_memory`).
+
+One term inside the activation peak is the shared weights' gradient sum: with one network used by
+K steps, autograd sums each parameter's K gradient contributions in its input buffer and releases
+the sum (to ZeRO's reduce-scatter hook) only after the first step's backward, so from K = 2 on a
+full-size gradient of every parameter is alive at once on every rank (parameter count x the
+gradient's element size; ``benchmarks/bench_peer_recipes.py`` measures it at full size).
+
 The activation peak is the only term that depends on K, resolution and checkpoint policy, and the
 only one that is hard to write down; it is *measured* by running the real diffusers model through
 the real trajectory under ``FakeTensorMode`` with :class:`LiveTensorTracker` counting live bytes.
@@ -39,7 +48,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .memory import LiveTensorTracker
+from .memory import LiveTensorTracker, MemoryReport
 from .models import pixart_transformer
 from .network import Conditioning
 from .sampler import SamplerConfig, build_schedule
@@ -56,6 +65,7 @@ __all__ = [
     "run_iteration",
     "count_parameters",
     "step_peak_bytes",
+    "step_memory",
     "zero3_state_bytes",
     "estimate_rank_memory",
     "drop_full_grads",
@@ -192,7 +202,35 @@ def step_peak_bytes(
     fake: bool = True,
     guidance_scale: float = 1.0,
 ) -> int:
-    """Peak live bytes allocated by one forward+backward (parameters excluded: they pre-exist).
+    """Peak device bytes of one forward+backward: :func:`step_memory`'s ``peak_bytes``."""
+    return step_memory(
+        shape,
+        resolution_px=resolution_px,
+        policy=policy,
+        num_steps=num_steps,
+        batch=batch,
+        dtype=dtype,
+        zero3_grads=zero3_grads,
+        fake=fake,
+        guidance_scale=guidance_scale,
+    ).peak_bytes
+
+
+def step_memory(
+    shape: DenoiserShape,
+    *,
+    resolution_px: Size,
+    policy: str,
+    num_steps: int,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    zero3_grads: bool = True,
+    fake: bool = True,
+    guidance_scale: float = 1.0,
+) -> MemoryReport:
+    """Peak live bytes allocated by one forward+backward (parameters excluded: they pre-exist):
+    device bytes (``peak_bytes``) and, for the offloading policies, the host bytes per rank
+    (``host_peak_bytes``).
 
     ``resolution_px``: the image side, or its (height, width) (an aspect-ratio bucket); the
     model is built for the square of about the same area (``sample_size`` only sets PixArt's
@@ -214,7 +252,7 @@ def step_peak_bytes(
     grads = drop_full_grads(model) if zero3_grads else contextlib.nullcontext()
     with mode, grads, LiveTensorTracker(track_cuda=False) as tracker:
         run_iteration(model, trajectory, clean, cond)
-    return tracker.report().peak_bytes
+    return tracker.report()
 
 
 @dataclass(frozen=True)
@@ -251,6 +289,7 @@ class RankMemoryEstimate:
     zero_state_bytes: int
     bucket_bytes: int
     activation_peak_bytes: int
+    host_bytes: int = 0  # offloaded activations (block_offload / offload), host memory per rank
 
     @property
     def peak_bytes(self) -> int:
@@ -272,6 +311,7 @@ def estimate_rank_memory(
     activation_peak_bytes: int,
     ds_zero_config: dict[str, Any],
     precision: str = "bf16",
+    host_bytes: int = 0,
 ) -> RankMemoryEstimate:
     """Adds ZeRO-3's per-rank terms (from the ds_config's ``zero_optimization``) to a measured
     activation peak.
@@ -294,4 +334,5 @@ def estimate_rank_memory(
         zero_state_bytes=state.total_bytes,
         bucket_bytes=buckets,
         activation_peak_bytes=activation_peak_bytes,
+        host_bytes=host_bytes,
     )

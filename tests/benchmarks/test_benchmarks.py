@@ -66,3 +66,20 @@ def test_objective_cost_smoke(tmp_path: Path) -> None:
     assert [rows[m]["objective"] for m in (1, 2, 4)] == ["l2", "energy", "energy"]
     for row in rows.values():
         assert row["teacher2_seconds"] > 0 and row["teacher4_peak_bytes"] > 0
+
+
+def test_peer_recipes_smoke(tmp_path: Path) -> None:
+    """Every recipe at every K, the m rows, and the full-size part (on the toy): the offloading
+    policy keeps host bytes and no other recipe does; its device peak is flat from K=2 to 4."""
+    result = _smoke("bench_peer_recipes.py", tmp_path, timeout=300)
+    rows = {(r["recipe"], r["num_steps"], r["samples_per_prompt"]): r for r in result["rows"]}
+    recipes = {r for r, _, _ in rows}
+    assert recipes == {"plain", "draft", "alignprop", "block", "block_offload", "selective"}
+    for (name, _, _), row in rows.items():
+        assert (row["host_peak_bytes"] > 0) == (name == "block_offload"), (name, row)
+    # Flat: only the caller's injected noises (latent-sized) are added per step on the device.
+    offload_2, offload_4 = rows["block_offload", 2, 1], rows["block_offload", 4, 1]
+    assert offload_4["device_peak_bytes"] <= 1.05 * offload_2["device_peak_bytes"]
+    assert offload_4["host_peak_bytes"] > 1.5 * offload_2["host_peak_bytes"]
+    assert {m for r, k, m in rows if r == "block_offload" and k == 4} == {1, 2, 4}
+    assert [r["recipe"] for r in result["full_size"]["rows"]] == ["plain", "block_offload"]

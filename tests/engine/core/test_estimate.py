@@ -7,6 +7,7 @@ import torch
 from e2ed2.engine.core.estimate import (
     DenoiserShape,
     estimate_rank_memory,
+    step_memory,
     step_peak_bytes,
     zero3_state_bytes,
 )
@@ -28,6 +29,21 @@ def test_fake_estimate_equals_real_run() -> None:
         fake = step_peak_bytes(TOY, fake=True, **kwargs)
         real = step_peak_bytes(TOY, fake=False, **kwargs)
         assert fake == real, (zero3_grads, fake, real)
+
+
+def test_fake_estimate_of_host_bytes_equals_real_run() -> None:
+    """block_offload's host bytes per rank, under fake tensors as for real; K=4 keeps twice the
+    host bytes of K=2 (every block input of every step); on the device only the caller's K
+    injected noises (latent-sized, 4 KiB each here) grow."""
+    kwargs = dict(resolution_px=128, policy="block_offload", dtype=torch.float32)
+    fake = step_memory(TOY, fake=True, num_steps=2, **kwargs)
+    real = step_memory(TOY, fake=False, num_steps=2, **kwargs)
+    assert (fake.peak_bytes, fake.host_peak_bytes) == (real.peak_bytes, real.host_peak_bytes)
+    assert fake.host_peak_bytes > 0
+    four = step_memory(TOY, fake=True, num_steps=4, **kwargs)
+    latent_bytes = 4 * 16 * 16 * 4
+    assert four.peak_bytes <= fake.peak_bytes + 3 * latent_bytes, (four, fake)
+    assert 1.9 <= four.host_peak_bytes / fake.host_peak_bytes <= 2.1, (four, fake)
 
 
 def test_dropping_full_grads_frees_them() -> None:
