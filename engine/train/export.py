@@ -18,23 +18,8 @@ Layout::
     <dir>/e2ed2_config.toml     the run config (data/conditioning, sampler, model settings)
     <dir>/README.md             the sampling settings it was trained with (K, guidance_scale)
 
-With LoRA (``model.lora_rank >= 1``) the adapters are diffusers LoRA files beside the model:
-
-    <dir>/pytorch_lora_weights.safetensors           the shared adapter, or
-    <dir>/pytorch_lora_weights_step_{i}.safetensors  per-step LoRA: step i's adapter
-    <dir>/transformer/          the frozen base the adapters apply to (a symlink to
-                                model.pretrained_path's transformer folder, else saved); with
-                                ``model.lora_merge_on_export`` and a shared adapter: the merged
-                                weights instead, so the folder runs without peft
-    <dir>/transformer_step{i}/  per-step LoRA with ``lora_merge_on_export``: step i's merged
-                                network (as independent per-step networks are exported)
-
-diffusers 0.42 has no LoRA loader for PixArt (neither the pipeline nor the transformer carry
-its LoRA mixins), so the adapter goes on with peft, as :func:`~e2ed2.engine.core.lora.
-load_lora_weights` does::
-
-    pipe = PixArtAlphaPipeline.from_pretrained("runs/x/export")
-    load_lora_weights(pipe.transformer, "runs/x/export")  # e2ed2.engine.core.lora
+With LoRA (``model.lora_rank >= 1``) the adapters are diffusers LoRA files beside the model,
+``transformer/`` holding the frozen base (or the merged weights): see lora_export.py.
 
 Frozen parts are symlinked, not copied (T5-XXL alone is ~19 GB and every checkpoint carries an
 export); ``cp -rL export elsewhere`` materialises them. Latent presets load as a stock pipeline::
@@ -120,7 +105,9 @@ def write_export(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     if config.model.lora_rank:
-        stock_pipeline = _write_lora_networks(staging, config, module, state)
+        from .lora_export import write_lora_networks
+
+        stock_pipeline = write_lora_networks(staging, config, module, state)
     elif isinstance(module, nn.ModuleList):
         stock_pipeline = False
         for i, network in enumerate(module):
@@ -152,46 +139,6 @@ def write_export(
     else:
         os.replace(staging, directory)
     return directory
-
-
-def _write_lora_networks(
-    staging: Path, config: TrainConfig, module: nn.Module, state: dict[str, torch.Tensor]
-) -> bool:
-    """The adapters as diffusers LoRA files, and the base or merged transformer(s) they go with
-    (see the module docstring); whether the folder is a stock (one-transformer) pipeline."""
-    from ..core.lora import adapter_names, add_lora, lora_base, plain_transformer, save_lora_weights
-
-    base = lora_base(module)
-    # A plain CPU copy of the trained structure (no engine hooks, no fused kernels) with the
-    # gathered weights: the adapters and the base come out of it with peft's own functions.
-    num_steps = len(module) if not config.model.share_across_steps else 1
-    fresh = add_lora(type(base).from_config(base.config), config.model, num_steps)
-    fresh.load_state_dict(state, strict=True)
-    fresh_base = lora_base(fresh)
-    names = adapter_names(config.model, num_steps)
-    for name in names:
-        save_lora_weights(fresh_base, staging, name)
-    merge = config.model.lora_merge_on_export
-    if merge and config.model.share_across_steps:
-        plain_transformer(fresh_base, merge=names[0]).save_pretrained(staging / "transformer")
-        return True
-    if merge:
-        for i, name in enumerate(names):
-            merged = plain_transformer(fresh_base, merge=name)
-            merged.save_pretrained(staging / f"transformer_step{i}")
-    if config.model.pretrained_path is not None:
-        # The base is frozen: it is the pretrained transformer (GBs at full size, and every
-        # checkpoint carries an export), linked like the other frozen parts.
-        from ..core.models import resolve_model_folder
-
-        pretrained = resolve_model_folder(
-            config.model.pretrained_path, "transformer", "model.pretrained_path"
-        )
-        _link(staging / "transformer", pretrained)
-    else:
-        plain_transformer(fresh_base).save_pretrained(staging / "transformer")
-    # Per-step: no stock pipeline runs K adapters (nor K networks).
-    return config.model.share_across_steps
 
 
 def sampling_settings(config: TrainConfig) -> str:
@@ -352,23 +299,13 @@ def load_exported_networks(
     base with its adapters loaded, or the merged weights; per-step LoRA unmerged: a
     :class:`~e2ed2.engine.core.lora.PerStepLoRA`); their class is the one their config.json
     names (PixArt or SD3)."""
+    from .lora_export import load_lora_export
+
     directory = Path(directory)
     transformer_cls = _exported_class(directory)
-    model = _exported_model_config(directory)
-    if model is not None and model.lora_rank and not model.lora_merge_on_export:
-        from ..core.lora import DEFAULT_ADAPTER, PerStepLoRA, load_lora_weights, lora_weight_name
-
-        base = transformer_cls.from_pretrained(directory / "transformer")
-        if model.share_across_steps:
-            return load_lora_weights(base, directory / lora_weight_name(DEFAULT_ADAPTER))
-        names = [f"step_{i}" for i in range(num_steps)]
-        for name in names:
-            load_lora_weights(base, directory / lora_weight_name(name), name)
-        return PerStepLoRA(base, names)
-    if model is not None and model.lora_rank and not model.share_across_steps:
-        # Merged per-step LoRA: transformer/ is the base, the step networks are beside it.
-        steps = [directory / f"transformer_step{i}" for i in range(num_steps)]
-        return nn.ModuleList(transformer_cls.from_pretrained(p) for p in steps)
+    lora = load_lora_export(directory, num_steps, transformer_cls)
+    if lora is not None:
+        return lora
     if (directory / "transformer").is_dir():
         return transformer_cls.from_pretrained(directory / "transformer")
     steps = [directory / f"transformer_step{i}" for i in range(num_steps)]
@@ -378,20 +315,6 @@ def load_exported_networks(
         f"{directory}: no transformer/ nor transformer_step0..{num_steps - 1}/ folders; "
         "expected an `e2ed2 train` export"
     )
-
-
-def _exported_model_config(directory: Path) -> Any:
-    """The ``[model]`` section of a LoRA export's run config; None for an export without LoRA
-    files (its config is not read: an older export loads as before)."""
-    from ..config import load_config
-
-    if not any(directory.glob("pytorch_lora_weights*.safetensors")):
-        return None
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(
-            f"{directory} holds LoRA files but no {CONFIG_NAME} (it says how to apply them)"
-        )
-    return load_config(str(directory / CONFIG_NAME)).model
 
 
 def _exported_class(directory: Path) -> type:
