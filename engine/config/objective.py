@@ -14,6 +14,7 @@ ObjectiveKind = Literal["e2ed2", "diffusion"]
 LpipsNet = Literal["vgg", "alex", "squeeze"]
 EnergySpace = Literal["latent", "pixels"]
 TeacherSampler = Literal["ddim", "lcm", "flow_euler"]
+RewardKind = Literal["digit", "clip"]
 
 _WEIGHTS = (
     "l1_weight",
@@ -92,16 +93,31 @@ class ObjectiveConfig:
     """
     reward_weight: float = 0.0
     """Weight of the differentiable reward term, -mean reward of the decoded final sample
-    (DRaFT / AlignProp; objectives/reward.py). Digits: the log-probability of the prompted digit
-    under the frozen classifier in reward_path (not the evaluator's network). Combine with
+    (DRaFT / AlignProp; objectives/reward.py, objectives/clip_reward.py). reward_kind "digit":
+    the log-probability of the prompted digit under the frozen classifier in reward_path (not the
+    evaluator's network); "clip": the cosine similarity of CLIP's image and caption embeddings
+    (real data). Combine with
     trajectory.truncation = last_k / random_k (DRaFT-K / AlignProp) to backpropagate through the
     last sampler steps only. Regulariser against reward hacking, the distance to the frozen base:
     teacher_weight > 0 with teacher_sampler = "lcm" and teacher_steps = trajectory.num_steps
     (the base model's own K-step sample from the same noise).
     """
+    reward_kind: RewardKind = "digit"
+    """The reward model: "digit" (the embedded digits: a prompted-digit classifier reading each
+    sample's label) or "clip" (any data with captions: cosine similarity of a frozen CLIP model's
+    embeddings of the decoded sample and its caption; objectives/clip_reward.py).
+    """
     reward_path: str | None = None
-    """Local safetensors file of the reward model (needed when reward_weight > 0); written by
-    `python -m e2ed2.engine.cli.reward_model OUT.safetensors`.
+    """The local reward model (needed when reward_weight > 0). reward_kind "digit": a
+    safetensors file written by `python -m e2ed2.engine.cli.reward_model OUT.safetensors`;
+    "clip": a folder with a transformers CLIPModel and its CLIPProcessor saved by save_pretrained
+    (config.json, weights, preprocessor and tokenizer files; e.g. openai/clip-vit-large-patch14).
+    """
+    reward_checkpoint: bool = True
+    """Activation-checkpoint the reward model on the decoded pixels: keep only the pixels and
+    re-run CLIP's image tower in backward (one more forward). CLIP ViT-L/14 in bf16 otherwise
+    keeps 174 MiB per image for backward (measured under fake tensors) while the other terms'
+    graphs (GAN, an uncheckpointed LPIPS) are held too.
     """
 
     def __post_init__(self) -> None:
@@ -135,9 +151,15 @@ class ObjectiveConfig:
         if self.reward_path is not None and not self.reward_path:
             raise ValueError("objective.reward_path is empty; leave it unset instead")
         if self.reward_weight > 0 and self.reward_path is None:
+            what = (
+                "a local CLIPModel folder saved with save_pretrained, with its CLIPProcessor"
+                if self.reward_kind == "clip"
+                else "a local reward model file; `python -m e2ed2.engine.cli.reward_model "
+                "OUT.safetensors` writes one"
+            )
             raise ValueError(
-                "objective.reward_weight > 0 needs objective.reward_path (a local reward model "
-                "file; `python -m e2ed2.engine.cli.reward_model OUT.safetensors` writes one)"
+                f"objective.reward_weight > 0 with reward_kind={self.reward_kind!r} needs "
+                f"objective.reward_path ({what})"
             )
         if self.lpips_backbone_path is not None and not self.lpips_backbone_path:
             raise ValueError("objective.lpips_backbone_path is empty; leave it unset instead")
@@ -170,7 +192,12 @@ class ObjectiveConfig:
     @property
     def needs_labels(self) -> bool:
         """Whether the objective reads each sample's prompt label (the digit reward)."""
-        return self.kind == "e2ed2" and self.reward_weight > 0
+        return self.kind == "e2ed2" and self.reward_weight > 0 and self.reward_kind == "digit"
+
+    @property
+    def needs_captions(self) -> bool:
+        """Whether the objective reads each sample's caption string (the CLIP reward)."""
+        return self.kind == "e2ed2" and self.reward_weight > 0 and self.reward_kind == "clip"
 
     @property
     def weights(self) -> dict[str, float]:

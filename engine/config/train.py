@@ -95,10 +95,11 @@ class TrainConfig:
                 "(build_schedule(..., image_seq_len=...) computes the dynamic schedule for a "
                 "library caller)"
             )
-        if objective.reward_weight > 0 and self.data.source != "digits":
+        if objective.needs_labels and self.data.source != "digits":
             raise ConfigError(
-                "objective.reward_weight > 0 needs data.source='digits' (the reward is a prompted-"
-                f"digit classifier scoring each sample's label), got {self.data.source!r}"
+                "objective.reward_weight > 0 with reward_kind='digit' needs data.source='digits' "
+                "(the reward is a prompted-digit classifier scoring each sample's label), got "
+                f"{self.data.source!r}; real data with captions: objective.reward_kind='clip'"
             )
         if self.data.source == "digits" and self.model.vae_path is not None:
             raise ConfigError(

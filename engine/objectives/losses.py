@@ -25,7 +25,8 @@ per-prompt mean (median) image. Two well-posed terms fix that, mixable with the 
 ``energy`` (a strictly proper scoring rule over m samples per prompt, :mod:`.energy`) and
 ``teacher`` (a target paired with the start noise: a frozen teacher's many-step sample from the
 same noise, :mod:`.teacher`); ``reward`` maximises a frozen differentiable scorer of the decoded
-sample (DRaFT / AlignProp, :mod:`.reward`). The seam is :meth:`E2ED2Loss.forward`: the final samples of the
+sample (DRaFT / AlignProp: a digit classifier, :mod:`.reward`, or CLIP similarity to the caption,
+:mod:`.clip_reward`). The seam is :meth:`E2ED2Loss.forward`: the final samples of the
 unroll (m per prompt), the data target, and what the frozen helpers produced (decoded pixels,
 the teacher's sample); it returns named terms and their weighted ``total``. A new term is a
 module here plus its fields in ``config/objective.py``.
@@ -45,7 +46,7 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config.objective import LPIPS_MIN_SIZE_PX, TORCHVISION_MODELS, ObjectiveConfig
 from ..config.sampler import SamplerConfig
 from ..core.network import Conditioning, denoise
+from .clip_reward import ClipReward
 from .energy import energy_score
 from .reward import digit_log_prob_reward, load_reward_model
 
@@ -175,7 +177,15 @@ class E2ED2Loss(nn.Module):
     ``.half()`` still move it. The ``decode`` callable is the trainer's (it moves the VAE itself).
     """
 
-    def __init__(self, config: ObjectiveConfig, decode: Decode | None = None) -> None:
+    def __init__(
+        self,
+        config: ObjectiveConfig,
+        decode: Decode | None = None,
+        *,
+        reward_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """``reward_dtype``: the weights' dtype of a CLIP reward model (the run's compute dtype;
+        the digit reward stays float32)."""
         super().__init__()
         if config.kind != "e2ed2":
             raise ValueError(
@@ -185,7 +195,11 @@ class E2ED2Loss(nn.Module):
         # Plain attributes, not submodules (see the class docstring).
         object.__setattr__(self, "_decode", decode)
         object.__setattr__(self, "_lpips", build_lpips(config) if config.lpips_weight > 0 else None)
-        reward = load_reward_model(config.reward_path) if config.reward_weight > 0 else None
+        reward = None
+        if config.reward_weight > 0 and config.reward_kind == "clip":
+            reward = ClipReward.from_folder(config.reward_path, dtype=reward_dtype)
+        elif config.reward_weight > 0:
+            reward = load_reward_model(config.reward_path)
         object.__setattr__(self, "_reward", reward)
 
     @property
@@ -207,6 +221,11 @@ class E2ED2Loss(nn.Module):
     def needs_labels(self) -> bool:
         """Whether :meth:`forward` needs ``labels`` (the digit reward)."""
         return self.config.needs_labels
+
+    @property
+    def needs_captions(self) -> bool:
+        """Whether :meth:`forward` needs ``captions`` (the CLIP reward)."""
+        return self.config.needs_captions
 
     def _apply(self, fn: Callable, recurse: bool = True) -> E2ED2Loss:
         super()._apply(fn, recurse)
@@ -269,6 +288,7 @@ class E2ED2Loss(nn.Module):
         samples_per_prompt: int = 1,
         teacher_sample: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The enabled terms (``l1``, ``l2``, ``lpips``, ``energy``, ``teacher``, ``reward``) and
         their weighted sum ``"total"``, each the unweighted batch mean (float32).
@@ -281,7 +301,9 @@ class E2ED2Loss(nn.Module):
         prompt's m samples against its target (objectives/energy.py); ``teacher`` is the squared
         L2 to ``teacher_sample``, the frozen teacher's sample from the same start noise
         (objectives/teacher.py); ``reward`` is minus the mean reward of the sample's pixels for
-        its prompt, ``labels`` (B·m,) the prompted digit of each row (objectives/reward.py).
+        its prompt: ``labels`` (B·m,) the prompted digit of each row (reward_kind "digit",
+        objectives/reward.py) or ``captions`` (B·m strings) its caption ("clip",
+        objectives/clip_reward.py).
         """
         if sample.shape != target.shape:
             raise ValueError(
@@ -320,7 +342,16 @@ class E2ED2Loss(nn.Module):
             if teacher_sample is None:
                 raise ValueError("objective.teacher_weight > 0 but no teacher sample was given")
             terms["teacher"] = F.mse_loss(sample.float(), teacher_sample.float())
-        if "reward" in weights:
+        if "reward" in weights and self.config.reward_kind == "clip":
+            if captions is None:
+                raise ValueError(
+                    "objective.reward_kind='clip' but no captions were given (the caption of "
+                    "each sample)"
+                )
+            checkpointed = self.config.reward_checkpoint
+            rewards = self._reward(sample_pixels, captions, checkpointed=checkpointed)
+            terms["reward"] = -rewards.mean()
+        elif "reward" in weights:
             if labels is None:
                 raise ValueError(
                     "objective.reward_weight > 0 but no labels were given (the prompted digit of "

@@ -14,6 +14,7 @@ from ..config import ConfigError, TrainConfig
 from ..config.objective import TORCHVISION_MODELS
 from ..core.models import resolve_model_folder
 from ..data.shards import check_bucket_table, read_index
+from ..objectives.clip_reward import check_clip_folder
 from .distributed import build_ds_config
 
 __all__ = ["check_launch"]
@@ -60,6 +61,8 @@ def check_launch(config: TrainConfig, world_size: int) -> dict[str, Any]:
                 f"objective.lpips_backbone_path={lpips_path!r} does not exist; expected a "
                 f"torchvision {TORCHVISION_MODELS[config.objective.lpips_net]} state dict (.pth)"
             )
+        if config.objective.needs_captions:
+            check_clip_folder(config.objective.reward_path)
         if config.data.source == "shards":
             index = read_index(config.data.shard_dir)
             check_bucket_table(config.data, index)

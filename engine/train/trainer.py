@@ -206,7 +206,7 @@ class Trainer:
         self.trajectories[num_steps] = self.trajectory
         decode = None if config.model.vae_path is None else self.autoencoder.decode
         self.loss_fn = (
-            E2ED2Loss(config.objective, decode).to(self.device)
+            E2ED2Loss(config.objective, decode, reward_dtype=self.compute_dtype).to(self.device)
             if config.objective.kind == "e2ed2"
             else None
         )
@@ -332,6 +332,7 @@ class Trainer:
         cond: Conditioning,
         micro_step: int,
         labels: torch.Tensor | None = None,
+        captions: list[str] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None, torch.Tensor | None]:
         """Total loss of one micro-batch, its logged terms, and (GAN) real/fake pixels."""
         config = self.config
@@ -348,6 +349,8 @@ class Trainer:
         cond = repeat_conditioning(cond, m)
         if labels is not None:
             labels = labels.repeat_interleave(m, dim=0)
+        if captions is not None:
+            captions = [caption for caption in captions for _ in range(m)]
         trajectory, plan = self._plan()
         start, noises = self._start_and_noise(trajectory, plan, latents, micro_step)
         sample = trajectory.run(self._networks(), cond, start, noises, plan)
@@ -375,6 +378,7 @@ class Trainer:
             samples_per_prompt=m,
             teacher_sample=teacher_sample,
             labels=labels,
+            captions=captions,
         )
         total = terms["total"]
         logged = {name: value.item() for name, value in terms.items()}
@@ -440,6 +444,11 @@ class Trainer:
             # Labels go by keyword and only when a term reads them, so wrappers of the
             # three-argument call (the reliability tests patch it) keep working.
             extra = {} if labels is None else {"labels": labels}
+            if self.loss_fn is not None and self.loss_fn.needs_captions:
+                # The CLIP reward scores each sample against its caption string (the dataset's,
+                # by the sample's index: bad samples arrive replaced, with their own index).
+                captions = self.loader.dataset.captions
+                extra["captions"] = [captions[int(i)] for i in batch["index"]]
             with gathered_once(self.engine.module, enabled=self._gather_once):
                 loss, logged, real, fake = self._generator_loss(latents, cond, micro_step, **extra)
                 if not math.isfinite(logged.get("total", logged.get("diffusion", 0.0))):
