@@ -190,30 +190,10 @@ def run_iteration(
     return loss.detach()
 
 
-def step_peak_bytes(
-    shape: DenoiserShape,
-    *,
-    resolution_px: Size,
-    policy: str,
-    num_steps: int,
-    batch: int = 1,
-    dtype: torch.dtype = torch.bfloat16,
-    zero3_grads: bool = True,
-    fake: bool = True,
-    guidance_scale: float = 1.0,
-) -> int:
-    """Peak device bytes of one forward+backward: :func:`step_memory`'s ``peak_bytes``."""
-    return step_memory(
-        shape,
-        resolution_px=resolution_px,
-        policy=policy,
-        num_steps=num_steps,
-        batch=batch,
-        dtype=dtype,
-        zero3_grads=zero3_grads,
-        fake=fake,
-        guidance_scale=guidance_scale,
-    ).peak_bytes
+def step_peak_bytes(shape: DenoiserShape, **kwargs: Any) -> int:
+    """Peak device bytes of one forward+backward: :func:`step_memory`'s ``peak_bytes`` (same
+    keyword arguments)."""
+    return step_memory(shape, **kwargs).peak_bytes
 
 
 def step_memory(

@@ -102,18 +102,20 @@ def save_sentencepiece_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def tiny_t5_encoder(vocab_size: int, seed: int = 0):
+def tiny_t5_encoder(
+    vocab_size: int, seed: int = 0, *, width: int = T5_WIDTH, d_ff: int = 48, num_heads: int = 3
+):
     """A T5 v1.1-style encoder (gated-GELU, untied, no dropout), tiny."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=vocab_size,
-        d_model=T5_WIDTH,
+        d_model=width,
         d_kv=8,
-        d_ff=48,
+        d_ff=d_ff,
         num_layers=2,
-        num_heads=3,
+        num_heads=num_heads,
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
         dropout_rate=0.0,
@@ -344,24 +346,7 @@ def tiny_sd3_transformer(seed: int = 0, **sd35):
 
 def tiny_sd3_t5_encoder(vocab_size: int, seed: int = 0):
     """SD3's text_encoder_3 (T5 v1.1 XXL: gated-GELU, untied) at width 32."""
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=SD3_T5_WIDTH,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return T5EncoderModel(config).eval()
+    return tiny_t5_encoder(vocab_size, seed, width=SD3_T5_WIDTH, d_ff=64, num_heads=4)
 
 
 def save_sd3_pipeline(folder: Path) -> Path:
