@@ -688,8 +688,8 @@ def test_precompute_reports_each_bad_input_by_path_and_goes_on(
 
     load_models = module._load_models
 
-    def nan_for_b(*args: object):  # the VAE overflows on the second image encoded (b.png)
-        vae, encoder, tokenizer = load_models(*args)
+    def nan_for_b(*args: object, **kwargs: object):  # the VAE overflows on b.png, the 2nd image
+        vae, encoder, tokenizer = load_models(*args, **kwargs)
         encode, calls = vae.encode, []
 
         def encode_with_nan(pixels: torch.Tensor):
