@@ -37,16 +37,7 @@ import torch
 
 from .memory import host_allocations
 
-__all__ = ["HostOffload", "OffloadStats"]
-
-
-@dataclass
-class OffloadStats:
-    """What one :class:`HostOffload` moved (bytes of distinct tensors; copies made once)."""
-
-    offloaded_tensors: int = 0
-    offloaded_bytes: int = 0
-    reused_tensors: int = 0  # saved again (e.g. the caption states every block takes): no copy
+__all__ = ["HostOffload"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +63,6 @@ class HostOffload:
 
     def __init__(self, host_device: str | torch.device = "cpu") -> None:
         self.host_device = torch.device(host_device)
-        self.stats = OffloadStats()
         # id(device tensor) -> (weakref to it, its version, weakref to the host copy). Weak on
         # both sides: the saved-tensor packs own the host copies and free them with the graph.
         self._copies: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}
@@ -94,12 +84,9 @@ class HostOffload:
             ref, version, host_ref = cached
             host = host_ref()
             if ref() is tensor and version == tensor._version and host is not None:
-                self.stats.reused_tensors += 1
                 return host
         packed = self._copy_to_host(tensor)
         self._copies[key] = (weakref.ref(tensor), tensor._version, weakref.ref(packed))
-        self.stats.offloaded_tensors += 1
-        self.stats.offloaded_bytes += tensor.numel() * tensor.element_size()
         return packed
 
     def unpack(self, packed: torch.Tensor | _Packed) -> torch.Tensor:
@@ -118,13 +105,12 @@ class HostOffload:
     # -- copies --------------------------------------------------------------------------------
     def _copy_to_host(self, tensor: torch.Tensor) -> _Packed:
         device = tensor.device
+        # Pinned, so both copies can run asynchronously (only CUDA to CPU memory can be).
+        pinned = device.type == "cuda" and self.host_device.type == "cpu"
         with host_allocations():
-            if device.type == "cuda" and self.host_device.type == "cpu":
-                host = torch.empty(
-                    tensor.shape, dtype=tensor.dtype, device=self.host_device, pin_memory=True
-                )
-            else:
-                host = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.host_device)
+            host = torch.empty(
+                tensor.shape, dtype=tensor.dtype, device=self.host_device, pin_memory=pinned
+            )
         if device.type != "cuda":
             host.copy_(tensor)
             return _Packed(host, device, None)
