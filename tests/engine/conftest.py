@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+
+from e2ed2.engine.train.distributed import free_port
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 # Set by the launcher for each rank; a value left over in this process must not leak into it.
@@ -39,6 +43,35 @@ def run_checked(launcher_env: dict[str, str]) -> Callable[..., str]:
         return output
 
     return run
+
+
+@pytest.fixture
+def deepspeed_command() -> Callable[..., list[str]]:
+    """``deepspeed_command(*args, ranks=2)``: the real launcher's command line on a free port
+    (``args``: ``--module e2ed2.engine.cli.train ...`` or a script and its arguments)."""
+
+    def command(*args: str, ranks: int = 2) -> list[str]:
+        launcher = str(Path(sys.executable).parent / "deepspeed")
+        return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
+
+    return command
+
+
+@pytest.fixture
+def world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's variables for one rank, removed again after the test (subprocesses that
+    later tests start must not inherit them)."""
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }.items():
+        monkeypatch.setenv(key, value)
+    # An in-process ZeRO-3 engine replaces torch.nn.functional.linear for the whole process
+    # (DeepSpeed's memory_efficient_linear); later tests must get torch's own back.
+    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
 
 
 @pytest.fixture

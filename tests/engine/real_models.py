@@ -126,12 +126,13 @@ def tiny_t5_encoder(
     return T5EncoderModel(config).eval()
 
 
-def tiny_sd_vae(seed: int = 0):
-    """An SD-style AutoencoderKL: 4 down blocks (8x), 4 latent channels, scaling 0.18215."""
+def tiny_sd_vae(seed: int = 0, **overrides: object):
+    """An SD-style AutoencoderKL: 4 down blocks (8x), 4 latent channels, scaling 0.18215;
+    ``overrides`` replace any of these (SD3's VAE differs in a few fields only)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -143,6 +144,7 @@ def tiny_sd_vae(seed: int = 0):
         sample_size=64,
         scaling_factor=0.18215,
     )
+    return AutoencoderKL(**{**config, **overrides})
 
 
 def tiny_pixart_real(sample_size: int, seed: int = 0):
@@ -297,19 +299,9 @@ def tiny_clip_text_encoder(tokenizer, width: int, hidden_act: str, seed: int = 0
 def tiny_sd3_vae(seed: int = 0):
     """SD3's AutoencoderKL: 8x downsampling, 16 latent channels, no quant convs, scaling_factor
     1.5305 and shift_factor 0.0609."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
+    return tiny_sd_vae(
+        seed,
         latent_channels=16,
-        norm_num_groups=4,
-        sample_size=64,
         scaling_factor=1.5305,
         shift_factor=0.0609,
         use_quant_conv=False,

@@ -198,24 +198,22 @@ exit_process(0)
 
 
 def test_block_offload_gradients_equal_plain_autograd_under_zero3(
-    tmp_path: Path, run_checked: Callable[..., str], zero3_partition_everything: str
+    tmp_path: Path,
+    run_checked: Callable[..., str],
+    deepspeed_command: Callable[..., list[str]],
+    zero3_partition_everything: str,
 ) -> None:
     """2 ranks, ZeRO-3 with every parameter partitioned: the gathered gradients of one
     backward under `block_offload` equal those under `none` (same batch, noise and plan)."""
     script = tmp_path / "policy_grads.py"
     script.write_text(_POLICY_GRADS_SCRIPT)
     run_checked(
-        [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+        deepspeed_command(
             str(script),
             str(tmp_path),
             json.dumps(TINY[2:]),
             zero3_partition_everything,
-        ]
+        )
     )
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -21,7 +21,6 @@ from e2ed2.engine.core.lora import (
     lora_weight_name,
 )
 from e2ed2.engine.core.models import build_denoiser
-from e2ed2.engine.train.distributed import free_port
 from e2ed2.engine.train.export import load_exported_networks, write_export
 
 K = 2
@@ -170,20 +169,6 @@ def test_a_pretrained_base_is_linked_not_copied(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------- training
-
-
-@pytest.fixture
-def world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }.items():
-        monkeypatch.setenv(key, value)
-    # An in-process ZeRO-3 engine replaces torch.nn.functional.linear process-wide.
-    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
 
 
 def _train(output_dir: Path, *overrides: str) -> int:

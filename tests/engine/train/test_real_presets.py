@@ -6,14 +6,12 @@ diffusers pipeline generates a non-square image from a prompt."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from e2ed2.engine.cli.train import main as train_main
-from e2ed2.engine.train.distributed import free_port
 
 PRESETS = {  # preset -> (pipeline folder fixture, bucketed shards fixture)
     "pixart_alpha_512": ("pixart_512_folder", "bucket_shards_512"),
@@ -98,7 +96,12 @@ def test_dry_run_catches_missing_size_conditions(
 
 @pytest.mark.slow
 def test_preset_1024_on_two_launcher_ranks(
-    pixart_1024_ms_folder, bucket_shards_1024, vgg16_features_path, tmp_path, run_checked
+    pixart_1024_ms_folder,
+    bucket_shards_1024,
+    vgg16_features_path,
+    tmp_path,
+    run_checked,
+    deepspeed_command,
 ) -> None:
     """Two ranks, one sample each: every global batch is one bucket, split across the ranks."""
     out = tmp_path / "run"
@@ -107,17 +110,12 @@ def test_preset_1024_on_two_launcher_ranks(
     )
     overrides[overrides.index("run.batch_per_rank=2")] = "run.batch_per_rank=1"
     run_checked(
-        [
-            str(Path(sys.executable).parent / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+        deepspeed_command(
             "--module",
             "e2ed2.engine.cli.train",
             "--config",
             "pixart_alpha_1024",
             *overrides,
-        ]
+        )
     )
     _generate(out / "export", expect_size_conditions=True)

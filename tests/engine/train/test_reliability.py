@@ -11,7 +11,6 @@ import ast
 import json
 import logging
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,6 @@ from e2ed2.engine.config.base import ConfigError
 from e2ed2.engine.config.data import DataConfig
 from e2ed2.engine.config.loader import load_config
 from e2ed2.engine.data.shards import INDEX_FORMAT, INDEX_VERSION, LatentShardDataset
-from e2ed2.engine.train.distributed import free_port
 from e2ed2.engine.train.launch import check_launch
 
 ENGINE = Path(__file__).parents[3] / "engine"
@@ -43,23 +41,6 @@ TINY = [
     "run.num_sample_images=0",
     "run.export_at_end=false",
 ]
-
-
-@pytest.fixture
-def world_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The launcher's variables for one rank, removed again after the test (subprocesses that
-    later tests start must not inherit them)."""
-    for key, value in {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }.items():
-        monkeypatch.setenv(key, value)
-    # An in-process ZeRO-3 engine replaces torch.nn.functional.linear for the whole process
-    # (DeepSpeed's memory_efficient_linear); later tests must get torch's own back.
-    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
 
 
 def _trainer(output_dir: Path, *overrides: str):
@@ -769,24 +750,22 @@ exit_process(0)
 
 @pytest.mark.slow
 def test_a_nan_on_one_rank_skips_the_step_on_all_ranks(
-    tmp_path: Path, run_checked: Callable[..., str], zero3_partition_everything: str
+    tmp_path: Path,
+    run_checked: Callable[..., str],
+    deepspeed_command: Callable[..., list[str]],
+    zero3_partition_everything: str,
 ) -> None:
     """Real launcher, 2 ranks, plain data parallel and ZeRO-3: rank 1 alone sees a NaN loss at
     step 2; both ranks skip that step (and only that one) and stay finite."""
     script = tmp_path / "one_rank_nan.py"
     script.write_text(_ONE_RANK_NAN_SCRIPT)
     run_checked(
-        [
-            str(Path(sys.executable).parent / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+        deepspeed_command(
             str(script),
             str(tmp_path),
             json.dumps(TINY),
             zero3_partition_everything,
-        ]
+        )
     )
     for name in ("none", "zero3"):
         for rank in (0, 1):

@@ -7,14 +7,12 @@ export -> StableDiffusion3Pipeline generates an image from a prompt."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from e2ed2.engine.cli.train import main as train_main
-from e2ed2.engine.train.distributed import free_port
 
 PROMPT = "a photo of a cat sitting on a red sofa"
 
@@ -114,22 +112,19 @@ def test_sd3_preset_trains_exports_and_generates(
 
 
 @pytest.mark.slow
-def test_sd3_preset_on_two_launcher_ranks(sd3_folder, shards_sd3, tmp_path, run_checked) -> None:
+def test_sd3_preset_on_two_launcher_ranks(
+    sd3_folder, shards_sd3, tmp_path, run_checked, deepspeed_command
+) -> None:
     out = tmp_path / "run"
     overrides = _overrides(sd3_folder, shards_sd3, out)
     overrides[overrides.index("run.batch_per_rank=2")] = "run.batch_per_rank=1"
     run_checked(
-        [
-            str(Path(sys.executable).parent / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
+        deepspeed_command(
             "--module",
             "e2ed2.engine.cli.train",
             "--config",
             "sd3_medium_512",
             *overrides,
-        ]
+        )
     )
     _generate(out / "export")
