@@ -68,6 +68,8 @@ class TrainConfig:
                 )
             if self.gan.enabled:
                 raise ConfigError("gan.enabled=true needs objective.kind='e2ed2'")
+        if traj.per_step_backward:
+            self._check_per_step_backward()
         objective = self.objective
         if objective.energy_weight > 0 and traj.samples_per_prompt < 2:
             raise ConfigError(
@@ -111,4 +113,23 @@ class TrainConfig:
             raise ConfigError(
                 "LPIPS / GAN on latent shards need a decoder: set model.vae_path to a local "
                 "AutoencoderKL folder"
+            )
+
+    def _check_per_step_backward(self) -> None:
+        if self.objective.kind != "e2ed2":
+            raise ConfigError(
+                "trajectory.per_step_backward=true needs objective.kind='e2ed2' (the diffusion "
+                "objective runs no unroll)"
+            )
+        if not self.model.share_across_steps:
+            # Not run untested: each piece would touch one step's network only, a gradient
+            # accumulation pattern DeepSpeed's ZeRO micro-steps are not tested with here.
+            raise ConfigError(
+                "trajectory.per_step_backward=true needs model.share_across_steps=true: per-step "
+                "networks hold no gradient sum across the steps (nothing to split)"
+            )
+        if self.run.precision == "fp16":
+            raise ConfigError(
+                "trajectory.per_step_backward=true cannot run with run.precision='fp16' (DeepSpeed "
+                "would apply its loss scale again at every step's backward); use bf16 or fp32"
             )

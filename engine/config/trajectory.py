@@ -48,6 +48,14 @@ class TrajectoryConfig:
     one network trained for several step budgets. Empty = always num_steps, which must be one
     of the choices (it stays the K of sample grids and of the export's default).
     """
+    per_step_backward: bool = False
+    """Backpropagate one sampler step at a time, each step as one DeepSpeed micro-step
+    (core/step_cuts.py, train/step_backward.py): ZeRO-2/3 then reduce and free each step's
+    gradient contribution as it is produced, instead of autograd holding a full-size sum of the
+    shared weights' gradients across the K steps (PixArt-α-XL/2: 1.14 GiB per rank in bf16).
+    Same gradients and compute under every checkpoint policy; costs K x the gradient
+    reduce-scatter traffic per micro-batch. Needs one shared network and bf16 / fp32.
+    """
     samples_per_prompt: int = 1
     """m: trajectories run per prompt (independent start and step noise, same conditioning),
     as one batch of batch_per_rank x m; the energy score needs m >= 2.

@@ -14,7 +14,8 @@ One term inside the activation peak is the shared weights' gradient sum: with on
 K steps, autograd sums each parameter's K gradient contributions in its input buffer and releases
 the sum (to ZeRO's reduce-scatter hook) only after the first step's backward, so from K = 2 on a
 full-size gradient of every parameter is alive at once on every rank (parameter count x the
-gradient's element size; ``benchmarks/bench_peer_recipes.py`` measures it at full size).
+gradient's element size; ``benchmarks/bench_peer_recipes.py`` measures it at full size). A
+backward one sampler step at a time (``per_step_backward``, core/step_cuts.py) has none.
 
 The activation peak is the only term that depends on K, resolution and checkpoint policy, and the
 only one that is hard to write down; it is *measured* by running the real diffusers model through
@@ -52,6 +53,7 @@ from .memory import LiveTensorTracker, MemoryReport
 from .models import pixart_transformer
 from .network import Conditioning
 from .sampler import SamplerConfig, build_schedule
+from .step_cuts import StepCuts
 from .trajectory import Trajectory, TrajectoryConfig
 
 __all__ = [
@@ -181,12 +183,20 @@ def make_trajectory(policy: str, num_steps: int, guidance_scale: float = 1.0) ->
 
 
 def run_iteration(
-    model: nn.Module, trajectory: Trajectory, clean: torch.Tensor, cond: Conditioning
+    model: nn.Module,
+    trajectory: Trajectory,
+    clean: torch.Tensor,
+    cond: Conditioning,
+    *,
+    per_step_backward: bool = False,
 ) -> torch.Tensor:
-    """One E2ED2 forward + backward: K sampler steps from noise, L2 on the final sample."""
-    sample, _ = trajectory(model, cond, clean=clean)
+    """One E2ED2 forward + backward: K sampler steps from noise, L2 on the final sample;
+    ``per_step_backward``: the backward one sampler step at a time (core/step_cuts.py)."""
+    cuts = StepCuts() if per_step_backward else None
+    sample, _ = trajectory(model, cond, clean=clean, cuts=cuts)
     loss = (sample.float() - clean.float()).square().mean()
-    loss.backward()
+    for piece in cuts.pieces(loss) if cuts is not None else [loss]:
+        piece.backward()
     return loss.detach()
 
 
@@ -207,6 +217,7 @@ def step_memory(
     zero3_grads: bool = True,
     fake: bool = True,
     guidance_scale: float = 1.0,
+    per_step_backward: bool = False,
 ) -> MemoryReport:
     """Peak live bytes allocated by one forward+backward (parameters excluded: they pre-exist):
     device bytes (``peak_bytes``) and, for the offloading policies, the host bytes per rank
@@ -219,6 +230,8 @@ def step_memory(
     ``fake``: under ``FakeTensorMode`` (nothing allocated); ``False`` runs it for real.
     ``guidance_scale`` > 1: classifier-free guidance (``sampler.guidance_scale``): every network
     call, forward and recompute, runs the doubled batch.
+    ``per_step_backward``: the backward one sampler step at a time
+    (``trajectory.per_step_backward``): no full-size gradient sum across the K steps.
     """
     height_px, width_px = _height_width(resolution_px)
     latent_hw = (height_px // VAE_DOWNSAMPLE, width_px // VAE_DOWNSAMPLE)
@@ -231,7 +244,7 @@ def step_memory(
     trajectory = make_trajectory(policy, num_steps, guidance_scale)
     grads = drop_full_grads(model) if zero3_grads else contextlib.nullcontext()
     with mode, grads, LiveTensorTracker(track_cuda=False) as tracker:
-        run_iteration(model, trajectory, clean, cond)
+        run_iteration(model, trajectory, clean, cond, per_step_backward=per_step_backward)
     return tracker.report()
 
 

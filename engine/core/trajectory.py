@@ -50,6 +50,7 @@ from ..config.trajectory import CHECKPOINT_POLICIES, CheckpointPolicy, Trajector
 from .network import Conditioning, denoise, step_network, unwrap
 from .offload import HostOffload
 from .sampler import SamplerSchedule
+from .step_cuts import StepCuts
 
 __all__ = [
     "CHECKPOINT_POLICIES",
@@ -179,6 +180,7 @@ def run_steps(
     checkpoint_policy: CheckpointPolicy = "step",
     offload_device: str | torch.device = "cpu",
     context_fn: Callable | None = None,
+    cuts: StepCuts | None = None,
 ) -> torch.Tensor:
     """Runs sampler steps ``start_index..K-1`` from ``sample`` (= x at ``timesteps[start_index]``).
 
@@ -187,6 +189,8 @@ def run_steps(
     so that a recompute sees the same values. ``grad_start_index``: steps before it run without
     a graph (truncated backprop); default ``start_index`` (gradients through every step run).
     ``context_fn``: passed to ``torch.utils.checkpoint`` (selective activation checkpointing).
+    ``cuts``: cut the graph at each differentiated step's input after the first, for a backward
+    one step at a time (core/step_cuts.py; the returned sample's graph is the last step's).
     Returns the final sample with a graph through the differentiated steps.
     """
     num_steps = schedule.num_steps
@@ -227,6 +231,8 @@ def run_steps(
     for index in range(start_index, num_steps):
         network = step_network(networks, index)
         noise = noises[index]
+        if cuts is not None and index > grad_start_index:
+            x = cuts.cut(x)
         if index < grad_start_index:
             with torch.no_grad():
                 x = _one_step(network, schedule, cond, index, x, noise)
@@ -341,9 +347,11 @@ class Trajectory:
         plan: TrajectoryPlan,
         *,
         context_fn: Callable | None = None,
+        cuts: StepCuts | None = None,
     ) -> torch.Tensor:
         """The final sample from a drawn ``start`` and ``noises`` under ``plan``, with the
-        configured checkpoint policy (graph through the differentiated steps only)."""
+        configured checkpoint policy (graph through the differentiated steps only; ``cuts``: cut
+        at every step, for a backward one step at a time, core/step_cuts.py)."""
         return run_steps(
             networks,
             self.schedule,
@@ -355,6 +363,7 @@ class Trajectory:
             checkpoint_policy=self.config.checkpoint,
             offload_device=self.config.offload_device,
             context_fn=context_fn,
+            cuts=cuts,
         )
 
     def __call__(
@@ -368,6 +377,7 @@ class Trajectory:
         plan_generator: torch.Generator | None = None,
         plan: TrajectoryPlan | None = None,
         context_fn: Callable | None = None,
+        cuts: StepCuts | None = None,
     ) -> tuple[torch.Tensor, TrajectoryPlan]:
         """Final sample (with graph) and the plan it used: plan, draw, run.
 
@@ -389,7 +399,8 @@ class Trajectory:
             device=device,
             dtype=dtype,
         )
-        return self.run(networks, cond, start, noises, plan, context_fn=context_fn), plan
+        sample = self.run(networks, cond, start, noises, plan, context_fn=context_fn, cuts=cuts)
+        return sample, plan
 
 
 def _randint(high: int, generator: torch.Generator | None) -> int:

@@ -46,6 +46,21 @@ def test_fake_estimate_of_host_bytes_equals_real_run() -> None:
     assert 1.9 <= four.host_peak_bytes / fake.host_peak_bytes <= 2.1, (four, fake)
 
 
+def test_fake_estimate_of_per_step_backward_equals_real_run() -> None:
+    """The backward one sampler step at a time, under fake tensors as for real; at K = 4 its
+    device peak is one backward's less one full gradient of every parameter (the shared
+    weights' gradient sum, fp32 here)."""
+    from e2ed2.engine.core.estimate import build_pixart, count_parameters
+
+    kwargs = dict(resolution_px=128, policy="block_offload", dtype=torch.float32, num_steps=4)
+    fake = step_memory(TOY, fake=True, per_step_backward=True, **kwargs)
+    real = step_memory(TOY, fake=False, per_step_backward=True, **kwargs)
+    assert (fake.peak_bytes, fake.host_peak_bytes) == (real.peak_bytes, real.host_peak_bytes)
+    whole = step_memory(TOY, fake=True, **kwargs)
+    param_bytes = 4 * count_parameters(build_pixart(TOY, 16))
+    assert 0.9 * param_bytes <= whole.peak_bytes - fake.peak_bytes <= 1.1 * param_bytes
+
+
 def test_dropping_full_grads_frees_them() -> None:
     """ZeRO-3 mode: no full-size gradient outlives the backward (they are partitioned)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
