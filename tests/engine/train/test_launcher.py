@@ -167,8 +167,10 @@ import dataclasses, json, sys
 import torch
 from deepspeed.utils import safe_get_full_grad
 from e2ed2.engine.config import load_config
+from e2ed2.engine.core.step_cuts import StepCuts
 from e2ed2.engine.core.trajectory import Trajectory
 from e2ed2.engine.train.distributed import exit_process
+from e2ed2.engine.train.step_backward import backward_per_step
 from e2ed2.engine.train.trainer import Trainer
 
 out, tiny, zero3 = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -178,18 +180,27 @@ latents, cond, _ = trainer._batch_to_device(next(iter(trainer.loader)))
 plan = trainer.trajectory.plan(torch.Generator().manual_seed(0))
 start, noises = trainer._start_and_noise(trainer.trajectory, plan, latents, 0)
 grads = {}
-for policy in ("none", "block_offload"):
+# block_offload, then block_offload with the backward one sampler step per ZeRO micro-step.
+for policy, per_step in (("none", False), ("block_offload", False), ("block_offload", True)):
     config = dataclasses.replace(trainer.config.trajectory, checkpoint=policy)
-    sample = Trajectory(config, trainer.schedule).run(trainer.engine, cond, start, noises, plan)
-    trainer.engine.backward((sample - latents).square().mean())
-    grads[policy] = {n: safe_get_full_grad(p).clone()
-                     for n, p in trainer.engine.module.named_parameters()}
+    cuts = StepCuts() if per_step else None
+    sample = Trajectory(config, trainer.schedule).run(
+        trainer.engine, cond, start, noises, plan, cuts=cuts)
+    loss = (sample - latents).square().mean()
+    if per_step:
+        backward_per_step(trainer.engine, loss, cuts, last_micro_batch=True)
+    else:
+        trainer.engine.backward(loss)
+    grads[policy, per_step] = {n: safe_get_full_grad(p).clone()
+                               for n, p in trainer.engine.module.named_parameters()}
     trainer.engine.optimizer.zero_grad(set_to_none=True)
-worst = max(((grads["block_offload"][n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item()
-            for n, g in grads["none"].items())
+ref = grads["none", False]
+worst = {str(per_step): max(((grads["block_offload", per_step][n] - g).abs().max()
+                             / g.abs().max().clamp_min(1e-30)).item() for n, g in ref.items())
+         for per_step in (False, True)}
 with open(f"{out}/rank{trainer.rank}.json", "w") as f:
     json.dump({"worst": worst,
-               "zero_grads": [n for n, g in grads["none"].items() if not g.abs().sum() > 0],
+               "zero_grads": [n for n, g in ref.items() if not g.abs().sum() > 0],
                "partitioned": all(p.ds_tensor.numel() < p.ds_numel
                                   for p in trainer.engine.module.parameters() if p.ds_numel > 1)},
               f)
@@ -204,7 +215,9 @@ def test_block_offload_gradients_equal_plain_autograd_under_zero3(
     zero3_partition_everything: str,
 ) -> None:
     """2 ranks, ZeRO-3 with every parameter partitioned: the gathered gradients of one
-    backward under `block_offload` equal those under `none` (same batch, noise and plan)."""
+    backward under `block_offload` equal those under `none` (same batch, noise and plan), and
+    so do those of `block_offload` backpropagated one sampler step per ZeRO micro-step
+    (trajectory.per_step_backward: K reduce-scatters into the partitions, no gradient sum)."""
     script = tmp_path / "policy_grads.py"
     script.write_text(_POLICY_GRADS_SCRIPT)
     run_checked(
@@ -219,4 +232,5 @@ def test_block_offload_gradients_equal_plain_autograd_under_zero3(
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["partitioned"], "ZeRO-3 kept whole parameters: nothing was partitioned"
         assert result["zero_grads"] == [], f"parameters with zero gradient: {result['zero_grads']}"
-        assert result["worst"] <= 1e-5, f"rank {rank}: relative gradient error {result['worst']}"
+        for per_step, worst in result["worst"].items():
+            assert worst <= 1e-5, f"rank {rank}, per step {per_step}: relative error {worst}"
