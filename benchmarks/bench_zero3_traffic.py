@@ -4,7 +4,9 @@ Question: how many bytes does ZeRO-3 move per E2ED2 iteration (K forwards, K rec
 backwards through one shared denoiser), for the shipped ``ds_configs``, and does gathering the
 parameters once per iteration (``engine.zero_reuse.gathered_once``, switched on by
 ``run.zero3_gather_once``) bring all-gather bytes down to ~1x the parameter bytes without
-changing the gradients?
+changing the gradients? And what does the per-step backward (``trajectory.per_step_backward``:
+one ZeRO micro-step per sampler step, no gradient sum across the steps) cost in reduce-scatter
+bytes?
 
 Runs the real ``deepspeed`` launcher on 2 CPU ranks (gloo) with DeepSpeed's comms logger
 (``comms_logger.prof_all``); per config and K: two warm-up iterations (ZeRO-3 records its
@@ -28,25 +30,39 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Recipe name -> (shipped DeepSpeed JSON, run.zero3_gather_once).
-RECIPES = {"zero3": ("zero3", False), "zero3_reuse": ("zero3", True)}
+# Recipe name -> (shipped DeepSpeed JSON, run.zero3_gather_once, trajectory.per_step_backward).
+RECIPES = {
+    "zero3": ("zero3", False, False),
+    "zero3_reuse": ("zero3", True, False),
+    "zero3_per_step": ("zero3", False, True),
+    "zero3_reuse_per_step": ("zero3", True, True),
+}
 CONFIGS = tuple(RECIPES)
 NUM_STEPS = (1, 2, 4, 8)
 WORLD_SIZE = 2
 
 
 # -- worker: runs under the deepspeed launcher ------------------------------------------------
-def _iteration(engine, trajectory, clean, cond, gather_once: bool, seed: int) -> None:
-    """Forward through K steps, backward, optimizer step (the same noise every call)."""
+def _iteration(
+    engine, trajectory, clean, cond, gather_once: bool, per_step: bool, seed: int
+) -> None:
+    """Forward through K steps, backward (one ZeRO micro-step per sampler step with
+    ``per_step``), optimizer step (the same noise every call)."""
     import torch
 
+    from e2ed2.engine.core.step_cuts import StepCuts
     from e2ed2.engine.train.gather_once import gathered_once
+    from e2ed2.engine.train.step_backward import backward_per_step
 
     with gathered_once(engine.module, enabled=gather_once):
         generator = torch.Generator().manual_seed(seed)
-        sample, _ = trajectory(engine, cond, clean=clean, generator=generator)
+        cuts = StepCuts() if per_step else None
+        sample, _ = trajectory(engine, cond, clean=clean, generator=generator, cuts=cuts)
         loss = (sample - clean).square().mean()
-        engine.backward(loss)
+        if per_step:
+            backward_per_step(engine, loss, cuts, last_micro_batch=True)
+        else:
+            engine.backward(loss)
     engine.step()
 
 
@@ -71,7 +87,7 @@ def worker(args: argparse.Namespace) -> None:
     )
     results = []
     for k in args.num_steps:
-        ds_name, gather_once = RECIPES[args.ds_config]
+        ds_name, gather_once, per_step = RECIPES[args.ds_config]
         config = build_ds_config(
             ds_name,
             batch_per_rank=1,
@@ -93,7 +109,7 @@ def worker(args: argparse.Namespace) -> None:
         trajectory = make_trajectory("step", k)
         clean, cond = make_inputs(shape, args.latent, 1, torch.float32)
 
-        iteration = (engine, trajectory, clean, cond, gather_once, 7 + rank)
+        iteration = (engine, trajectory, clean, cond, gather_once, per_step, 7 + rank)
         for _ in range(2):
             _iteration(*iteration)
         deepspeed.comm.comms_logger.reset_data()

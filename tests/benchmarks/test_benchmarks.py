@@ -83,3 +83,24 @@ def test_peer_recipes_smoke(tmp_path: Path) -> None:
     assert offload_4["host_peak_bytes"] > 1.5 * offload_2["host_peak_bytes"]
     assert {m for r, k, m in rows if r == "block_offload" and k == 4} == {1, 2, 4}
     assert [r["recipe"] for r in result["full_size"]["rows"]] == ["plain", "block_offload"]
+
+
+def test_step_backward_smoke(tmp_path: Path) -> None:
+    """Both backwards at K = 1 and 4 (ZeRO-3 gradient handling) and the full-size part: at
+    K = 1 there is nothing to cut (same device peak); at K = 4 the per-step backward holds less
+    than one backward by about one full gradient of the model (the shared weights' sum)."""
+    result = _smoke("bench_step_backward.py", tmp_path, timeout=300)
+    rows = {(r["policy"], r["num_steps"], r["backward"]): r for r in result["rows"]}
+    param_bytes = result["model"]["param_bytes"]
+    for policy in ("step", "block_offload"):
+        one = rows[policy, 1, "whole"]["device_peak_bytes"]
+        assert rows[policy, 1, "per_step"]["device_peak_bytes"] == one
+        saved = rows[policy, 4, "whole"]["device_peak_bytes"]
+        saved -= rows[policy, 4, "per_step"]["device_peak_bytes"]
+        assert 0.8 * param_bytes <= saved <= 1.2 * param_bytes, (policy, saved, param_bytes)
+    full = {(r["policy"], r["backward"]): r for r in result["full_size"]["rows"]}
+    for policy in ("step", "block_offload"):
+        assert (
+            full[policy, "per_step"]["device_peak_bytes"]
+            < full[policy, "whole"]["device_peak_bytes"]
+        )
