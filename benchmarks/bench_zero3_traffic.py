@@ -50,17 +50,22 @@ def _iteration(
     ``per_step``), optimizer step (the same noise every call)."""
     import torch
 
-    from e2ed2.engine.core.step_cuts import StepCuts
+    from e2ed2.engine.core.step_cuts import CutUnroll
     from e2ed2.engine.train.gather_once import gathered_once
-    from e2ed2.engine.train.step_backward import backward_per_step
+    from e2ed2.engine.train.step_backward import backward_in_pieces
 
     with gathered_once(engine.module, enabled=gather_once):
         generator = torch.Generator().manual_seed(seed)
-        cuts = StepCuts() if per_step else None
-        sample, _ = trajectory(engine, cond, clean=clean, generator=generator, cuts=cuts)
+        plan = trajectory.plan()
+        start, noises = trajectory.draw_noise(plan, clean.shape, clean=clean, generator=generator)
+        unroll = CutUnroll(per_step=True)
+        if per_step:
+            sample = unroll.run(trajectory, engine, cond, start, noises, plan)
+        else:
+            sample = trajectory.run(engine, cond, start, noises, plan)
         loss = (sample - clean).square().mean()
         if per_step:
-            backward_per_step(engine, loss, cuts, last_micro_batch=True)
+            backward_in_pieces(engine, unroll, loss, last_micro_batch=True)
         else:
             engine.backward(loss)
     engine.step()

@@ -70,6 +70,8 @@ class TrainConfig:
                 raise ConfigError("gan.enabled=true needs objective.kind='e2ed2'")
         if traj.per_step_backward:
             self._check_per_step_backward()
+        if 0 < traj.rows_per_pass < self.run.batch_per_rank * traj.samples_per_prompt:
+            self._check_passes()
         objective = self.objective
         if objective.energy_weight > 0 and traj.samples_per_prompt < 2:
             raise ConfigError(
@@ -132,4 +134,18 @@ class TrainConfig:
             raise ConfigError(
                 "trajectory.per_step_backward=true cannot run with run.precision='fp16' (DeepSpeed "
                 "would apply its loss scale again at every step's backward); use bf16 or fp32"
+            )
+
+    def _check_passes(self) -> None:
+        rows = self.run.batch_per_rank * self.trajectory.samples_per_prompt
+        where = (
+            f"trajectory.rows_per_pass={self.trajectory.rows_per_pass} (of run.batch_per_rank x "
+            f"trajectory.samples_per_prompt = {rows} rows)"
+        )
+        if self.objective.kind != "e2ed2":
+            raise ConfigError(f"{where} needs objective.kind='e2ed2' (no unroll to split)")
+        if self.run.precision == "fp16":
+            raise ConfigError(
+                f"{where} cannot run with run.precision='fp16' (the loss's gradient at the final "
+                "samples would be taken without DeepSpeed's loss scale); use bf16 or fp32"
             )

@@ -58,7 +58,16 @@ class TrajectoryConfig:
     """
     samples_per_prompt: int = 1
     """m: trajectories run per prompt (independent start and step noise, same conditioning),
-    as one batch of batch_per_rank x m; the energy score needs m >= 2.
+    as one batch of batch_per_rank x m (or in passes: rows_per_pass); the energy score needs
+    m >= 2.
+    """
+    rows_per_pass: int = 0
+    """Unroll at most this many of a micro-batch's batch_per_rank x m rows at once, in sequential
+    passes whose backwards run one after the other (core/step_cuts.py); the loss still sees every
+    row. 0 = all rows in one pass. Bounds the activation memory of the checkpointed policies by
+    these rows instead of the micro-batch's (m trajectories per prompt without m times the
+    activations), at the cost of smaller network calls; ``none`` / ``selective`` keep every
+    pass's activations until its backward and gain little. Needs bf16 / fp32 when it splits.
     """
 
     def __post_init__(self) -> None:
@@ -73,6 +82,8 @@ class TrajectoryConfig:
                     f"trajectory.num_steps={self.num_steps} must be one of "
                     f"trajectory.num_steps_choices={list(self.num_steps_choices)}"
                 )
+        if self.rows_per_pass < 0:
+            raise ValueError(f"trajectory.rows_per_pass must be >= 0, got {self.rows_per_pass}")
         if self.samples_per_prompt < 1:
             raise ValueError(
                 f"trajectory.samples_per_prompt must be >= 1, got {self.samples_per_prompt}"

@@ -1,4 +1,4 @@
-"""Backward one sampler step at a time: the unroll's graph cut at every step boundary.
+"""The unroll's graph cut for a backward in pieces: at every sampler step, between row passes.
 
 With one network shared by the K steps, a single backward through the unroll sums each
 parameter's K gradient contributions in autograd's input buffer and releases the sum only after
@@ -27,15 +27,23 @@ The caller decides how each piece is backpropagated (``torch.Tensor.backward``, 
 ``engine.backward`` as one micro-step each; train/step_backward.py). Scaling: only piece 0 may
 be scaled (by 1 / gradient-accumulation steps, say); the later pieces already carry that scale
 in the leaf gradients and must be backpropagated unscaled.
+
+:class:`CutUnroll` is what the trainer runs: the step cuts (``trajectory.per_step_backward``)
+and/or the rows in sequential passes (``trajectory.rows_per_pass``: m trajectories per prompt
+without m times the activations), with every piece already scaled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
+from torch import nn
 
-__all__ = ["StepCuts"]
+from .network import Conditioning
+from .trajectory import Trajectory, TrajectoryPlan
+
+__all__ = ["CutUnroll", "StepCuts"]
 
 
 class StepCuts:
@@ -45,6 +53,7 @@ class StepCuts:
     def __init__(self) -> None:
         self._outputs: list[torch.Tensor] = []  # y_i: a step's output, with the step's graph
         self._leaves: list[torch.Tensor] = []  # x_{i+1}: the same values, a leaf
+        self._num_cuts = 0
         self._used = False
 
     def cut(self, sample: torch.Tensor) -> torch.Tensor:
@@ -54,12 +63,13 @@ class StepCuts:
         leaf = sample.detach().requires_grad_(True)
         self._outputs.append(sample)
         self._leaves.append(leaf)
+        self._num_cuts += 1
         return leaf
 
     @property
     def num_pieces(self) -> int:
         """Backward pieces of the recorded unroll: one per differentiated step."""
-        return len(self._outputs) + 1
+        return self._num_cuts + 1
 
     def pieces(self, loss: torch.Tensor) -> Iterator[torch.Tensor]:
         """The scalars to backpropagate in order, the loss first. Each piece after the first is
@@ -79,3 +89,86 @@ class StepCuts:
             grad = leaf.grad.float()
             del leaf  # the step input's gradient is folded into the surrogate below
             yield (output.float() * grad).sum()
+
+
+class CutUnroll:
+    """One micro-batch's unroll, cut for a backward in pieces: at every differentiated sampler
+    step (``per_step``: no gradient sum across the steps) and/or into sequential passes of at
+    most ``rows_per_pass`` rows (0: all rows in one pass).
+
+    Passes bound the activation memory of the checkpointed policies by ``rows_per_pass`` rows
+    instead of the whole batch (B x m rows with m trajectories per prompt): each pass's unroll
+    runs on its own, keeping only what its policy keeps, and is backpropagated on its own. The
+    loss still sees every row at once (the energy score compares a prompt's m samples, wherever
+    the passes split them): it is computed on the passes' final samples cut from their graphs,
+    backpropagated to them first (``torch.autograd.grad``, a cheap backward through the loss
+    alone), and each pass's backward starts from the surrogate ``<final_p, dL/dfinal_p>``.
+
+    :meth:`pieces` yields every piece already divided by ``loss_divisor`` (DeepSpeed's gradient
+    accumulation steps): backpropagate each one unscaled, in order.
+    """
+
+    def __init__(self, *, per_step: bool, rows_per_pass: int = 0) -> None:
+        if rows_per_pass < 0:
+            raise ValueError(f"rows_per_pass must be >= 0, got {rows_per_pass}")
+        self.per_step = per_step
+        self.rows_per_pass = rows_per_pass
+        self._finals: list[torch.Tensor] = []  # each pass's final sample, with its graph
+        self._leaves: list[torch.Tensor] = []  # the same values cut from it (several passes)
+        self._cuts: list[StepCuts | None] = []
+
+    def row_slices(self, rows: int) -> list[slice]:
+        """The passes over ``rows`` rows, in order."""
+        size = self.rows_per_pass or rows
+        return [slice(first, min(first + size, rows)) for first in range(0, rows, size)]
+
+    def run(
+        self,
+        trajectory: Trajectory,
+        networks: nn.Module | Sequence[nn.Module],
+        cond: Conditioning,
+        start: torch.Tensor,
+        noises: Sequence[torch.Tensor | None],
+        plan: TrajectoryPlan,
+    ) -> torch.Tensor:
+        """The final sample of every row (the loss's input): :meth:`Trajectory.run` per pass."""
+        if self._finals:
+            raise RuntimeError("CutUnroll is single use: make one per micro-batch")
+        slices = self.row_slices(start.shape[0])
+        for rows in slices:
+            cuts = StepCuts() if self.per_step else None
+            final = trajectory.run(
+                networks,
+                cond if len(slices) == 1 else cond.select(rows),
+                start[rows],
+                [None if noise is None else noise[rows] for noise in noises],
+                plan,
+                cuts=cuts,
+            )
+            self._finals.append(final)
+            self._cuts.append(cuts)
+        if len(slices) == 1:
+            return self._finals[0]
+        self._leaves = [final.detach().requires_grad_(True) for final in self._finals]
+        return torch.cat(self._leaves)
+
+    @property
+    def num_pieces(self) -> int:
+        """Backward pieces: per pass, one per differentiated step (per_step) or one."""
+        return sum(1 if cuts is None else cuts.num_pieces for cuts in self._cuts)
+
+    def pieces(self, loss: torch.Tensor, loss_divisor: int = 1) -> Iterator[torch.Tensor]:
+        """The scalars to backpropagate in order (each one before asking for the next)."""
+        if not self._finals:
+            raise RuntimeError("CutUnroll.pieces before run")
+        loss = loss / loss_divisor
+        if not self._leaves:  # one pass: the loss is the first piece
+            cuts = self._cuts[0]
+            yield from [loss] if cuts is None else cuts.pieces(loss)
+            return
+        grads = torch.autograd.grad(loss, self._leaves)
+        self._leaves = []
+        for final, grad, cuts in zip(self._finals, grads, self._cuts, strict=True):
+            surrogate = (final.float() * grad.float()).sum()
+            yield from [surrogate] if cuts is None else cuts.pieces(surrogate)
+        self._finals = []

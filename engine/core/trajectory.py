@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -50,7 +51,9 @@ from ..config.trajectory import CHECKPOINT_POLICIES, CheckpointPolicy, Trajector
 from .network import Conditioning, denoise, step_network, unwrap
 from .offload import HostOffload
 from .sampler import SamplerSchedule
-from .step_cuts import StepCuts
+
+if TYPE_CHECKING:  # step_cuts builds on this module
+    from .step_cuts import StepCuts
 
 __all__ = [
     "CHECKPOINT_POLICIES",

@@ -1,19 +1,22 @@
-"""``trajectory.per_step_backward``: each sampler step's backward as one DeepSpeed micro-step.
+"""A micro-batch's unroll backpropagated in pieces through DeepSpeed, one micro-step each.
 
-The unroll's graph is cut at every step (core/step_cuts.py) and its backward runs as K pieces,
-last step first. Each piece goes through ``engine.backward`` as a micro-step of its own, so ZeRO
-treats it as gradient accumulation: ZeRO-3 reduce-scatters each parameter's contribution into
-its partition as the piece's hooks fire and frees the full-size gradient, ZeRO-2 reduces it into
-its partitioned buffer. Nothing full-size outlives a piece, at the price of K reduce-scatters of
-the gradient per micro-batch instead of one (ZeRO-0/1 all-reduce once, at the boundary, as
-before: they keep full gradients anyway and gain nothing).
+``trajectory.per_step_backward`` cuts the unroll's graph at every sampler step and
+``trajectory.rows_per_pass`` runs the rows in sequential passes (core/step_cuts.py:
+:class:`~e2ed2.engine.core.step_cuts.CutUnroll`); either way the backward becomes a sequence of
+pieces, and each piece goes through ``engine.backward`` as a micro-step of its own. ZeRO treats
+that as gradient accumulation: ZeRO-3 reduce-scatters each parameter's contribution into its
+partition as the piece's hooks fire and frees the full-size gradient, ZeRO-2 reduces it into its
+partitioned buffer. With the per-step cut nothing full-size outlives a piece, at the price of
+one reduce-scatter of the gradient per piece instead of one per micro-batch (ZeRO-0/1 all-reduce
+once, at the boundary, as before: they keep full gradients anyway).
 
-Three parts of DeepSpeed's micro-step contract are kept by hand, because the K pieces follow one
-unroll's K forward calls instead of each following its own forward:
+Three parts of DeepSpeed's micro-step contract are kept by hand, because the pieces follow one
+unroll's forward calls instead of each following its own forward:
 
-* Scaling. ``engine.backward`` divides piece 0 (the loss) by the gradient accumulation steps;
-  the later pieces carry that factor in their cut gradients already and go unscaled
-  (``scale_wrt_gas=False``). (fp16's loss scale would be applied twice: refused by the config.)
+* Scaling. Every piece arrives divided by the gradient accumulation steps already (the loss
+  piece by :meth:`CutUnroll.pieces`, the later ones through the cut gradients) and goes through
+  ``engine.backward(piece, scale_wrt_gas=False)``. (fp16's loss scale would be applied at every
+  piece: the config refuses fp16 with either option.)
 * The boundary. ``set_gradient_accumulation_boundary`` marks only the last piece of the last
   micro-batch, where DeepSpeed then all-reduces (ZeRO-0/1) and ``engine.step()`` updates.
 * The micro-step counter. A ZeRO optimizer closes a micro-step at the start of the next
@@ -28,9 +31,9 @@ from typing import Any
 
 import torch
 
-from ..core.step_cuts import StepCuts
+from ..core.step_cuts import CutUnroll
 
-__all__ = ["backward_per_step"]
+__all__ = ["backward_in_pieces"]
 
 
 def _close_micro_step(engine: Any) -> None:
@@ -41,17 +44,18 @@ def _close_micro_step(engine: Any) -> None:
         engine.optimizer.clear_backward_seen_flag()
 
 
-def backward_per_step(
-    engine: Any, loss: torch.Tensor, cuts: StepCuts, *, last_micro_batch: bool
+def backward_in_pieces(
+    engine: Any, unroll: CutUnroll, loss: torch.Tensor, *, last_micro_batch: bool
 ) -> None:
-    """Backpropagates ``loss`` through the cut unroll one sampler step per micro-step.
+    """Backpropagates ``loss`` through the cut ``unroll``, one DeepSpeed micro-step per piece.
 
     ``last_micro_batch``: this micro-batch ends the optimizer step (its last piece is the
     gradient accumulation boundary; call ``engine.step()`` after this returns, as usual).
     """
-    last = cuts.num_pieces - 1
-    for index, piece in enumerate(cuts.pieces(loss)):
+    last = unroll.num_pieces - 1
+    pieces = unroll.pieces(loss, loss_divisor=engine.gradient_accumulation_steps())
+    for index, piece in enumerate(pieces):
         if index:
             _close_micro_step(engine)
         engine.set_gradient_accumulation_boundary(last_micro_batch and index == last)
-        engine.backward(piece, scale_wrt_gas=index == 0)
+        engine.backward(piece, scale_wrt_gas=False)

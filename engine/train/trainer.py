@@ -44,7 +44,7 @@ from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import Conditioning, per_step_networks, repeat_conditioning
 from ..core.sampler import build_schedule
 from ..core.sampling import generate_pixels, save_grid
-from ..core.step_cuts import StepCuts
+from ..core.step_cuts import CutUnroll
 from ..core.trajectory import Trajectory, TrajectoryPlan
 from ..data import (
     batch_conditioning,
@@ -66,7 +66,7 @@ from .launch import check_launch
 from .metrics import MetricsLog, mean_across_ranks, peak_memory_bytes
 from .run_dir import apply_start, plan_start
 from .signals import Interrupted, StopSignals
-from .step_backward import backward_per_step
+from .step_backward import backward_in_pieces
 from .step_guard import ReliabilityCounters, StepGuard, any_rank
 
 __all__ = ["CheckpointMismatchError", "DataError", "Interrupted", "NonFiniteError", "Trainer"]
@@ -335,10 +335,10 @@ class Trainer:
         micro_step: int,
         labels: torch.Tensor | None = None,
         captions: list[str] | None = None,
-        cuts: StepCuts | None = None,
+        unroll: CutUnroll | None = None,
     ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None, torch.Tensor | None]:
         """Total loss of one micro-batch, its logged terms, and (GAN) real/fake pixels
-        (``cuts``: the unroll cut at every step, for a backward one step at a time)."""
+        (``unroll``: the unroll cut for a backward in pieces, train/step_backward.py)."""
         config = self.config
         if config.objective.kind == "diffusion":
             seed = derive_seed(config.run.seed, "diffusion", self.step, micro_step, self.rank)
@@ -357,7 +357,10 @@ class Trainer:
             captions = [caption for caption in captions for _ in range(m)]
         trajectory, plan = self._plan()
         start, noises = self._start_and_noise(trajectory, plan, latents, micro_step)
-        sample = trajectory.run(self._networks(), cond, start, noises, plan, cuts=cuts)
+        if unroll is None:
+            sample = trajectory.run(self._networks(), cond, start, noises, plan)
+        else:
+            sample = unroll.run(trajectory, self._networks(), cond, start, noises, plan)
         teacher_sample = None
         if self.teacher is not None:
             started = time.perf_counter()
@@ -420,6 +423,15 @@ class Trainer:
             return {}
         return {"gan_discriminator": sum(losses) / len(losses)}
 
+    def _cut_unroll(self, batch: int) -> CutUnroll | None:
+        """How this micro-batch's unroll is cut; None: one unroll, one backward (the default)."""
+        traj = self.config.trajectory
+        rows = batch * traj.samples_per_prompt
+        passes = 0 < traj.rows_per_pass < rows
+        if self.loss_fn is None or not (traj.per_step_backward or passes):
+            return None
+        return CutUnroll(per_step=traj.per_step_backward, rows_per_pass=traj.rows_per_pass)
+
     def _count_bad_samples(self, batch: dict[str, Any]) -> int:
         for where in batch.get("bad_sample", ()):
             if where:
@@ -453,21 +465,22 @@ class Trainer:
                 # by the sample's index: bad samples arrive replaced, with their own index).
                 captions = self.loader.dataset.captions
                 extra["captions"] = [captions[int(i)] for i in batch["index"]]
-            # trajectory.per_step_backward: the unroll is cut at every sampler step and each
-            # step's backward is a DeepSpeed micro-step of its own (train/step_backward.py).
-            cuts = StepCuts() if self.config.trajectory.per_step_backward else None
-            if cuts is not None:
-                extra["cuts"] = cuts
+            # trajectory.per_step_backward / rows_per_pass: the unroll is cut at every sampler
+            # step and / or run in passes of rows, each backward piece a DeepSpeed micro-step
+            # of its own (train/step_backward.py).
+            unroll = self._cut_unroll(len(latents))
+            if unroll is not None:
+                extra["unroll"] = unroll
             with gathered_once(self.engine.module, enabled=self._gather_once):
                 loss, logged, real, fake = self._generator_loss(latents, cond, micro_step, **extra)
                 if not math.isfinite(logged.get("total", logged.get("diffusion", 0.0))):
                     local_nonfinite = True
                     loss = loss * float("nan")
-                if cuts is None:
+                if unroll is None:
                     self.engine.backward(loss)
                 else:
                     last = micro_step == accum - 1
-                    backward_per_step(self.engine, loss, cuts, last_micro_batch=last)
+                    backward_in_pieces(self.engine, unroll, loss, last_micro_batch=last)
             cleared = self.guard.step() or cleared
             # The discriminator learns from this micro-batch's generated pixels only if they
             # are finite on every rank (its engine is plain data parallel: NaN would spread).

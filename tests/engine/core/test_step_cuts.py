@@ -16,7 +16,7 @@ from e2ed2.engine import (
     build_schedule,
 )
 from e2ed2.engine.core.estimate import drop_full_grads
-from e2ed2.engine.core.step_cuts import StepCuts
+from e2ed2.engine.core.step_cuts import CutUnroll, StepCuts
 
 NUM_STEPS = 4
 LATENT = (2, 4, 8, 8)
@@ -130,3 +130,86 @@ def test_per_step_backward_holds_no_gradient_sum(make_pixart, make_conditioning)
         f"params {param_bytes / 2**20:.2f} MiB; K=1->4 growth: one backward "
         f"{growth_whole / 2**20:.2f} MiB, per step {growth_stepwise / 2**20:.3f} MiB"
     )
+
+
+def _coupled_loss(sample: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """L2 to the target plus a term coupling each pair of rows (as the energy score couples a
+    prompt's m samples), so that passes splitting a pair must still get its gradient right."""
+    pairs = (sample[0::2] - sample[1::2]).flatten(1).norm(dim=1).mean()
+    return (sample - clean).square().mean() - 0.1 * pairs
+
+
+def _unroll_grads(model, cond, clean, policy: str, unroll: CutUnroll | None):
+    schedule = build_schedule(SamplerConfig(), NUM_STEPS)
+    trajectory = Trajectory(TrajectoryConfig(num_steps=NUM_STEPS, checkpoint=policy), schedule)
+    plan = trajectory.plan()
+    start, noises = trajectory.draw_noise(
+        plan, clean.shape, clean=clean, generator=torch.Generator().manual_seed(4)
+    )
+    model.zero_grad(set_to_none=True)
+    if unroll is None:
+        sample = trajectory.run(model, cond, start, noises, plan)
+        loss = _coupled_loss(sample, clean)
+        loss.backward()
+        calls = 1
+    else:
+        sample = unroll.run(trajectory, model, cond, start, noises, plan)
+        loss = _coupled_loss(sample, clean)
+        calls = 0
+        for piece in unroll.pieces(loss, loss_divisor=2):
+            piece.backward()
+            calls += 1
+        assert calls == unroll.num_pieces
+        for p in model.parameters():
+            p.grad.mul_(2)  # undo the loss divisor (gradient accumulation steps)
+    return sample.detach(), [p.grad.clone() for p in model.parameters()], calls
+
+
+@pytest.mark.parametrize("policy", ["step", "block_offload"])
+@pytest.mark.parametrize("rows_per_pass", [0, 1, 3])
+@pytest.mark.parametrize("per_step", [False, True], ids=["whole", "per_step"])
+def test_passes_match_one_batch(
+    make_pixart, make_conditioning, policy: str, rows_per_pass: int, per_step: bool
+) -> None:
+    """4 rows in passes of 1 or 3 (the last pass shorter), with or without the step cuts: the
+    same final samples and the gradients of one plain unroll, under a loss coupling the rows."""
+    model = make_pixart()
+    rows = 4
+    cond = make_conditioning(rows)
+    clean = torch.randn(rows, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    ref_sample, ref, _ = _unroll_grads(model, cond, clean, "none", None)
+    unroll = CutUnroll(per_step=per_step, rows_per_pass=rows_per_pass)
+    sample, got, calls = _unroll_grads(model, cond, clean, policy, unroll)
+    passes = -(-rows // (rows_per_pass or rows))
+    assert calls == passes * (NUM_STEPS if per_step else 1)
+    # Row counts change the matmul blocking: float32 rounding differs, nothing more.
+    torch.testing.assert_close(sample, ref_sample, rtol=1e-4, atol=1e-4)
+    # Relative to the largest gradient element: the attention key biases' gradients are zero in
+    # exact arithmetic (softmax ignores a per-row shift), ~1e-6 of rounding noise here, and
+    # other row counts give other noise.
+    scale = max(r.abs().max() for r in ref)
+    worst = max(((g - r).abs().max() / scale).item() for g, r in zip(got, ref, strict=True))
+    assert worst <= 1e-5, f"max relative gradient error {worst:.3e}"
+
+
+def test_passes_bound_the_activation_peak(make_pixart, make_conditioning) -> None:
+    """`step` policy, 8 rows: passes of 2 rows hold about a quarter of one batch's activations
+    (the 8 rows' kept step inputs and final samples aside)."""
+    model = make_pixart(num_layers=2, heads=4, head_dim=16)
+    rows = 8
+    cond = make_conditioning(rows)
+    clean = torch.randn(rows, 4, 8, 8)
+    schedule = build_schedule(SamplerConfig(), NUM_STEPS)
+    trajectory = Trajectory(TrajectoryConfig(num_steps=NUM_STEPS), schedule)
+    plan = trajectory.plan()
+    start, noises = trajectory.draw_noise(plan, clean.shape, clean=clean)
+    peaks = {}
+    for rows_per_pass in (0, 2):
+        unroll = CutUnroll(per_step=True, rows_per_pass=rows_per_pass)
+        with drop_full_grads(model), LiveTensorTracker(track_cuda=False) as tracker:
+            sample = unroll.run(trajectory, model, cond, start, noises, plan)
+            for piece in unroll.pieces((sample - clean).square().mean()):
+                piece.backward()
+        peaks[rows_per_pass] = tracker.report().peak_bytes
+    assert peaks[2] <= 0.45 * peaks[0], peaks
+    print(f"8 rows, one pass {peaks[0] / 2**20:.2f} MiB, passes of 2: {peaks[2] / 2**20:.2f} MiB")

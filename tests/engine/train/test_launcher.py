@@ -167,10 +167,10 @@ import dataclasses, json, sys
 import torch
 from deepspeed.utils import safe_get_full_grad
 from e2ed2.engine.config import load_config
-from e2ed2.engine.core.step_cuts import StepCuts
+from e2ed2.engine.core.step_cuts import CutUnroll
 from e2ed2.engine.core.trajectory import Trajectory
 from e2ed2.engine.train.distributed import exit_process
-from e2ed2.engine.train.step_backward import backward_per_step
+from e2ed2.engine.train.step_backward import backward_in_pieces
 from e2ed2.engine.train.trainer import Trainer
 
 out, tiny, zero3 = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -183,12 +183,14 @@ grads = {}
 # block_offload, then block_offload with the backward one sampler step per ZeRO micro-step.
 for policy, per_step in (("none", False), ("block_offload", False), ("block_offload", True)):
     config = dataclasses.replace(trainer.config.trajectory, checkpoint=policy)
-    cuts = StepCuts() if per_step else None
-    sample = Trajectory(config, trainer.schedule).run(
-        trainer.engine, cond, start, noises, plan, cuts=cuts)
+    trajectory, unroll = Trajectory(config, trainer.schedule), CutUnroll(per_step=True)
+    if per_step:
+        sample = unroll.run(trajectory, trainer.engine, cond, start, noises, plan)
+    else:
+        sample = trajectory.run(trainer.engine, cond, start, noises, plan)
     loss = (sample - latents).square().mean()
     if per_step:
-        backward_per_step(trainer.engine, loss, cuts, last_micro_batch=True)
+        backward_in_pieces(trainer.engine, unroll, loss, last_micro_batch=True)
     else:
         trainer.engine.backward(loss)
     grads[policy, per_step] = {n: safe_get_full_grad(p).clone()

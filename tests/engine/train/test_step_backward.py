@@ -27,11 +27,10 @@ _TINY = [
     "run.checkpoint_every_steps=100",
     "optim.lr=1e-3",
 ]
+_PER_STEP = "trajectory.per_step_backward=true"
 
 
-def _step_gradients(
-    out: Path, ds_config: str, per_step: bool, *extra: str
-) -> list[dict[str, torch.Tensor]]:
+def _step_gradients(out: Path, ds_config: str, *extra: str) -> list[dict[str, torch.Tensor]]:
     """The full (gathered) gradient the optimizer applies at each of two optimizer steps of two
     micro-batches each: read at the accumulation boundary, just before ``engine.step()``."""
     from deepspeed.utils import safe_get_full_grad
@@ -44,7 +43,6 @@ def _step_gradients(
             *_TINY,
             f"run.deepspeed_config={ds_config}",
             f"run.output_dir={out}",
-            f"trajectory.per_step_backward={str(per_step).lower()}",
             *extra,
         ],
     )
@@ -88,8 +86,8 @@ def test_per_step_backward_applies_the_gradients_of_one_backward(
     own to ZeRO, or its copy-then-add accumulation would overwrite earlier pieces' gradients."""
     if ds_config == "zero3":
         ds_config = zero3_partition_everything
-    whole = _step_gradients(tmp_path / "whole", ds_config, False)
-    stepwise = _step_gradients(tmp_path / "stepwise", ds_config, True)
+    whole = _step_gradients(tmp_path / "whole", ds_config)
+    stepwise = _step_gradients(tmp_path / "stepwise", ds_config, _PER_STEP)
     for step, (got, ref) in enumerate(zip(stepwise, whole, strict=True), start=1):
         worst = _worst_error(got, ref)
         assert worst <= 1e-5, f"step {step}: relative gradient error {worst:.2e}"
@@ -101,11 +99,33 @@ def test_per_step_backward_in_bf16_under_zero3_with_gan(
     """bf16 (the presets' precision) with the GAN term: the same gradients within bf16 rounding
     (the K-term gradient sum is added in another order)."""
     extra = ("run.precision=bf16", "gan.enabled=true", "gan.base_channels=8")
-    whole = _step_gradients(tmp_path / "whole", zero3_partition_everything, False, *extra)
-    stepwise = _step_gradients(tmp_path / "stepwise", zero3_partition_everything, True, *extra)
+    whole = _step_gradients(tmp_path / "whole", zero3_partition_everything, *extra)
+    stepwise = _step_gradients(tmp_path / "stepwise", zero3_partition_everything, _PER_STEP, *extra)
     for got, ref in zip(stepwise, whole, strict=True):
         worst = _worst_error(got, ref)
         assert worst <= 2e-2, f"bf16: relative gradient error {worst:.2e}"
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        ["trajectory.rows_per_pass=3"],
+        ["trajectory.rows_per_pass=1", _PER_STEP],
+    ],
+    ids=["passes_of_3", "passes_of_1_per_step"],
+)
+def test_row_passes_apply_the_gradients_of_one_batch(
+    world_of_one: None, tmp_path: Path, zero3_partition_everything: str, cut: list[str]
+) -> None:
+    """m = 2 trajectories per prompt scored by the energy score (which compares a prompt's two
+    samples, here split across passes), 4 rows per micro-batch in passes, ZeRO-3: the optimizer
+    applies the gradients of one batch."""
+    energy = ("trajectory.samples_per_prompt=2", "objective.energy_weight=1.0")
+    whole = _step_gradients(tmp_path / "whole", zero3_partition_everything, *energy)
+    passes = _step_gradients(tmp_path / "passes", zero3_partition_everything, *energy, *cut)
+    for step, (got, ref) in enumerate(zip(passes, whole, strict=True), start=1):
+        worst = _worst_error(got, ref)
+        assert worst <= 1e-5, f"step {step}: relative gradient error {worst:.2e}"
 
 
 @pytest.mark.parametrize(
@@ -114,6 +134,15 @@ def test_per_step_backward_in_bf16_under_zero3_with_gan(
         (["objective.kind=diffusion"], "objective.kind='e2ed2'"),
         (["model.share_across_steps=false"], "share_across_steps=true"),
         (["run.precision=fp16"], "bf16 or fp32"),
+        (
+            [
+                "trajectory.per_step_backward=false",
+                "trajectory.rows_per_pass=2",
+                "run.precision=fp16",
+            ],
+            r"rows_per_pass=2 \(of run.batch_per_rank x trajectory.samples_per_prompt = 8 rows\)",
+        ),
+        (["trajectory.rows_per_pass=-1"], "rows_per_pass must be >= 0"),
     ],
 )
 def test_config_refuses_what_per_step_backward_cannot_run(overrides, message) -> None:
