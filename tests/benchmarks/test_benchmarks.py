@@ -104,3 +104,19 @@ def test_step_backward_smoke(tmp_path: Path) -> None:
             full[policy, "per_step"]["device_peak_bytes"]
             < full[policy, "whole"]["device_peak_bytes"]
         )
+
+
+def test_row_passes_smoke(tmp_path: Path) -> None:
+    """m = 1 and 2, one batch and passes of B rows, and the full-size part (on the toy): passes
+    hold fewer device bytes than one batch of the same rows."""
+    result = _smoke("bench_row_passes.py", tmp_path, timeout=300)
+    rows = {(r["policy"], r["samples_per_prompt"], r["rows_per_pass"]): r for r in result["rows"]}
+    batch = result["model"]["batch"]
+    for policy in ("step", "block_offload"):
+        one_batch = rows[policy, 2, 2 * batch]["device_peak_bytes"]
+        assert rows[policy, 2, batch]["device_peak_bytes"] < one_batch
+    full = {
+        (r["policy"], r["samples_per_prompt"], r["rows_per_pass"])
+        for r in result["full_size"]["rows"]
+    }
+    assert ("block_offload", 2, 1) in full and ("block_offload", 2, 2) in full
