@@ -46,13 +46,19 @@ def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_zero3_traffic_smoke(tmp_path: Path) -> None:
     """2 CPU ranks under the deepspeed launcher: gathering once per iteration moves fewer
-    all-gather bytes than the shipped zero3 config and gives the same weights."""
+    all-gather bytes than the shipped zero3 config and gives the same weights; the per-step
+    backward reduce-scatters K times the gradient bytes and gives the same gradients."""
     result = _smoke("bench_zero3_traffic.py", tmp_path, timeout=900)
     rows = {(r["ds_config"], r["num_steps"]): r for r in result["rows"]}
     for k in (1, 2):
         assert rows["zero3_reuse", k]["all_gather_bytes"] <= rows["zero3", k]["all_gather_bytes"]
         assert rows["zero3_reuse", k]["all_gather_over_param_bytes"] <= 1.1
-    assert max(result["max_relative_weight_difference_after_3_iterations"].values()) <= 1e-6
+        per_step = rows["zero3_per_step", k]["reduce_scatter_bytes"]
+        assert per_step == k * rows["zero3", k]["reduce_scatter_bytes"]
+    weights = result["max_relative_weight_difference_after_3_iterations"]
+    assert max(v for name, v in weights.items() if "per_step" not in name) <= 1e-6
+    grads = result["max_gradient_difference_4th_iteration_over_largest_gradient"]
+    assert max(grads.values()) <= 1e-5
 
 
 def test_objective_cost_smoke(tmp_path: Path) -> None:
