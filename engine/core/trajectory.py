@@ -8,32 +8,24 @@ Memory is the whole problem. Plain autograd keeps every activation of all K netw
              latent (and injected noise) is kept; the step is recomputed during backward. Peak is
              ~one step's activations plus K small latents, at the price of one extra forward
              (FLOPs 4/3 of ``none``).
-``block``    ``step`` plus per-transformer-block checkpointing inside each step's forward and
-             recompute (diffusers' ``enable_gradient_checkpointing``): the recompute keeps only
-             block inputs plus one block's activations.
-``offload``  ``step`` whose saved step inputs (latent, injected noise) live on the host
-             (``offload_device``) and are copied back for the recompute.
-``block_offload`` per-block checkpointing in one pass: each step runs once, every transformer
-             block is a checkpoint region, and everything the forward keeps for backward (each
-             block's inputs, what the net saves outside its blocks) goes to the host
-             (core/offload.py). In backward each block's inputs come back just before its
-             recompute. Device memory is ``block``'s (one block's activations, nothing per step
-             or per block kept), compute is ``step``'s (each block recomputed once: FLOPs about
-             4/3 of ``none``); the price is host memory (every block input of all K steps) and
-             copy traffic.
+``block``    ``step`` plus diffusers' per-block checkpointing inside each step's forward and
+             recompute: the recompute keeps block inputs plus one block's activations.
+``offload``  ``step`` with its kept step inputs on the host (``offload_device``) until recompute.
+``block_offload`` per-block checkpointing in one pass, everything the forward keeps for backward
+             (each block's inputs, what the net saves outside its blocks) on the host until its
+             block's recompute (core/offload.py): ``block``'s device memory at ``step``'s compute
+             (FLOPs about 4/3 of ``none``), paid in host memory and copy traffic.
 ``selective`` ``step`` whose checkpoints keep the outputs of the expensive ops (matmuls and fused
-             attention, :data:`SELECTIVE_SAVE_OPS`) through ``create_selective_checkpoint_contexts``:
-             the recompute in backward redoes only the cheap elementwise ops (norms, adaLN
-             modulation, GELU, residual adds). Compute ~ ``none``; memory grows with K at the
-             rate of the kept matmul outputs (less than ``none``, more than ``step``). No policy
-             can have both: flat-in-K memory means each step's forward is rerun (>= 4/3 FLOPs).
+             attention, :data:`SELECTIVE_SAVE_OPS`): the recompute redoes only the elementwise
+             ops. Compute ~ ``none``; memory grows with K at the rate of the kept matmul outputs.
 
-Truncation (DRaFT / AlignProp style): ``full`` backpropagates through every step run; ``last_k``
-through the last ``grad_steps`` steps only (earlier steps run without a graph); ``random_k``
-through the last k steps with k drawn uniformly from 1..``grad_steps`` each call.
+Every policy can be cut at its step boundaries for a backward one step at a time (``cuts``,
+core/step_cuts.py: no gradient sum of shared weights across the steps).
 
-Starts: ``noise`` runs all K steps from pure Gaussian noise; ``noised_latent`` draws a sampler step
-s uniformly from 0..K-1, noises the clean latent to ``timesteps[s]`` and runs steps s..K-1.
+Truncation (DRaFT / AlignProp): ``full`` through every step run; ``last_k`` through the last
+``grad_steps`` steps (earlier ones run without a graph); ``random_k`` through the last k, k drawn
+from 1..``grad_steps`` per call. Starts: ``noise`` runs all K steps from Gaussian noise;
+``noised_latent`` noises the clean latent to a uniformly drawn step s and runs steps s..K-1.
 """
 
 from __future__ import annotations
@@ -52,8 +44,8 @@ from .network import Conditioning, denoise, step_network, unwrap
 from .offload import HostOffload
 from .sampler import SamplerSchedule
 
-if TYPE_CHECKING:  # step_cuts builds on this module
-    from .step_cuts import StepCuts
+if TYPE_CHECKING:
+    from .step_cuts import StepCuts  # which builds on this module
 
 __all__ = [
     "CHECKPOINT_POLICIES",
@@ -161,9 +153,9 @@ def _set_block_checkpointing(networks: Sequence[nn.Module], enabled: bool) -> No
         if enabled:
             if not supports:
                 raise ValueError(
-                    "trajectory.checkpoint='block' / 'block_offload' needs a denoiser with "
-                    "per-block checkpointing "
-                    f"(diffusers enable_gradient_checkpointing); {type(model).__name__} has none"
+                    "trajectory.checkpoint='block' / 'block_offload' needs a denoiser with per-"
+                    f"block checkpointing (diffusers enable_gradient_checkpointing); "
+                    f"{type(model).__name__} has none"
                 )
             if not model.is_gradient_checkpointing:
                 model.enable_gradient_checkpointing()
@@ -192,8 +184,7 @@ def run_steps(
     so that a recompute sees the same values. ``grad_start_index``: steps before it run without
     a graph (truncated backprop); default ``start_index`` (gradients through every step run).
     ``context_fn``: passed to ``torch.utils.checkpoint`` (selective activation checkpointing).
-    ``cuts``: cut the graph at each differentiated step's input after the first, for a backward
-    one step at a time (core/step_cuts.py; the returned sample's graph is the last step's).
+    ``cuts``: cut the graph at each differentiated step's input after the first (step_cuts.py).
     Returns the final sample with a graph through the differentiated steps.
     """
     num_steps = schedule.num_steps
@@ -353,8 +344,7 @@ class Trajectory:
         cuts: StepCuts | None = None,
     ) -> torch.Tensor:
         """The final sample from a drawn ``start`` and ``noises`` under ``plan``, with the
-        configured checkpoint policy (graph through the differentiated steps only; ``cuts``: cut
-        at every step, for a backward one step at a time, core/step_cuts.py)."""
+        configured checkpoint policy (graph through the differentiated steps only)."""
         return run_steps(
             networks,
             self.schedule,
@@ -402,8 +392,7 @@ class Trajectory:
             device=device,
             dtype=dtype,
         )
-        sample = self.run(networks, cond, start, noises, plan, context_fn=context_fn, cuts=cuts)
-        return sample, plan
+        return self.run(networks, cond, start, noises, plan, context_fn=context_fn, cuts=cuts), plan
 
 
 def _randint(high: int, generator: torch.Generator | None) -> int:
