@@ -12,7 +12,8 @@ limits is about 9 minutes, sized for one H100):
    whenever ``nvidia-smi`` sees one), with ``E2ED2_TRITON_CONFIGS=first``: one autotune config
    per kernel, or the ~40 shapes of the tests would each compile every config.
    ``offload``: ``tests/engine/core/test_offload_cuda.py``: ``block_offload``'s pinned
-   side-stream copies on CUDA, its gradients against ``none`` and its device peak against ``block``.
+   side-stream copies on CUDA, its gradients against ``none`` and its device peak against ``block``;
+   the per-step backward's CUDA peak against one backward's (the shared weights' gradient sum).
 2. ``flash_attention``: ``bench_flash_attention.py`` at PixArt-α's D = 72, bf16, batch 8, 16
    heads: self-attention over 1024 and 4096 tokens, cross-attention 4096 x 120 padded keys;
    e2ed2 vs every SDPA backend (and xformers when importable); outputs and gradients checked
@@ -21,7 +22,8 @@ limits is about 9 minutes, sized for one H100):
 3. ``timestep_embedding``: ``bench_timestep_embedding.py`` (fused vs eager diffusers, bf16).
 4. ``train``: ``e2ed2 train`` for 20 optimizer steps, bf16, ZeRO-3, fused kernels on, a mid-size
    PixArt (12 blocks x 16 heads x 72 = 1152 wide, 64 x 64 input = 1024 tokens, batch 8, K = 4
-   sampler steps), configured only through the CLI's ``section.key=value`` overrides.
+   sampler steps, the per-step backward: one ZeRO-3 micro-step per sampler step, as the
+   presets run), configured only through the CLI's ``section.key=value`` overrides.
 
 Writes one JSON with every step's status, time, output tail and parsed results; exits 0 if every
 step passed, 1 otherwise, 2 without CUDA (nothing is run or faked then).
@@ -68,6 +70,7 @@ TRAIN_OVERRIDES = [
     "model.attention_head_dim=72",
     "model.fused_kernels=true",
     "data.resolution=64",
+    "trajectory.per_step_backward=true",
 ]
 
 
