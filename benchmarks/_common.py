@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,33 @@ def measure_policies(
         )
         for policy in policies
     ]
+
+
+def measure_cells(
+    cells: list[Hashable], once: Callable[[Any], object], repeats: int
+) -> dict[Any, dict[str, Any]]:
+    """Per cell: device and host peak of one ``once(cell)`` after a warm-up (tracker, real
+    tensors), and the fastest of ``repeats`` timed runs. The cells run in turn within each repeat,
+    so load from other jobs falls on all of them alike and their ratios stay side by side."""
+    rows: dict[Any, dict[str, Any]] = {}
+    for cell in cells:
+        once(cell)  # warm-up (allocator, lazy init)
+        with LiveTensorTracker(track_cuda=False) as tracker:
+            once(cell)
+        report = tracker.report()
+        rows[cell] = {
+            "device_peak_bytes": report.peak_bytes,
+            "host_peak_bytes": report.host_peak_bytes,
+            "seconds": [],
+        }
+    for _ in range(repeats):
+        for cell in cells:
+            started = time.perf_counter()
+            once(cell)
+            rows[cell]["seconds"].append(time.perf_counter() - started)
+    for row in rows.values():
+        row["step_seconds"] = min(row["seconds"])
+    return rows
 
 
 def machine() -> dict[str, Any]:

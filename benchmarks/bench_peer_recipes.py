@@ -137,34 +137,19 @@ def measure(
         model.zero_grad(set_to_none=True)
         runs[cell](model, *inputs[cell[2]])
 
-    rows = {}
-    for cell in cells:
-        once(cell)  # warm-up
-        model.zero_grad(set_to_none=True)
-        with LiveTensorTracker(track_cuda=False) as tracker:
-            runs[cell](model, *inputs[cell[2]])
-        report = tracker.report()
+    rows = _common.measure_cells(cells, once, repeats)
+    for cell, row in rows.items():
         with FakeTensorMode():
             fake_model = build_pixart(shape, latent)
             clean, cond = make_inputs(shape, latent, batch * cell[2], torch.float32)
             with FlopCounterMode(display=False) as counter:
                 runs[cell](fake_model, clean, cond)
-        rows[cell] = {
-            "recipe": cell[0],
-            "num_steps": cell[1],
-            "samples_per_prompt": cell[2],
-            "device_peak_bytes": report.peak_bytes,
-            "host_peak_bytes": report.host_peak_bytes,
-            "flops": counter.get_total_flops(),
-            "seconds": [],
-        }
-    for _ in range(repeats):
-        for cell in cells:
-            start = time.perf_counter()
-            once(cell)
-            rows[cell]["seconds"].append(time.perf_counter() - start)
-    for row in rows.values():
-        row["step_seconds"] = min(row["seconds"])
+        row.update(
+            recipe=cell[0],
+            num_steps=cell[1],
+            samples_per_prompt=cell[2],
+            flops=counter.get_total_flops(),
+        )
     return list(rows.values())
 
 

@@ -85,28 +85,14 @@ def measure(shape, latent: int, batch: int, cells: list[tuple[str, int, int]], r
     def once(cell: tuple[str, int, int]) -> None:
         iteration(model, trajectories[cell[0]], clean, cond, cell[1], cell[2])
 
-    rows = {}
-    for cell in cells:
-        once(cell)  # warm-up
-        with LiveTensorTracker(track_cuda=False) as tracker:
-            once(cell)
-        report = tracker.report()
-        rows[cell] = {
-            "policy": cell[0],
-            "samples_per_prompt": cell[1],
-            "rows": batch * cell[1],
-            "rows_per_pass": cell[2] or batch * cell[1],
-            "device_peak_bytes": report.peak_bytes,
-            "host_peak_bytes": report.host_peak_bytes,
-            "seconds": [],
-        }
-    for _ in range(repeats):
-        for cell in cells:
-            started = time.perf_counter()
-            once(cell)
-            rows[cell]["seconds"].append(time.perf_counter() - started)
-    for row in rows.values():
-        row["step_seconds"] = min(row["seconds"])
+    rows = _common.measure_cells(cells, once, repeats)
+    for (policy, m, rows_per_pass), row in rows.items():
+        row.update(
+            policy=policy,
+            samples_per_prompt=m,
+            rows=batch * m,
+            rows_per_pass=rows_per_pass or batch * m,
+        )
     return list(rows.values())
 
 

@@ -40,7 +40,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from e2ed2.engine import LiveTensorTracker  # noqa: E402
 from e2ed2.engine.core.estimate import (  # noqa: E402
     PIXART_ALPHA_XL_2,
     build_pixart,
@@ -75,27 +74,9 @@ def measure(shape, latent: int, batch: int, cells: list[tuple[str, int, str]], r
                 per_step_backward=backward == "per_step",
             )
 
-    rows = {}
-    for cell in cells:
-        once(cell)  # warm-up
-        with LiveTensorTracker(track_cuda=False) as tracker:
-            once(cell)
-        report = tracker.report()
-        rows[cell] = {
-            "policy": cell[0],
-            "num_steps": cell[1],
-            "backward": cell[2],
-            "device_peak_bytes": report.peak_bytes,
-            "host_peak_bytes": report.host_peak_bytes,
-            "seconds": [],
-        }
-    for _ in range(repeats):
-        for cell in cells:
-            start = time.perf_counter()
-            once(cell)
-            rows[cell]["seconds"].append(time.perf_counter() - start)
-    for row in rows.values():
-        row["step_seconds"] = min(row["seconds"])
+    rows = _common.measure_cells(cells, once, repeats)
+    for (policy, k, backward), row in rows.items():
+        row.update(policy=policy, num_steps=k, backward=backward)
     return list(rows.values()), sum(p.numel() * p.element_size() for p in model.parameters())
 
 
