@@ -11,8 +11,9 @@ every checkpoint policy as before, except that the input of each differentiated 
 first becomes a fresh leaf (``x_i.detach().requires_grad_()``); the previous step's output, with
 its graph, is kept beside it. The backward then runs as a sequence of pieces, last step first:
 
-    piece 0:  the loss                 -> gradients of step K-1's parameters use, and dL/dx_{K-1}
-    piece j:  <y_i, dL/dx_{i+1}>       -> gradients of step i's use, and dL/dx_i      (i = K-1-j)
+    piece 0:  the loss             -> the parameters' gradient through step K-1, and dL/dx_{K-1}
+    piece j:  <y_i, dL/dx_{i+1}>   -> the parameters' gradient through step i, and dL/dx_i
+                                      (i = K-1-j; y_i = step i's output, x_i its input)
 
 Each piece is one backward over one step's graph, so each parameter gets exactly one gradient
 contribution per piece, and a hook that consumes gradients (ZeRO's reduce-scatter, or
