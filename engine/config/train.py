@@ -124,8 +124,8 @@ class TrainConfig:
                 "objective runs no unroll)"
             )
         if not self.model.share_across_steps:
-            # Not run untested: each piece would touch one step's network only, a gradient
-            # accumulation pattern DeepSpeed's ZeRO micro-steps are not tested with here.
+            # Refused rather than run untested: each piece would touch one step's network only,
+            # an accumulation pattern the ZeRO micro-step tests here do not cover.
             raise ConfigError(
                 "trajectory.per_step_backward=true needs model.share_across_steps=true: per-step "
                 "networks hold no gradient sum across the steps (nothing to split)"
