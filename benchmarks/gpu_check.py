@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     start = time.time()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # `python -m pytest` runs from the checkout's root: without this (Python >= 3.11) the root
+    # would come first on sys.path and its kernels/ folder would shadow the PyPI `kernels`
+    # package that transformers imports.
+    env["PYTHONSAFEPATH"] = "1"
     with tempfile.TemporaryDirectory(prefix="e2ed2_gpu_check_") as tmp:
         tmp_path = Path(tmp)
         if "tests" in args.only:

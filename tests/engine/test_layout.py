@@ -78,3 +78,21 @@ def test_config_loads_without_torch() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_running_a_command_as_a_module_from_the_checkout_does_not_shadow_pypi_kernels() -> None:
+    """``python -m e2ed2.engine.cli.train`` (``deepspeed --module``) from the checkout's root puts
+    the root first on sys.path, where the top-level ``kernels/`` folder would shadow the PyPI
+    ``kernels`` package transformers imports (every diffusers model import then fails). The
+    commands' package takes the root off sys.path; a bare ``import kernels`` must then find the
+    PyPI package or nothing, never this folder."""
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import e2ed2.engine.cli; "
+        "import importlib.util as u; s = u.find_spec('kernels'); print(s and s.origin)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(ROOT)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    origin = done.stdout.strip()
+    assert not origin.startswith(str(ROOT / "kernels")), origin
