@@ -59,16 +59,16 @@ def _iteration(
         generator = torch.Generator().manual_seed(seed)
         plan = trajectory.plan()
         start, noises = trajectory.draw_noise(plan, clean.shape, clean=clean, generator=generator)
-        unroll = CutUnroll(per_step=True)
-        if per_step:
-            sample = unroll.run(trajectory, engine, cond, start, noises, plan)
-        else:
+        unroll = CutUnroll(per_step=True) if per_step else None
+        if unroll is None:
             sample = trajectory.run(engine, cond, start, noises, plan)
-        loss = (sample - clean).square().mean()
-        if per_step:
-            backward_in_pieces(engine, unroll, loss, last_micro_batch=True)
         else:
+            sample = unroll.run(trajectory, engine, cond, start, noises, plan)
+        loss = (sample - clean).square().mean()
+        if unroll is None:
             engine.backward(loss)
+        else:
+            backward_in_pieces(engine, unroll, loss, last_micro_batch=True)
     if before_step is not None:
         before_step()
     engine.step()

@@ -118,11 +118,10 @@ class TrainConfig:
             )
 
     def _check_per_step_backward(self) -> None:
-        if self.objective.kind != "e2ed2":
-            raise ConfigError(
-                "trajectory.per_step_backward=true needs objective.kind='e2ed2' (the diffusion "
-                "objective runs no unroll)"
-            )
+        self._check_cut_backward(
+            "trajectory.per_step_backward=true",
+            "DeepSpeed would apply its loss scale again at every step's backward",
+        )
         if not self.model.share_across_steps:
             # Refused rather than run untested: each piece would touch one step's network only,
             # an accumulation pattern the ZeRO micro-step tests here do not cover.
@@ -130,22 +129,21 @@ class TrainConfig:
                 "trajectory.per_step_backward=true needs model.share_across_steps=true: per-step "
                 "networks hold no gradient sum across the steps (nothing to split)"
             )
-        if self.run.precision == "fp16":
-            raise ConfigError(
-                "trajectory.per_step_backward=true cannot run with run.precision='fp16' (DeepSpeed "
-                "would apply its loss scale again at every step's backward); use bf16 or fp32"
-            )
 
     def _check_passes(self) -> None:
         rows = self.run.batch_per_rank * self.trajectory.samples_per_prompt
-        where = (
+        self._check_cut_backward(
             f"trajectory.rows_per_pass={self.trajectory.rows_per_pass} (of run.batch_per_rank x "
-            f"trajectory.samples_per_prompt = {rows} rows)"
+            f"trajectory.samples_per_prompt = {rows} rows)",
+            "the loss's gradient at the final samples would be taken without DeepSpeed's loss "
+            "scale",
         )
+
+    def _check_cut_backward(self, what: str, fp16_problem: str) -> None:
+        """What a backward in pieces (core/step_cuts.py) needs, whichever option cuts it."""
         if self.objective.kind != "e2ed2":
-            raise ConfigError(f"{where} needs objective.kind='e2ed2' (no unroll to split)")
+            raise ConfigError(f"{what} needs objective.kind='e2ed2' (no unroll to cut)")
         if self.run.precision == "fp16":
             raise ConfigError(
-                f"{where} cannot run with run.precision='fp16' (the loss's gradient at the final "
-                "samples would be taken without DeepSpeed's loss scale); use bf16 or fp32"
+                f"{what} cannot run with run.precision='fp16' ({fp16_problem}); use bf16 or fp32"
             )

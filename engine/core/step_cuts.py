@@ -47,6 +47,13 @@ from .trajectory import Trajectory, TrajectoryPlan
 __all__ = ["CutUnroll", "StepCuts"]
 
 
+def _surrogate(output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The scalar whose backward sends ``grad`` into ``output``'s graph: ``<output, grad>``.
+    Summed in float32; its gradient with respect to ``output`` is ``grad`` cast back to
+    ``output``'s dtype, bit for bit when ``grad`` came in that dtype."""
+    return (output.float() * grad.float()).sum()
+
+
 class StepCuts:
     """Records the cuts of one unroll (pass it to :func:`~.trajectory.run_steps` as ``cuts``)
     and yields its backward pieces (:meth:`pieces`). Single use."""
@@ -87,9 +94,9 @@ class StepCuts:
                     "the previous backward piece did not reach the cut at a sampler step's input "
                     "(was the loss computed from the unroll's final sample?)"
                 )
-            grad = leaf.grad.float()
+            grad = leaf.grad
             del leaf  # the step input's gradient is folded into the surrogate below
-            yield (output.float() * grad).sum()
+            yield _surrogate(output, grad)
 
 
 class CutUnroll:
@@ -170,6 +177,6 @@ class CutUnroll:
         grads = torch.autograd.grad(loss, self._leaves)
         self._leaves = []
         for final, grad, cuts in zip(self._finals, grads, self._cuts, strict=True):
-            surrogate = (final.float() * grad.float()).sum()
+            surrogate = _surrogate(final, grad)
             yield from [surrogate] if cuts is None else cuts.pieces(surrogate)
         self._finals = []

@@ -428,7 +428,7 @@ class Trainer:
         traj = self.config.trajectory
         rows = batch * traj.samples_per_prompt
         passes = 0 < traj.rows_per_pass < rows
-        if self.loss_fn is None or not (traj.per_step_backward or passes):
+        if not (traj.per_step_backward or passes):  # the config refused both for diffusion
             return None
         return CutUnroll(per_step=traj.per_step_backward, rows_per_pass=traj.rows_per_pass)
 
