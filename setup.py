@@ -55,10 +55,16 @@ setup(
         # FID / CLIP score for `e2ed2 evaluate` on real data (latent-shard exports).
         "torchmetrics>=1.4",
         "torch-fidelity>=0.3",
+        # `e2ed2 precompute` inputs users already keep: Hugging Face datasets (load_from_disk
+        # folders, parquet/arrow files) and webdataset .tar shards read as a stream.
+        "datasets>=3.0",
+        "webdataset>=0.2",
     ],
     entry_points={"console_scripts": ["e2ed2 = e2ed2.engine.cli.main:main"]},
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.17,<0.18"],
+        # wandb is in dev so the tracker tests (offline mode) run in CI.
+        "dev": ["pytest>=8", "ruff>=0.17,<0.18", "wandb>=0.17"],
+        "wandb": ["wandb>=0.17"],
         "xformers": ["xformers"],
     },
 )
