@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .paths import ConfinedRoot
 from .shards import read_index, write_atomic
 from .text import (
     encode_sd3_text,
@@ -108,8 +109,9 @@ def read_null_condition(
     path = Path(shard_dir) / NULL_CONDITION_FILE
     if not path.is_file():
         return None
+    real = ConfinedRoot(shard_dir, "data.shard_dir").resolve(NULL_CONDITION_FILE)
     try:
-        tensors = load_file(str(path))
+        tensors = load_file(str(real))
     except Exception as error:  # safetensors raises several types for a broken file
         raise ValueError(f"{path}: unreadable ({type(error).__name__}: {error})") from error
     states = tensors.get("encoder_hidden_states")

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from .buckets import BUCKET_TABLES, BucketTable, bucket_table, nearest_bucket
 from .null_condition import NULL_PROMPT, encode_null_condition, write_null_condition
+from .paths import ConfinedRoot, PathOutsideRoot
 from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_atomic
 from .text import (
     encode_sd3_text,
@@ -208,12 +209,22 @@ def precompute(
         logger.warning("skipping %s: %s", path, reason)
         skipped.append({"path": path, "reason": reason})
 
-    files = sorted(
-        p.relative_to(image_root).as_posix()
+    confined = ConfinedRoot(image_root, "image_dir")
+    files = []
+    # Every image, sidecar and caption file must resolve inside image_dir (data/paths.py): a
+    # symlink to a file elsewhere is skipped and listed, never read.
+    for name in sorted(
+        confined.relative(p)
         for p in image_root.rglob("*")
         if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-    listed = _read_captions_jsonl(image_root, skip)
+    ):
+        try:
+            confined.resolve(name)
+        except PathOutsideRoot as error:
+            skip(name, f"path outside the dataset: {error}")
+            continue
+        files.append(name)
+    listed = _read_captions_jsonl(confined, skip)
     for name in sorted(set(listed) - set(files)):
         skip(name, f"listed in {CAPTIONS_FILE} but no such image")
 
@@ -282,12 +293,15 @@ def precompute(
     for name in tqdm(files, desc="precompute", unit="img", disable=not progress):
         caption = listed.get(name)
         if caption is None:
-            caption = _sidecar_caption(image_root / name)
+            caption, problem = _sidecar_caption(confined, name)
+            if problem is not None:
+                skip(name, problem)
+                continue
         if caption is None or not caption.strip():
             skip(name, f"no caption (not in {CAPTIONS_FILE}, no sidecar .txt, or empty)")
             continue
         try:
-            pixels, size = load_image_and_size(image_root / name, resolution, table)
+            pixels, size = load_image_and_size(confined.resolve(name), resolution, table)
         except Exception as error:  # PIL raises many types for malformed files
             skip(name, f"unreadable image ({type(error).__name__}: {error})")
             continue
@@ -459,17 +473,24 @@ def _load_models(
     return vae, encoder, tokenizer
 
 
-def _read_captions_jsonl(image_root: Path, skip: Any) -> dict[str, str]:
-    """``{relative posix path: caption}`` from ``captions.jsonl``; bad lines go to ``skip``."""
-    path = image_root / CAPTIONS_FILE
+def _read_captions_jsonl(confined: ConfinedRoot, skip: Any) -> dict[str, str]:
+    """``{relative posix path: caption}`` from ``captions.jsonl``; bad lines (not UTF-8, not
+    JSON, wrong keys, a path leaving image_dir) go to ``skip`` as ``captions.jsonl:<line>``.
+    Raises PathOutsideRoot when the file itself resolves outside image_dir."""
+    path = confined.resolve(CAPTIONS_FILE)
     if not path.is_file():
         return {}
     captions: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{CAPTIONS_FILE}:{number}"
+            try:  # line by line: one bad byte costs its line, not the file
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                skip(where, f"not UTF-8 text ({error})")
+                continue
             if not line.strip():
                 continue
-            where = f"{CAPTIONS_FILE}:{number}"
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as error:
@@ -483,18 +504,30 @@ def _read_captions_jsonl(image_root: Path, skip: Any) -> dict[str, str]:
                 skip(where, 'expected {"file": <relative path>, "caption": <text>}')
                 continue
             name = posixpath.normpath(entry["file"].replace("\\", "/"))
+            try:
+                confined.resolve(name)
+            except PathOutsideRoot as error:
+                skip(where, f"path outside the dataset: {error}")
+                continue
             captions[name] = entry["caption"]
     return captions
 
 
-def _sidecar_caption(image: Path) -> str | None:
-    for candidate in (image.with_suffix(".txt"), image.with_name(image.name + ".txt")):
-        if candidate.is_file():
-            try:
-                return candidate.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                return None
-    return None
+def _sidecar_caption(confined: ConfinedRoot, name: str) -> tuple[str | None, str | None]:
+    """(caption of ``cat.txt`` or ``cat.png.txt`` next to image ``name``, None), (None, None)
+    without one, or (None, why) for one that is unreadable or resolves outside image_dir."""
+    stem = posixpath.splitext(name)[0]
+    for candidate in (stem + ".txt", name + ".txt"):
+        unresolved = Path(confined.given) / candidate
+        if not unresolved.is_file():
+            continue
+        try:
+            return confined.resolve(candidate).read_text(encoding="utf-8-sig"), None
+        except PathOutsideRoot as error:
+            return None, f"sidecar caption outside the dataset: {error}"
+        except (OSError, UnicodeDecodeError) as error:
+            return None, f"unreadable sidecar caption {candidate} ({type(error).__name__})"
+    return None, None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config.data import DataConfig
+from .paths import ConfinedRoot, PathOutsideRoot
 from .seeding import SampleKey, seeded_generator, unpack_key
 
 __all__ = [
@@ -437,7 +438,8 @@ def read_index(root: str) -> dict[str, Any]:
             f"data.shard_dir {root!r} has no index.json (make it with `e2ed2 precompute`; an "
             "interrupted run leaves no index)"
         )
-    with open(path) as f:
+    confined = ConfinedRoot(root, "data.shard_dir")
+    with open(confined.resolve("index.json")) as f:
         index = json.load(f)
     if index.get("format") != INDEX_FORMAT:
         raise ValueError(f"{path}: format {index.get('format')!r} is not {INDEX_FORMAT!r}")
@@ -449,6 +451,15 @@ def read_index(root: str) -> dict[str, Any]:
     for key in ("num_samples", "shards", "latent", "text"):
         if key not in index:
             raise ValueError(f"{path}: missing key {key!r}")
+    # A shard file named by the index is read: it must lie inside the folder (data/paths.py).
+    for number, shard in enumerate(index["shards"]):
+        file = shard.get("file") if isinstance(shard, dict) else None
+        if not isinstance(file, str):
+            raise ValueError(f"{path}: shards[{number}] has no file name")
+        try:
+            confined.resolve(file)
+        except PathOutsideRoot as error:
+            raise ValueError(f"{path}: shards[{number}].file {error}") from None
     kinds = ("distribution", "sample")
     if index["latent"].get("kind") not in kinds:
         raise ValueError(f"{path}: latent.kind={index['latent'].get('kind')!r} not in {kinds}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+from transformers import ByT5Tokenizer, T5EncoderModel
 
 from e2ed2.engine.cli.precompute import main
 from e2ed2.engine.config.data import DataConfig
@@ -22,43 +22,6 @@ from e2ed2.engine.data.text import encode_text
 
 RESOLUTION = 16
 MAX_TOKENS = 20
-
-
-def _save_models(root: Path, *, pipeline_layout: bool = False) -> tuple[Path, Path]:
-    """A tiny AutoencoderKL (x2 downsampling, 4 latent channels) and a tiny T5 + ByT5 tokenizer."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=RESOLUTION,
-    )
-    tokenizer = ByT5Tokenizer()
-    encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=16,
-            d_kv=8,
-            d_ff=32,
-            num_layers=1,
-            num_heads=2,
-            dropout_rate=0.0,
-        )
-    )
-    if pipeline_layout:  # PixArt's folder layout: vae/, text_encoder/, tokenizer/
-        vae.save_pretrained(root / "vae")
-        encoder.save_pretrained(root / "text_encoder")
-        tokenizer.save_pretrained(root / "tokenizer")
-        return root, root
-    vae.save_pretrained(root / "vae")
-    encoder.save_pretrained(root / "t5")
-    tokenizer.save_pretrained(root / "t5")
-    return root / "vae", root / "t5"
 
 
 def _image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -93,8 +56,8 @@ def _make_image_folder(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def workspace(tmp_path: Path) -> tuple[Path, Path, Path, dict[str, str]]:
-    vae_path, t5_path = _save_models(tmp_path / "models")
+def workspace(tmp_path: Path, tiny_models) -> tuple[Path, Path, Path, dict[str, str]]:
+    vae_path, t5_path = tiny_models
     captions = _make_image_folder(tmp_path / "images")
     return tmp_path, vae_path, t5_path, captions
 
@@ -172,8 +135,8 @@ def test_precompute_end_to_end(workspace, caplog) -> None:
     assert batch["latents"].shape == (2, 4, 8, 8)
 
 
-def test_pipeline_layout_overwrite_and_cli(tmp_path: Path, capsys) -> None:
-    pipeline, _ = _save_models(tmp_path / "pixart", pipeline_layout=True)
+def test_pipeline_layout_overwrite_and_cli(tmp_path: Path, capsys, save_tiny_models) -> None:
+    pipeline, _ = save_tiny_models(tmp_path / "pixart", pipeline_layout=True)
     _make_image_folder(tmp_path / "images")
     out = tmp_path / "shards"
     argv = [
@@ -201,7 +164,8 @@ def test_pipeline_layout_overwrite_and_cli(tmp_path: Path, capsys) -> None:
     assert main(argv) == 2
     assert "already holds shards" in capsys.readouterr().err
     assert main([*argv[:-3], "--shard-size", "4", "--overwrite", "--no-progress"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [
+    # (dot files aside: the CLI keeps its one-writer lock file in the folder)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "index.json",
         "null_condition.safetensors",
         "shard-00000.safetensors",
