@@ -2,7 +2,8 @@
 
 A preset is a TOML file whose tables are the sections (``[model]``, ``[data]``, ``[sampler]``,
 ``[trajectory]``, ``[objective]``, ``[gan]``, ``[optim]``, ``[ema]``, ``[run]``); anything it does
-not set keeps the dataclass default, and the defaults *are* the embedded default run. Command-line
+not set keeps the dataclass default. The defaults alone are the ``scratch`` preset (the
+from-scratch toy); the main job is the ``embedded`` preset (``configs/embedded.toml``). Command-line
 overrides are ``section.key=value`` with TOML value syntax (``run.max_steps=50``,
 ``sampler.kind="ddim"`` or ``sampler.kind=ddim``, ``model.vae_path=none``). Unknown sections or keys,
 wrong types and impossible combinations fail here, before any model is built, with a message that

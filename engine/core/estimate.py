@@ -20,7 +20,7 @@ backward one sampler step at a time (``per_step_backward``, core/step_cuts.py) h
 The activation peak is the only term that depends on K, resolution and checkpoint policy, and the
 only one that is hard to write down; it is *measured* by running the real diffusers model through
 the real trajectory under ``FakeTensorMode`` with :class:`LiveTensorTracker` counting live bytes.
-Fake and real runs give the same tracker peak (tests/engine/test_memory.py), and
+Fake and real runs give the same tracker peak (tests/engine/core/test_memory.py), and
 :func:`validate_against_real` checks the whole sum against a real run of a small config.
 
 The full-size gradients that autograd would accumulate are dropped as soon as each is produced

@@ -1,4 +1,4 @@
-"""The package layout DESIGN.md promises: wings whose imports point down, CLIs apart from
+"""The package layout docs/design.md describes: wings whose imports point down, CLIs apart from
 libraries, kernels independent of the engine, config free of torch."""
 
 from __future__ import annotations
