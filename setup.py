@@ -32,13 +32,17 @@ setup(
     install_requires=[
         # A plain `torch` requirement lets pip pick the registry's default build (CUDA), whose
         # torchvision ops load; the lpips package needs torchvision.
-        "torch>=2.4",
+        # Upper bounds: the next major (minor for 0.x) release is untested and may change the
+        # behaviour the engine relies on (tests/test_versions.py fails on such an install).
+        "torch>=2.4,<3",
         "torchvision",
-        "deepspeed>=0.15",
-        "diffusers>=0.30",
+        # >= 0.19 / 0.42: the ZeRO-3 micro-step and persistence behaviour the per-step backward
+        # and gather-once rely on, and the diffusers pipelines the exports write.
+        "deepspeed>=0.19,<0.20",
+        "diffusers>=0.42,<0.43",
         # LoRA adapters (model.lora_rank): injection, state dicts and merging (core/lora.py).
         "peft>=0.21",
-        "transformers>=4.40",
+        "transformers>=4.40,<6",
         # PixArt's T5 tokenizer folders hold a bare sentencepiece model (spiece.model, no
         # tokenizer.json): transformers converts it with sentencepiece + protobuf.
         "sentencepiece",
