@@ -13,10 +13,11 @@ larger than the denoiser. This runs them once, PixArt-style, and stores per imag
 Once per folder it also stores ``null_condition.safetensors``: the empty prompt encoded the same
 way, the unconditional half of classifier-free guidance (data/null_condition.py).
 
-Inputs: images (``.png .jpg .jpeg .webp``, found recursively, processed in sorted order) under
-``image_dir``; captions from ``image_dir/captions.jsonl`` (one ``{"file": <path relative to
+Inputs: images (``.png .jpg .jpeg .webp .gif .bmp .tif .tiff``, found recursively, processed
+in sorted order; every file resolving inside ``image_dir``, data/paths.py) under ``image_dir``; captions from ``image_dir/captions.jsonl`` (one ``{"file": <path relative to
 image_dir>, "caption": ...}`` per line; wins when both exist) or a sidecar text file next to the
-image (``cat.txt`` or ``cat.png.txt``). Images are resized (bicubic) to cover a target size and
+image (``cat.txt`` or ``cat.png.txt``). Images are decoded as a viewer shows them (every Pillow
+mode, EXIF orientation, first frame; data/images.py), resized (bicubic) to cover a target size and
 center-cropped to it, then scaled to [-1, 1]. The target is ``resolution`` x ``resolution``
 (``buckets="none"``), or with ``buckets="pixart"`` the aspect-ratio bucket nearest the image's
 (data/buckets.py: PixArt's table around ``resolution``), so a 3:1 panorama keeps its width;
@@ -25,8 +26,8 @@ each bucket's samples go to shards of their own. Each sample also records the so
 embeds as its resolution / aspect-ratio conditions. Tokenizers
 load through :func:`~e2ed2.engine.data.text.load_tokenizer` (bare ``spiece.model`` folders too).
 
-Bad inputs (unreadable or truncated images, missing or empty captions, broken jsonl lines,
-encodings with NaN/Inf) are logged with their path, listed under ``skipped`` in ``index.json``
+Bad inputs (unreadable, truncated or oversized images, missing or empty captions, broken
+jsonl lines (bad bytes or JSON), paths leading outside ``image_dir``, encodings with NaN/Inf) are logged with their path, listed under ``skipped`` in ``index.json``
 and left out. Shards are written under a temporary name and renamed into place; ``index.json``
 is written last, so a folder with an index is complete. The format is described in
 :class:`LatentShardDataset`.
@@ -46,11 +47,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .buckets import BUCKET_TABLES, BucketTable, bucket_table, nearest_bucket
+from .buckets import BUCKET_TABLES, bucket_table
+from .images import IMAGE_EXTENSIONS, UnreadableImage, load_image, load_image_and_size
 from .null_condition import NULL_PROMPT, encode_null_condition, write_null_condition
 from .paths import ConfinedRoot, PathOutsideRoot
 from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_atomic
@@ -73,7 +74,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTIONS_FILE = "captions.jsonl"
 #: Bucket sides are multiples of the VAE's downsampling times this latent patch size
 #: (PixArt / DiT patchify latents 2 x 2), so every bucket's latent splits into whole patches.
@@ -84,52 +84,6 @@ STORAGE_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
 }
-
-
-def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
-    """An image file -> (3, resolution, resolution) float32 in [-1, 1].
-
-    Transparent pixels are composited onto white (not left as whatever color they hide). The
-    shorter side is resized to ``resolution`` (bicubic; PIL antialiases when shrinking), then
-    the center is cropped.
-    """
-    return load_image_and_size(path, resolution)[0]
-
-
-def load_image_and_size(
-    path: str | os.PathLike, resolution: int, buckets: BucketTable | None = None
-) -> tuple[torch.Tensor, tuple]:
-    """:func:`load_image` and the file's original ``(height, width)`` in pixels (PixArt-MS's
-    ``resolution`` condition is the source image's size, not the crop's).
-
-    ``buckets``: a table of :func:`~e2ed2.engine.data.buckets.bucket_table`; the image is then
-    resized to cover its nearest bucket and center-cropped to it, (3, height, width), instead of
-    the ``resolution`` square.
-    """
-    from PIL import Image
-
-    with Image.open(path) as opened:
-        opened.load()  # decode now: truncated files fail here, not later
-        image = opened
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("RGB")
-    width, height = image.size
-    if min(width, height) < 1:
-        raise ValueError(f"empty image ({width}x{height})")
-    crop_h, crop_w = (
-        (resolution, resolution) if buckets is None else nearest_bucket(height, width, buckets)
-    )
-    # Cover: the smallest scale at which the image holds the crop, then its center.
-    scale = max(crop_h / height, crop_w / width)
-    size = (max(crop_w, round(width * scale)), max(crop_h, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - crop_w) // 2, (size[1] - crop_h) // 2
-    image = image.crop((left, top, left + crop_w, top + crop_h))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
-    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0, (height, width)
 
 
 def precompute(
@@ -302,8 +256,8 @@ def precompute(
             continue
         try:
             pixels, size = load_image_and_size(confined.resolve(name), resolution, table)
-        except Exception as error:  # PIL raises many types for malformed files
-            skip(name, f"unreadable image ({type(error).__name__}: {error})")
+        except UnreadableImage as error:  # truncated, corrupt, a bomb, no display range
+            skip(name, str(error))
             continue
         crop = (pixels.shape[-2], pixels.shape[-1])
         waiting.setdefault(crop, []).append((name, caption.strip(), pixels, size))
