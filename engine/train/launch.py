@@ -7,6 +7,7 @@ on a laptop).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -94,15 +95,25 @@ def _keep_linear_for_selective(config: TrainConfig, ds_config: dict[str, Any]) -
 
 
 def _check_latent_size(config: TrainConfig, index: dict[str, Any]) -> None:
-    """Every bucket's latent sides must split into the transformer's patches (built from
-    config; a pretrained transformer is checked against its own config when it loads)."""
-    patch = config.model.patch_size
+    """Every bucket's latent sides must split into the transformer's patches: model.patch_size,
+    or a pretrained transformer's own (its config.json), which only launch can read."""
+    patch, key = config.model.patch_size, "model.patch_size"
+    if config.model.pretrained_path is not None:  # its own config.json's patch size
+        folder = resolve_model_folder(
+            config.model.pretrained_path, "transformer", "model.pretrained_path"
+        )
+        with open(os.path.join(folder, "config.json")) as f:
+            patch = json.load(f).get("patch_size")
+        key = f"model.pretrained_path={config.model.pretrained_path!r}: its patch_size"
+        if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+            return  # no patches (or no patch size to check against)
     for bucket in index["buckets"]:
         height, width = bucket["latent_shape"][-2:]
-        if config.model.pretrained_path is None and (height % patch or width % patch):
+        if height % patch or width % patch:
             raise ValueError(
-                f"model.patch_size={patch} does not divide the latent size {height}x{width} of "
-                f"data.shard_dir={config.data.shard_dir!r}"
+                f"{key}={patch} does not divide the latent size {height}x{width} of "
+                f"data.shard_dir={config.data.shard_dir!r} (precompute it with a --resolution "
+                f"that is a multiple of the VAE's downsampling factor x {patch})"
             )
 
 
