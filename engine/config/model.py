@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from .base import check_fields, check_int
 
-__all__ = ["LORA_TARGET_MODULES", "ModelConfig"]
+__all__ = ["FAMILY_NAMES", "LORA_TARGET_MODULES", "FamilyName", "ModelConfig"]
+
+#: ``model.family``: the model family records of core/families.py, or "auto" (from the folder).
+FamilyName = Literal["auto", "pixart_alpha", "pixart_sigma", "sd3"]
+FAMILY_NAMES: tuple[str, ...] = get_args(FamilyName)
 
 # Each PixArt block's attention projections (self- and cross-attention: attn1 / attn2) and its
 # feed-forward: the per-block targets of the PixArt-α authors' diffusers LoRA script
@@ -32,6 +37,11 @@ class ModelConfig:
     the autoencoder, and are passed to :func:`build_denoiser`.
     """
 
+    family: FamilyName = "auto"
+    """The model family (core/families.py: denoiser and pipeline classes, text encoding, export).
+    "auto": from the checkpoint folder (its pipeline's model_index.json, else the transformer's
+    class; PixArt-α for a denoiser built from config). Set it for a bare PixArt-Σ transformer
+    folder, which cannot be told from PixArt-α's."""
     pretrained_path: str | None = None
     """Local diffusers folder of a PixArt transformer: a model folder (config.json) or a pipeline
     folder with a transformer/ subfolder. None = build from the fields below.

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config.model import ModelConfig
+from .families import ModelFamily, denoiser_class_names, family_of_denoiser, resolve_family
 
 if TYPE_CHECKING:
     # Imported where used: the config (ModelConfig) is read and checked before any model is
@@ -33,11 +34,12 @@ __all__ = [
     "pixart_transformer",
     "sd3_transformer",
     "build_autoencoder",
+    "model_family",
     "resolve_model_folder",
 ]
 
 #: The diffusers denoiser classes a pretrained folder may hold (its config.json ``_class_name``).
-DENOISER_CLASSES = ("PixArtTransformer2DModel", "SD3Transformer2DModel")
+DENOISER_CLASSES = denoiser_class_names()
 
 
 def resolve_model_folder(path: str, subfolder: str, key: str) -> str:
@@ -140,11 +142,9 @@ def sd3_transformer(
     )
 
 
-def _denoiser_class(folder: str, key: str) -> type:
-    """The diffusers class named by ``folder/config.json``'s ``_class_name``."""
+def _denoiser_class_name(folder: str, key: str) -> str:
+    """The diffusers class named by ``folder/config.json``'s ``_class_name``, if supported."""
     import json
-
-    import diffusers
 
     with open(os.path.join(folder, "config.json")) as f:
         name = json.load(f).get("_class_name")
@@ -153,7 +153,25 @@ def _denoiser_class(folder: str, key: str) -> type:
             f"{key}: {folder}/config.json names _class_name={name!r}; supported denoisers: "
             f"{', '.join(DENOISER_CLASSES)}"
         )
-    return getattr(diffusers, name)
+    return name
+
+
+def _denoiser_class(folder: str, key: str) -> type:
+    import diffusers
+
+    return getattr(diffusers, _denoiser_class_name(folder, key))
+
+
+def model_family(config: ModelConfig) -> ModelFamily:
+    """The run's model family (core/families.py), chosen once from ``model.family`` and the
+    checkpoint folder; a denoiser built from config is PixArt-α's class."""
+    denoiser = None
+    if config.pretrained_path is not None:
+        folder = resolve_model_folder(
+            config.pretrained_path, "transformer", "model.pretrained_path"
+        )
+        denoiser = _denoiser_class_name(folder, f"model.pretrained_path={config.pretrained_path!r}")
+    return resolve_family(config.family, config.pretrained_path, denoiser)
 
 
 def _check_fits_data(
@@ -166,7 +184,7 @@ def _check_fits_data(
 ) -> None:
     """Raises ValueError naming ``key`` unless the pretrained model takes the data's shapes."""
     cfg = model.config
-    if type(model).__name__ == "SD3Transformer2DModel":
+    if family_of_denoiser(type(model).__name__).pooled_projections:
         wants = {
             "in_channels": cfg.in_channels,
             "joint_attention_dim": cfg.joint_attention_dim,
@@ -212,6 +230,7 @@ def build_denoiser(
             config.pretrained_path, "transformer", "model.pretrained_path"
         )
         cls = _denoiser_class(folder, key)
+        resolve_family(config.family, config.pretrained_path, cls.__name__)  # a contradiction
         if load_weights:
             model = cls.from_pretrained(folder, use_safetensors=True)
         else:
@@ -219,7 +238,7 @@ def build_denoiser(
         _check_fits_data(
             model, key, latent_channels=latent_channels, text_dim=text_dim, pooled_dim=pooled_dim
         )
-        if config.fused_kernels and cls.__name__ != "PixArtTransformer2DModel":
+        if config.fused_kernels and not family_of_denoiser(cls.__name__).fused_kernels:
             raise ValueError(
                 f"model.fused_kernels=true supports PixArt's self- and cross-attention only; "
                 f"{cls.__name__}'s joint attention has no fused kernel: set "

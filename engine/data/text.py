@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from ..config.data import DIGITS_TEXT_HEADS
+from ..core.families import family_of_pipeline_folder
 from .seeding import derive_seed
 
 __all__ = [
-    "SD3_PIPELINE",
     "digits_text_encoder",
     "encode_sd3_text",
     "encode_text",
@@ -22,9 +22,6 @@ __all__ = [
     "load_sd3_text_encoders",
     "load_tokenizer",
 ]
-
-#: The pipeline class of SD3 / SD3.5 folders (``model_index.json``'s ``_class_name``).
-SD3_PIPELINE = "StableDiffusion3Pipeline"
 
 # The digits text encoder: a T5 encoder (gated-GELU, as T5 v1.1 / ByT5) small enough to build in
 # milliseconds. d_kv = text_dim // heads.
@@ -129,17 +126,11 @@ def _importable(module: str) -> bool:
 
 
 def is_sd3_pipeline(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is an SD3 / SD3.5 pipeline folder (its model_index.json names
-    :data:`SD3_PIPELINE`): its text conditioning is three encoders' joint states plus pooled
-    projections, not one T5's states and mask."""
-    import json
-
-    index = os.path.join(os.fspath(folder), "model_index.json")
-    try:
-        with open(index) as f:
-            return json.load(f).get("_class_name") == SD3_PIPELINE
-    except (OSError, ValueError, AttributeError):
-        return False
+    """Whether ``folder`` is a pipeline folder of a family with SD3's joint text encoding
+    (core/families.py): three encoders' joint states plus pooled projections, not one T5's
+    states and mask."""
+    family = family_of_pipeline_folder(folder)
+    return family is not None and family.text_encoding == "sd3"
 
 
 def load_sd3_text_encoders(

@@ -53,10 +53,10 @@ from torch import nn
 
 from ..config import TrainConfig, config_to_toml
 from ..config.sampler import SCHEDULER_CLASS_NAMES
+from ..core.families import ModelFamily, denoiser_class_names, family_of_pipeline_folder
 
 __all__ = [
     "CONFIG_NAME",
-    "PIPELINE_CLASSES",
     "gathered_state_dict",
     "load_exported_networks",
     "sampling_settings",
@@ -64,15 +64,6 @@ __all__ = [
 ]
 
 CONFIG_NAME = "e2ed2_config.toml"
-#: The diffusers pipeline an export of each transformer class is (model_index.json).
-PIPELINE_CLASSES = {
-    "PixArtTransformer2DModel": "PixArtAlphaPipeline",
-    "SD3Transformer2DModel": "StableDiffusion3Pipeline",
-}
-# SD3's frozen text parts (text_encoder: CLIP-L, _2: CLIP-G, both with projection; _3: T5).
-_SD3_TEXT_PARTS = tuple(
-    f"{kind}{n}" for kind in ("text_encoder", "tokenizer") for n in ("", "_2", "_3")
-)
 
 
 def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -119,15 +110,19 @@ def write_export(
         _plain_copy(module, state).save_pretrained(staging / "transformer")
     scheduler = config.sampler.to_diffusers()
     scheduler.save_pretrained(staging / "scheduler")
-    transformer_class = _transformer_class(module)
-    sd3 = transformer_class == "SD3Transformer2DModel"
+    family = _exported_family(config, module)
+    frozen = (
+        _joint_text_components(staging, config, family)
+        if family.text_encoding == "sd3"
+        else _frozen_components(staging, config)
+    )
     components = {
-        "transformer": ["diffusers", transformer_class],
+        "transformer": ["diffusers", family.denoiser_class],
         "scheduler": ["diffusers", type(scheduler).__name__],
-        **(_sd3_frozen_components(staging, config) if sd3 else _frozen_components(staging, config)),
+        **frozen,
     }
     if stock_pipeline:
-        _write_model_index(staging, components, PIPELINE_CLASSES[transformer_class])
+        _write_model_index(staging, components, family.pipeline_class)
     (staging / CONFIG_NAME).write_text(config_to_toml(config))
     (staging / "README.md").write_text(sampling_settings(config))
     if directory.exists():
@@ -148,8 +143,8 @@ def sampling_settings(config: TrainConfig) -> str:
     if guidance > 1:
         cfg = (
             f"guidance_scale = {guidance!r}: classifier-free guidance, the unconditional half "
-            'from the negative prompt "" (PixArtAlphaPipeline\'s default; the empty prompt the '
-            "training used)"
+            'from the negative prompt "" (the PixArt pipelines\' default; the empty prompt '
+            "the training used)"
         )
     else:
         cfg = "guidance_scale = 1.0: no classifier-free guidance (diffusers: any value <= 1)"
@@ -165,16 +160,22 @@ def sampling_settings(config: TrainConfig) -> str:
     )
 
 
-def _transformer_class(module: nn.Module) -> str:
-    """The diffusers class name of the exported transformer(s) (per-step: the first's)."""
+def _exported_family(config: TrainConfig, module: nn.Module) -> ModelFamily:
+    """The run's family (its pipeline class is the export's), checked against the exported
+    transformer(s) (per-step: the first's)."""
     from ..core.lora import lora_base
+    from ..core.models import model_family
 
     if isinstance(module, nn.ModuleList):
         module = module[0]
+    family = model_family(config.model)
     name = type(lora_base(module)).__name__
-    if name not in PIPELINE_CLASSES:
-        raise ValueError(f"cannot export a {name}: expected one of {sorted(PIPELINE_CLASSES)}")
-    return name
+    if name != family.denoiser_class:
+        raise ValueError(
+            f"cannot export a {name} as a {family.pipeline_class} (model.family resolved to "
+            f"{family.name!r}, which trains a {family.denoiser_class})"
+        )
+    return family
 
 
 def _write_model_index(
@@ -225,12 +226,13 @@ def _frozen_components(staging: Path, config: TrainConfig) -> dict[str, list[str
     return entries
 
 
-def _sd3_frozen_components(staging: Path, config: TrainConfig) -> dict[str, list[str | None]]:
-    """SD3's frozen vae/, three text encoders and three tokenizers, linked from the SD3
-    pipeline folder (model.pretrained_path's, else the one the shards were encoded with); their
+def _joint_text_components(
+    staging: Path, config: TrainConfig, family: ModelFamily
+) -> dict[str, list[str | None]]:
+    """SD3's frozen vae/, three text encoders and three tokenizers, linked from a pipeline folder
+    of the family (model.pretrained_path's, else the one the shards were encoded with); their
     model_index.json entries, as the pipeline folder's own model_index.json lists them."""
     from ..core.models import resolve_model_folder
-    from ..data.text import is_sd3_pipeline
 
     entries: dict[str, list[str | None]] = {
         "vae": [None, None],
@@ -248,9 +250,9 @@ def _sd3_frozen_components(staging: Path, config: TrainConfig) -> dict[str, list
     if config.data.source == "shards":
         recorded = _json(config.data.shard_dir, "index.json").get("text_encoder") or {}
         candidates.append(recorded.get("path"))
-    folder = next((c for c in candidates if c and is_sd3_pipeline(c)), None)
+    folder = next((c for c in candidates if family_of_pipeline_folder(c) == family), None)
     listed = _json(folder, "model_index.json") if folder is not None else {}
-    for part in _SD3_TEXT_PARTS:
+    for part in family.frozen_text_parts:
         entries[part] = [None, None]
         if folder is not None and (Path(folder) / part).is_dir():
             _link(staging / part, str(Path(folder) / part))
@@ -323,6 +325,6 @@ def _exported_class(directory: Path) -> type:
 
     for folder in ("transformer", "transformer_step0"):
         name = _json(directory / folder, "config.json").get("_class_name")
-        if name in PIPELINE_CLASSES:
+        if name in denoiser_class_names():
             return getattr(diffusers, name)
-    return diffusers.PixArtTransformer2DModel
+    return getattr(diffusers, denoiser_class_names()[0])

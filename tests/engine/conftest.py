@@ -125,6 +125,13 @@ def pixart_512_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pixart_sigma_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PixArt-Sigma-XL-2-1024-MS-structured pipeline folder (PixArtSigmaPipeline)."""
+    folder = tmp_path_factory.mktemp("PixArt-Sigma-1024-MS")
+    return _real_models().save_pixart_pipeline(folder, 128, sigma=True)
+
+
+@pytest.fixture(scope="session")
 def mixed_image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six captioned images of mixed sizes and aspect ratios."""
     return _real_models().save_image_folder(tmp_path_factory.mktemp("images"))
@@ -159,6 +166,13 @@ def shards_1024(pixart_1024_ms_folder, mixed_image_folder, tmp_path_factory) -> 
     """``mixed_image_folder`` precomputed with the 1024-MS folder's VAE and T5 (64 px)."""
     out = tmp_path_factory.mktemp("shards-1024")
     return _precompute(pixart_1024_ms_folder, mixed_image_folder, out)
+
+
+@pytest.fixture(scope="session")
+def shards_sigma(pixart_sigma_folder, mixed_image_folder, tmp_path_factory) -> Path:
+    """``mixed_image_folder`` precomputed with the PixArt-Σ folder's SDXL-scaled VAE and T5."""
+    out = tmp_path_factory.mktemp("shards-sigma")
+    return _precompute(pixart_sigma_folder, mixed_image_folder, out)
 
 
 @pytest.fixture(scope="session")

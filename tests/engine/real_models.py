@@ -147,11 +147,12 @@ def tiny_sd_vae(seed: int = 0, **overrides: object):
     return AutoencoderKL(**{**config, **overrides})
 
 
-def tiny_pixart_real(sample_size: int, seed: int = 0):
+def tiny_pixart_real(sample_size: int, seed: int = 0, **overrides: object):
     """PixArt-α-XL/2's structure (adaLN-single, learned sigma, T5 captions), 2 layers, tiny.
 
     ``use_additional_conditions`` is left unset, as in the real config.json: diffusers derives
-    it from ``sample_size == 128`` (1024-MS) itself.
+    it from ``sample_size == 128`` (1024-MS) itself. PixArt-Σ's config sets it to false
+    (``overrides``).
     """
     from diffusers import PixArtTransformer2DModel
 
@@ -177,6 +178,7 @@ def tiny_pixart_real(sample_size: int, seed: int = 0):
         norm_elementwise_affine=False,
         norm_eps=1e-6,
         caption_channels=T5_WIDTH,
+        **overrides,
     )
     # diffusers zero-initialises the output projection (and adaLN-single's last layer): a
     # pretrained model is not zero there, and zeros would hide every conditioning path.
@@ -187,21 +189,47 @@ def tiny_pixart_real(sample_size: int, seed: int = 0):
     return model.eval()
 
 
-def save_pixart_pipeline(folder: Path, sample_size: int) -> Path:
-    """A PixArtAlphaPipeline folder with the real checkpoints' structure (see the module doc)."""
-    from diffusers import LCMScheduler, PixArtAlphaPipeline
+#: PixArt-Sigma-XL-2-1024-MS's scheduler_config.json (DPM-Solver over linear betas; epsilon).
+SIGMA_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
+
+
+def save_pixart_pipeline(folder: Path, sample_size: int, *, sigma: bool = False) -> Path:
+    """A PixArtAlphaPipeline folder with the real checkpoints' structure (see the module doc);
+    ``sigma``: a PixArtSigmaPipeline folder as PixArt-Sigma-XL-2-*-MS (the same transformer
+    class with ``use_additional_conditions`` false, the SDXL VAE's scaling 0.13025, DPM-Solver)."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        LCMScheduler,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+    )
     from transformers import T5Tokenizer
 
     tokenizer_dir = save_sentencepiece_tokenizer(folder / "tokenizer")
     tokenizer = T5Tokenizer.from_pretrained(tokenizer_dir)
     encoder = tiny_t5_encoder(len(tokenizer))
-    pipeline = PixArtAlphaPipeline(
-        tokenizer=tokenizer,
-        text_encoder=encoder,
-        vae=tiny_sd_vae(),
-        transformer=tiny_pixart_real(sample_size),
-        scheduler=LCMScheduler(**LCM_SCHEDULER),
-    )
+    if sigma:
+        pipeline = PixArtSigmaPipeline(
+            tokenizer=tokenizer,
+            text_encoder=encoder,
+            vae=tiny_sd_vae(scaling_factor=0.13025),
+            transformer=tiny_pixart_real(sample_size, use_additional_conditions=False),
+            scheduler=DPMSolverMultistepScheduler(**SIGMA_SCHEDULER),
+        )
+    else:
+        pipeline = PixArtAlphaPipeline(
+            tokenizer=tokenizer,
+            text_encoder=encoder,
+            vae=tiny_sd_vae(),
+            transformer=tiny_pixart_real(sample_size),
+            scheduler=LCMScheduler(**LCM_SCHEDULER),
+        )
     pipeline.save_pretrained(folder, safe_serialization=True)
     # Re-save what save_pretrained wrote differently from the real folders: T5 in shards, the
     # tokenizer as the bare sentencepiece model (not transformers' converted tokenizer.json).
