@@ -69,6 +69,14 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ..train.run_lock import FolderInUseError, lock_folder
+
+    try:
+        # One writer per shard folder, held until this process ends (train/run_lock.py).
+        lock = lock_folder(args.out_dir, "OUT_DIR", parser.prog)
+    except (FolderInUseError, NotADirectoryError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
     try:
         index = precompute(
             args.image_dir,
@@ -90,6 +98,8 @@ def _main(argv: Sequence[str]) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        lock.release()
     print(
         f"wrote {index['num_samples']} samples in {len(index['shards'])} shards to "
         f"{args.out_dir} ({len(index['buckets'])} of {args.buckets!r} buckets used, "

@@ -14,8 +14,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .boundary import run_command
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -100,6 +104,25 @@ def _main(argv: Sequence[str], prog: str) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
     )
+    from ..train.run_lock import FolderInUseError, lock_folder
+
+    try:
+        # One writer per run folder: rank 0 holds its lock from before the first write to the
+        # end (the OS drops it when the process dies); a second run is refused here.
+        lock = lock_folder(config.run.output_dir, "run.output_dir", prog) if rank == 0 else None
+    except FolderInUseError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _train(config, prog, rank)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, prog: str, rank: int) -> int:
+    from ..config import ConfigError
+    from ..train.run_lock import FolderInUseError
     from ..train.trainer import CheckpointMismatchError, DataError, NonFiniteError, Trainer
 
     try:
@@ -111,6 +134,9 @@ def _main(argv: Sequence[str], prog: str) -> int:
     except (DataError, NonFiniteError) as err:
         print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 1
+    except FolderInUseError as err:  # the folder re-created while run.overwrite moved it
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     if rank == 0 and history:
         first, last = history[0], history[-1]
         key = "total" if "total" in last else "diffusion"

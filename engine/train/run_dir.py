@@ -23,6 +23,7 @@ from ..config import ConfigError, TrainConfig, load_config
 from .checkpoint import CheckpointStore, checkpoint_step, verify_checkpoint
 from .fingerprint import CheckpointMismatchError, check_fingerprint, fingerprint_differences
 from .metrics import METRICS_FILE
+from .run_lock import LOCK_FILE, FolderInUseError
 
 __all__ = ["StartPlan", "apply_start", "plan_start"]
 
@@ -188,4 +189,27 @@ def apply_start(plan: StartPlan, output_dir: Path) -> None:
     for source, target in plan.moves:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, target)
+        if source == output_dir:
+            _keep_lock_file(target, output_dir)
     CheckpointStore(output_dir / "checkpoints", rank=0, world_size=1, keep=1).remove_leftovers()
+
+
+def _keep_lock_file(aside: Path, output_dir: Path) -> None:
+    """After ``run.overwrite`` moved the whole folder aside (one atomic rename), the lock file
+    this run holds goes back to ``output_dir`` (the lock follows the file, see run_lock.py).
+
+    Neither step replaces what is there: a folder or lock file that appeared at ``output_dir``
+    in between belongs to a process that started meanwhile, and this run stops instead.
+    """
+    held = aside / LOCK_FILE
+    if not held.is_file():
+        return
+    try:
+        output_dir.mkdir()
+        os.link(held, output_dir / LOCK_FILE)
+    except FileExistsError:
+        raise FolderInUseError(
+            f"run.output_dir={str(output_dir)!r} was created again by another process while "
+            f"this run moved the old one to {aside}; one process writes a folder at a time"
+        ) from None
+    held.unlink()

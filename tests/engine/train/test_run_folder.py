@@ -24,6 +24,7 @@ import torch
 from e2ed2.engine.config import config_to_toml, load_config
 from e2ed2.engine.train.checkpoint import MARKER, verify_checkpoint
 from e2ed2.engine.train.distributed import free_port
+from e2ed2.engine.train.run_lock import LOCK_FILE, lock_folder
 
 TINY = [
     "model.num_layers=1",
@@ -77,11 +78,13 @@ def run_copy(base_run: Path, tmp_path: Path) -> Path:
     return out
 
 
-def _hashes(root: Path) -> dict[str, str]:
+def _hashes(root: Path, *, lock: bool = False) -> dict[str, str]:
+    """Every file's hash; the lock file only with ``lock`` (each start that takes the lock
+    writes its own note into it, including a start that is then refused)."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and (lock or p.name != LOCK_FILE)
     }
 
 
@@ -283,6 +286,98 @@ def test_another_runs_folder_without_checkpoints_is_refused(
     assert _train(out, "run.max_steps=2") == 2
     _one_error_line(capsys.readouterr().err, "holds another run", "model.num_layers")
     assert _hashes(out) == before
+
+
+# ------------------------------------------------------------------ one writer per folder
+
+
+def _wait_for(condition, what: str, timeout: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_holder_never_blocks(
+    run_copy: Path, world_of_one: None, capsys: pytest.CaptureFixture
+):
+    """A real `e2ed2 train` resumes the run and is frozen (SIGSTOP) mid-run; a second one on the
+    same folder exits 2 naming the first's pid, host and start time, and changes no file
+    (the lock file included). After the first is SIGKILLed, its lock file stays but no longer
+    blocks: the next run resumes and finishes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    first = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "e2ed2"),
+            "train",
+            "--config",
+            "scratch",
+            *TINY,
+            f"run.output_dir={run_copy}",
+            "run.max_steps=100000",
+            "run.checkpoint_every_steps=100000",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Training: past the resume at step 4 (metrics.jsonl was cut back to 4 lines).
+        _wait_for(lambda: len(_steps(run_copy)) > 5, "the first run to train")
+        os.kill(first.pid, signal.SIGSTOP)
+        note = json.loads((run_copy / LOCK_FILE).read_text())
+        assert note["pid"] == first.pid
+        before = _hashes(run_copy, lock=True)
+        assert _train(run_copy, "run.max_steps=6") == 2
+        line = _one_error_line(
+            capsys.readouterr().err,
+            f"run.output_dir='{run_copy}' is in use",
+            f"pid {first.pid} on host {note['host']}, started {note['started']}",
+        )
+        assert "e2ed2 train" in line
+        assert _hashes(run_copy, lock=True) == before
+    finally:
+        first.kill()
+        first.wait()
+    assert (run_copy / LOCK_FILE).is_file()  # left behind by the killed run
+    assert _train(run_copy, "run.max_steps=6") == 0
+    assert _steps(run_copy) == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run_copy / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_lock_follows_the_run_folder_and_a_refused_new_folder_is_removed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """run.overwrite's move keeps the held lock at run.output_dir; a start refused before it
+    writes leaves no folder it created; precompute refuses a locked OUT_DIR by name."""
+    from e2ed2.engine.cli.main import main
+    from e2ed2.engine.train.run_dir import StartPlan, apply_start
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.toml").write_text("old")
+    with lock_folder(out, "run.output_dir", "test") as lock:
+        aside = tmp_path / "run.replaced-x"
+        apply_start(StartPlan(moves=[(out, aside)]), out)
+        assert sorted(p.name for p in aside.iterdir()) == ["checkpoints", "config.toml"]
+        assert [p.name for p in out.iterdir()] == [LOCK_FILE]
+        with pytest.raises(RuntimeError, match=f"pid {os.getpid()} on host"):
+            lock_folder(out, "run.output_dir", "second")  # the moved-back file is still held
+        assert lock.locked
+    new = tmp_path / "new" / "run"
+    lock_folder(new, "run.output_dir", "test").release()
+    assert not new.exists()  # created by the lock, holding nothing else: removed again
+    shards = tmp_path / "shards"
+    with lock_folder(shards, "OUT_DIR", "e2ed2 precompute"):
+        argv = [str(tmp_path), str(shards), "--vae", "v", "--text-encoder", "t"]
+        assert main(["precompute", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"OUT_DIR='{shards}' is in use by another process (e2ed2 precompute, pid" in err
+    assert not shards.exists()
 
 
 # --------------------------------------------------------------------------------- signals
