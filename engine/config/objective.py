@@ -6,14 +6,21 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from .base import check_fields
+from .base import check_fields, check_int
 
-__all__ = ["LPIPS_MIN_SIZE_PX", "TORCHVISION_MODELS", "ObjectiveConfig", "ObjectiveKind"]
+__all__ = [
+    "LPIPS_MIN_SIZE_PX",
+    "PIXEL_CROP_STEP_PX",
+    "TORCHVISION_MODELS",
+    "ObjectiveConfig",
+    "ObjectiveKind",
+]
 
 ObjectiveKind = Literal["e2ed2", "diffusion"]
 LpipsNet = Literal["vgg", "alex", "squeeze"]
 EnergySpace = Literal["latent", "pixels"]
 TeacherSampler = Literal["ddim", "lcm", "flow_euler"]
+TeacherPath = Literal["start", "student"]
 RewardKind = Literal["digit", "clip"]
 
 _WEIGHTS = (
@@ -29,6 +36,8 @@ _WEIGHTS = (
 LPIPS_MIN_SIZE_PX: dict[str, int] = {"vgg": 16, "alex": 31, "squeeze": 17}
 #: The torchvision model whose ``features`` each LPIPS backbone slices.
 TORCHVISION_MODELS: dict[str, str] = {"vgg": "vgg16", "alex": "alexnet", "squeeze": "squeezenet1_1"}
+#: objective.pixel_crop is cut in latent cells: a multiple of the SD-family VAEs' 8 px per cell.
+PIXEL_CROP_STEP_PX = 8
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,13 @@ class ObjectiveConfig:
     eta 0), or the student's own sampler (then teacher_steps = K reproduces the student). A flow
     matching student (sampler.kind = "flow_euler", itself deterministic) needs "flow_euler".
     """
+    teacher_path: TeacherPath = "start"
+    """``start``: the teacher samples from the student's start noise alone (its own path).
+    ``student`` (the LCM-path teacher, objectives/teacher.py): it walks the student's path with
+    the same start and injected noises, each x0 prediction replaced by a deterministic DDIM solve
+    of the base from that state (teacher_steps from pure noise, fewer in proportion to the noise
+    level left); needs teacher_sampler = "ddim" and an LCM or DDIM student.
+    """
     reward_weight: float = 0.0
     """Weight of the differentiable reward term, -mean reward of the decoded final sample
     (DRaFT / AlignProp; objectives/reward.py, objectives/clip_reward.py). reward_kind "digit":
@@ -119,6 +135,36 @@ class ObjectiveConfig:
     keeps 174 MiB per image for backward (measured under fake tensors) while the other terms'
     graphs (GAN, an uncheckpointed LPIPS) are held too.
     """
+    decode_checkpoint_blocks: bool = True
+    """With decode_checkpoint: checkpoint the decoder one block at a time (diffusers' own
+    gradient checkpointing of an AutoencoderKL decoder: its mid block and each up block) instead
+    of as a whole. The same single extra decoder forward; the backward then holds one block's
+    activations instead of the whole decoder's (benchmarks/bench_pixel_terms.py).
+    """
+    pixel_rows_per_pass: int = 0
+    """Compute the terms on decoded pixels (LPIPS, the reward, pixel-space energy, the GAN's
+    generator term and the discriminator's updates) a pass of at most this many rows at a time:
+    decode, terms, backward to the final latent, free, next pass. Their activation memory is then
+    that of this many images whatever the batch. 0 = the whole micro-batch at once. Rounded up to
+    a multiple of trajectory.samples_per_prompt when the energy score is in pixel space (a
+    prompt's m samples are compared with each other).
+    """
+    lpips_resolution: int = 0
+    """Resize both images so that their shorter side is this many pixels (antialiased bilinear)
+    before LPIPS, when they are larger: LPIPS's networks were trained on 64-256 px patches, and
+    the trunk's activations shrink with the square of the side. 0 = native resolution.
+    """
+    loss_decoder_path: str | None = None
+    """A local diffusers AutoencoderTiny folder (e.g. a copy of madebyollin/taesd) that decodes the
+    final latents for the loss terms only (LPIPS, reward, pixel energy, GAN): a much smaller
+    differentiable decoder. Samples, grids and evaluation still use model.vae_path.
+    """
+    pixel_crop: int = 0
+    """The pixel terms see a random square crop of this many pixels of each prompt's sample and
+    target (the same crop for a prompt's m samples and its target), drawn from the run's seeded
+    generator. The crop is taken in latent space (a multiple of 8 pixels: one latent cell) and
+    only the crop is decoded. 0 = the whole image.
+    """
 
     def __post_init__(self) -> None:
         # The weights first: their message says the whole rule (finite and >= 0).
@@ -139,6 +185,11 @@ class ObjectiveConfig:
             raise ValueError(f"objective.energy_lambda must be in [0, 1], got {self.energy_lambda}")
         if self.teacher_steps < 1:
             raise ValueError(f"objective.teacher_steps must be >= 1, got {self.teacher_steps}")
+        if self.teacher_path == "student" and self.teacher_sampler != "ddim":
+            raise ValueError(
+                "objective.teacher_path='student' solves each state with deterministic DDIM: set "
+                f"objective.teacher_sampler='ddim', got {self.teacher_sampler!r}"
+            )
         if self.kind == "diffusion":
             for key in _WEIGHTS:
                 if key == "l2_weight":
@@ -161,6 +212,21 @@ class ObjectiveConfig:
                 f"objective.reward_weight > 0 with reward_kind={self.reward_kind!r} needs "
                 f"objective.reward_path ({what})"
             )
+        for key in ("pixel_rows_per_pass", "lpips_resolution", "pixel_crop"):
+            check_int(f"objective.{key}", getattr(self, key), minimum=0)
+        if 0 < self.lpips_resolution < LPIPS_MIN_SIZE_PX[self.lpips_net]:
+            raise ValueError(
+                f"objective.lpips_resolution={self.lpips_resolution} is below the "
+                f"{LPIPS_MIN_SIZE_PX[self.lpips_net]} px that objective.lpips_net="
+                f"{self.lpips_net!r} accepts (0 = native resolution)"
+            )
+        if self.pixel_crop % PIXEL_CROP_STEP_PX:
+            raise ValueError(
+                f"objective.pixel_crop={self.pixel_crop} must be a multiple of "
+                f"{PIXEL_CROP_STEP_PX} pixels (the crop is cut in latent cells; 0 = whole image)"
+            )
+        if self.loss_decoder_path is not None and not self.loss_decoder_path:
+            raise ValueError("objective.loss_decoder_path is empty; leave it unset instead")
         if self.lpips_backbone_path is not None and not self.lpips_backbone_path:
             raise ValueError("objective.lpips_backbone_path is empty; leave it unset instead")
         if self.lpips_backbone_path is not None and self.lpips_random_backbone:
