@@ -7,9 +7,13 @@ from typing import Literal
 
 from .base import check_fields
 
-__all__ = ["Precision", "RunConfig"]
+__all__ = ["TRACKERS", "VALIDATION_PROMPT_FILES", "Precision", "RunConfig"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
+#: What ``run.report_to`` may name (train/trackers.py).
+TRACKERS: tuple[str, ...] = ("tensorboard", "wandb")
+#: ``run.validation_prompts`` as a file: one prompt a line, or one JSON object a line.
+VALIDATION_PROMPT_FILES: tuple[str, ...] = (".txt", ".jsonl")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,23 @@ class RunConfig:
     the run writes a checkpoint and stops. fp16's dynamic loss scale also skips steps while it
     calibrates (one per halving of its initial scale, 2**16 by default), which count too.
     """
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """Trackers rank 0 logs scalars and sample / validation images to, besides metrics.jsonl:
+    "tensorboard" (output_dir/tensorboard) and / or "wandb" (the optional wandb package, ``pip
+    install e2ed2[wandb]``; the resolved config as the wandb run's config; WANDB_MODE=offline
+    and the other WANDB_* variables apply). [] = metrics.jsonl only."""
+    wandb_project: str = "e2ed2"
+    """report_to with "wandb": the wandb project; the run is named after output_dir's folder."""
+    validation_prompts: tuple[str, ...] | str = ()
+    """Prompts sampled every sample_every_steps into captioned PNG grids
+    (samples/validation-K<k>-step<N>.png) and logged to every tracker: a list in the TOML, or a
+    path to a .txt (one prompt a line) or .jsonl ({"prompt": ...} or {"text": ...} a line)
+    file. Encoded once at start-up by the run's text encoder (the digits' tiny T5; for shards,
+    the text encoder recorded in their index.json). Each prompt keeps its seed across the run,
+    so the grids of two steps differ only by the training in between. () = none."""
+    validation_num_steps: tuple[int, ...] = ()
+    """The K values the validation prompts are sampled at, one grid each (e.g. [1, 2, 4]);
+    () = the run's trajectory.num_steps."""
 
     def __post_init__(self) -> None:
         check_fields("run", self)
@@ -119,3 +140,27 @@ class RunConfig:
                     "run.resume_from is set but run.resume=false; unset one of them "
                     "(run.resume_from=none)"
                 )
+        self._check_trackers_and_validation()
+
+    def _check_trackers_and_validation(self) -> None:
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ValueError(f"run.report_to: {name!r} is not one of {list(TRACKERS)}")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"run.report_to names a tracker twice: {list(self.report_to)}")
+        if not self.wandb_project:
+            raise ValueError("run.wandb_project must not be empty")
+        prompts = self.validation_prompts
+        if isinstance(prompts, str):
+            if not prompts.endswith(VALIDATION_PROMPT_FILES):
+                raise ValueError(
+                    f"run.validation_prompts={prompts!r}: a prompt file must end in "
+                    f"{' or '.join(VALIDATION_PROMPT_FILES)} (or give a list of prompts)"
+                )
+        elif not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(
+                f"run.validation_prompts must be non-empty strings, got {list(prompts)!r}"
+            )
+        for k in self.validation_num_steps:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"run.validation_num_steps must be integers >= 1, got {k!r}")

@@ -232,7 +232,14 @@ class Trainer:
         if self.start.checkpoint is not None:
             self._resume(self.start.checkpoint)
         self._last_checkpoint_step = self.step
-        self.metrics = MetricsLog(self.output_dir, resume_step=self.step, enabled=self.is_main)
+        self.metrics = MetricsLog(
+            self.output_dir,
+            resume_step=self.step,
+            enabled=self.is_main,
+            report_to=run.report_to,
+            wandb_project=run.wandb_project,
+            run_config=dataclasses.asdict(config),  # the resolved config (wandb's run config)
+        )
 
     # -- state ---------------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
