@@ -8,6 +8,7 @@ shows one digit per prompt per row, upscaled with nearest-neighbour so a person 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from ..core.models import resolve_model_folder
 from ..core.sampler import build_schedule
 from ..core.sampling import generate_pixels
 from ..data.digits import DIGIT_WORDS
+from ..objectives.teacher import teacher_sampler_config
 from .common import load_export
 from .digits import DigitEvaluator, digit_prompts, score_networks
 
@@ -103,6 +105,21 @@ def compare_with_base(
         )
         for name, (networks, model_config) in models.items()
     }
+    # The teacher alone (the frozen base with the teacher's many-step sampler, from pure noise):
+    # where the student stands against the model whose samples it was pulled towards.
+    teacher = None
+    objective = config.objective
+    if objective.kind == "e2ed2" and objective.teacher_weight > 0:
+        sampler = teacher_sampler_config(objective, config.sampler)
+        teacher_config = dataclasses.replace(config, sampler=sampler)
+        k = objective.teacher_steps
+        teacher = {
+            "sampler": sampler.kind,
+            "num_steps": k,
+            **score_networks(
+                base, teacher_config, decode, evaluator, num_steps=(k,), seeds=seeds, device=device
+            )[str(k)],
+        }
     # The grid: digits 0..9 once per row, sampling seed = the first scoring seed.
     cond, _ = digit_prompts(evaluator.train_set, 1)
     rows = []
@@ -134,6 +151,8 @@ def compare_with_base(
         "grid": str(grid),
         "num_steps": {str(k): {name: scores[name][str(k)] for name in models} for k in num_steps},
     }
+    if teacher is not None:
+        report["teacher"] = teacher
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -149,6 +168,12 @@ def format_report(report: dict[str, Any]) -> str:
         parts.append(
             f"K={k} {base['fd_mean']:.1f} ± {base['fd_std']:.1f} -> "
             f"{tuned['fd_mean']:.1f} ± {tuned['fd_std']:.1f} ({change:+.0f}%)"
+        )
+    teacher = report.get("teacher")
+    if teacher is not None and "fd_mean" in teacher:
+        parts.append(
+            f"teacher (base, {teacher['num_steps']}-step {teacher['sampler'].upper()}) "
+            f"{teacher['fd_mean']:.1f} ± {teacher['fd_std']:.1f}"
         )
     seeds = len(report["seeds"])
     return f"FD base -> fine-tuned (digit classifier, mean ± std over {seeds} seeds): " + (

@@ -32,3 +32,19 @@ def test_format_report_gives_both_fds_and_the_change_per_k() -> None:
     line = format_report(report)
     assert "K=1 200.0 ± 1.0 -> 50.0 ± 2.0 (-75%)" in line
     assert "K=4" not in line and "over 3 seeds" in line
+
+
+def test_format_report_adds_the_teachers_fd() -> None:
+    report = {
+        "seeds": [0, 1],
+        "num_steps": {
+            "1": {
+                "base": {"fd_mean": 200.0, "fd_std": 1.0},
+                "finetuned": {"fd_mean": 50.0, "fd_std": 2.0},
+            }
+        },
+        "teacher": {"sampler": "ddim", "num_steps": 16, "fd_mean": 34.5, "fd_std": 0.7},
+    }
+    assert format_report(report).endswith("; teacher (base, 16-step DDIM) 34.5 ± 0.7")
+    del report["teacher"]
+    assert "teacher" not in format_report(report)
