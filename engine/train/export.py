@@ -46,7 +46,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +53,8 @@ from torch import nn
 from ..config import TrainConfig, config_to_toml
 from ..config.sampler import SCHEDULER_CLASS_NAMES
 from ..core.families import ModelFamily, denoiser_class_names, family_of_pipeline_folder
+from .export_files import CONFIG_NAME, link_folder, read_json
+from .lora_export import load_lora_export, write_lora_networks
 
 __all__ = [
     "CONFIG_NAME",
@@ -62,8 +63,6 @@ __all__ = [
     "sampling_settings",
     "write_export",
 ]
-
-CONFIG_NAME = "e2ed2_config.toml"
 
 
 def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -96,8 +95,6 @@ def write_export(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     if config.model.lora_rank:
-        from .lora_export import write_lora_networks
-
         stock_pipeline = write_lora_networks(staging, config, module, state)
     elif isinstance(module, nn.ModuleList):
         stock_pipeline = False
@@ -196,10 +193,10 @@ def _frozen_components(staging: Path, config: TrainConfig) -> dict[str, list[str
     entries: dict[str, list[str | None]] = {"vae": [None, None]}
     if config.model.vae_path is not None:
         vae = resolve_model_folder(config.model.vae_path, "vae", "model.vae_path")
-        _link(staging / "vae", vae)
+        link_folder(staging / "vae", vae)
         entries["vae"] = [
             "diffusers",
-            _json(vae, "config.json").get("_class_name", "AutoencoderKL"),
+            read_json(vae, "config.json").get("_class_name", "AutoencoderKL"),
         ]
     if config.data.source == "digits":
         # Pixel space: the tiny T5 exists only inside e2ed2 (seeded), so it is saved here.
@@ -216,12 +213,12 @@ def _frozen_components(staging: Path, config: TrainConfig) -> dict[str, list[str
     encoder_dir, tokenizer_dir = _text_folders(config)
     entries["text_encoder"] = entries["tokenizer"] = [None, None]
     if encoder_dir is not None:
-        _link(staging / "text_encoder", encoder_dir)
-        architectures = _json(encoder_dir, "config.json").get("architectures") or []
+        link_folder(staging / "text_encoder", encoder_dir)
+        architectures = read_json(encoder_dir, "config.json").get("architectures") or []
         entries["text_encoder"] = ["transformers", (architectures or ["T5EncoderModel"])[0]]
     if tokenizer_dir is not None:
-        _link(staging / "tokenizer", tokenizer_dir)
-        tokenizer_class = _json(tokenizer_dir, "tokenizer_config.json").get("tokenizer_class")
+        link_folder(staging / "tokenizer", tokenizer_dir)
+        tokenizer_class = read_json(tokenizer_dir, "tokenizer_config.json").get("tokenizer_class")
         entries["tokenizer"] = ["transformers", tokenizer_class or "T5Tokenizer"]
     return entries
 
@@ -241,21 +238,21 @@ def _joint_text_components(
     }
     if config.model.vae_path is not None:
         vae = resolve_model_folder(config.model.vae_path, "vae", "model.vae_path")
-        _link(staging / "vae", vae)
+        link_folder(staging / "vae", vae)
         entries["vae"] = [
             "diffusers",
-            _json(vae, "config.json").get("_class_name", "AutoencoderKL"),
+            read_json(vae, "config.json").get("_class_name", "AutoencoderKL"),
         ]
     candidates = [config.model.pretrained_path]
     if config.data.source == "shards":
-        recorded = _json(config.data.shard_dir, "index.json").get("text_encoder") or {}
+        recorded = read_json(config.data.shard_dir, "index.json").get("text_encoder") or {}
         candidates.append(recorded.get("path"))
     folder = next((c for c in candidates if family_of_pipeline_folder(c) == family), None)
-    listed = _json(folder, "model_index.json") if folder is not None else {}
+    listed = read_json(folder, "model_index.json") if folder is not None else {}
     for part in family.frozen_text_parts:
         entries[part] = [None, None]
         if folder is not None and (Path(folder) / part).is_dir():
-            _link(staging / part, str(Path(folder) / part))
+            link_folder(staging / part, str(Path(folder) / part))
             entries[part] = list(listed.get(part) or [None, None])
     return entries
 
@@ -271,27 +268,12 @@ def _text_folders(config: TrainConfig) -> tuple[str | None, str | None]:
         if (root / "tokenizer").is_dir():
             tokenizer = str(root / "tokenizer")
     if config.data.source == "shards" and (encoder is None or tokenizer is None):
-        recorded = _json(config.data.shard_dir, "index.json").get("text_encoder") or {}
+        recorded = read_json(config.data.shard_dir, "index.json").get("text_encoder") or {}
         if encoder is None and os.path.isdir(recorded.get("path") or ""):
             encoder = recorded["path"]
         if tokenizer is None and os.path.isdir(recorded.get("tokenizer") or ""):
             tokenizer = recorded["tokenizer"]
     return encoder, tokenizer
-
-
-def _link(path: Path, target: str) -> None:
-    # Absolute: the export is renamed into place and lives in checkpoints/stepN/ too.
-    try:
-        os.symlink(os.path.abspath(target), path, target_is_directory=True)
-    except OSError:  # a filesystem without symlinks: copy instead
-        shutil.copytree(target, path)
-
-
-def _json(folder: str | os.PathLike, name: str) -> dict[str, Any]:
-    try:
-        return json.loads((Path(folder) / name).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def load_exported_networks(
@@ -301,8 +283,6 @@ def load_exported_networks(
     base with its adapters loaded, or the merged weights; per-step LoRA unmerged: a
     :class:`~e2ed2.engine.core.lora.PerStepLoRA`); their class is the one their config.json
     names (PixArt or SD3)."""
-    from .lora_export import load_lora_export
-
     directory = Path(directory)
     transformer_cls = _exported_class(directory)
     lora = load_lora_export(directory, num_steps, transformer_cls)
@@ -324,7 +304,7 @@ def _exported_class(directory: Path) -> type:
     import diffusers
 
     for folder in ("transformer", "transformer_step0"):
-        name = _json(directory / folder, "config.json").get("_class_name")
+        name = read_json(directory / folder, "config.json").get("_class_name")
         if name in denoiser_class_names():
             return getattr(diffusers, name)
     return getattr(diffusers, denoiser_class_names()[0])

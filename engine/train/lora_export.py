@@ -39,7 +39,7 @@ from ..core.lora import (
     plain_transformer,
     save_lora_weights,
 )
-from .export import CONFIG_NAME, _link
+from .export_files import CONFIG_NAME, link_folder
 
 __all__ = ["load_lora_export", "write_lora_networks"]
 
@@ -75,7 +75,7 @@ def write_lora_networks(
         pretrained = resolve_model_folder(
             config.model.pretrained_path, "transformer", "model.pretrained_path"
         )
-        _link(staging / "transformer", pretrained)
+        link_folder(staging / "transformer", pretrained)
     else:
         plain_transformer(fresh_base).save_pretrained(staging / "transformer")
     # Per-step: no stock pipeline runs K adapters (nor K networks).
