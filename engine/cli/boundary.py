@@ -67,6 +67,12 @@ def _classify(error: BaseException) -> tuple[int, str]:
         return 2, "config error"
     if train_errors and isinstance(error, train_errors):
         return 2, "error"
+    from ..train.write_errors import as_os_error
+
+    written = None if isinstance(error, OSError) else as_os_error(error)
+    if written is not None and written.errno == errno.ENOSPC:
+        # torch's and safetensors' writers report a full disk without an OSError.
+        return 1, "stopped: the disk is full (ENOSPC)"
     if isinstance(error, OSError):
         if error.errno == errno.ENOSPC:
             return 1, "stopped: the disk is full (ENOSPC)"

@@ -44,6 +44,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .write_errors import as_os_error, attempt_write, injected_save_fault
+
 __all__ = [
     "MARKER",
     "CheckpointError",
@@ -208,6 +210,17 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _cause(error: OSError, where: Path) -> str:
+    """``writing FILE failed: CAUSE`` (a full disk said so, however the writer reported it)."""
+    if error.errno != errno.ENOSPC:
+        return f"writing {error.filename or where} failed: {type(error).__name__}: {error}"
+    # A writer that raised no OSError (write_errors.py): its own words, e.g. torch's "unexpected
+    # pos", stay in the line for whoever searches for them.
+    writer = error.__cause__
+    said = "" if writer is None else f" ({type(writer).__name__}: {str(writer).splitlines()[0]})"
+    return f"writing {error.filename or where} failed: the disk is full (ENOSPC){said}; free space"
+
+
 class CheckpointStore:
     """Saves and finds complete checkpoints in ``root``; all ranks call every method."""
 
@@ -263,14 +276,20 @@ class CheckpointStore:
                 f"checkpoint step {step} was not saved: another rank failed to write into "
                 f"{staging} (its message says why); the temporary folder was removed"
             )
-        full = getattr(error, "errno", None) == errno.ENOSPC
-        cause = (
-            "the disk is full (ENOSPC); free space" if full else f"{type(error).__name__}: {error}"
-        )
-        where = getattr(error, "filename", None) or staging
         raise CheckpointSaveError(
-            f"checkpoint step {step} was not saved: writing {where} failed: {cause}; the "
-            f"temporary folder was removed and the previous checkpoints are untouched"
+            f"checkpoint step {step} was not saved: {_cause(error, staging)}; the temporary "
+            "folder was removed and the previous checkpoints are untouched"
+        ) from error
+
+    def _stop_inside_deepspeed(self, step: int, error: OSError) -> NoReturn:
+        """A write inside DeepSpeed's save failed on this rank of several: its peers may wait
+        in one of that save's collectives, which this rank can no longer match, so it agrees
+        with no one and stops; the launcher ends the others (README: Multi-GPU)."""
+        raise CheckpointSaveError(
+            f"checkpoint step {step} was not saved: rank {self.rank} of {self.world_size}: "
+            f"{_cause(error, self.root)}; the other ranks wait inside DeepSpeed's save and are "
+            "stopped by the launcher; the previous checkpoints are untouched (the temporary "
+            "folder is removed at the next start)"
         ) from error
 
     def save(
@@ -285,8 +304,11 @@ class CheckpointStore:
     ) -> Path:
         """Writes checkpoint ``step`` (all ranks); ``write_extra(staging)`` runs on all ranks.
 
-        An OSError on any rank (a full disk, a permission) removes the temporary folder and
-        raises :class:`CheckpointSaveError` on every rank; nothing published is touched.
+        A failed write (a full disk, a permission) on any rank removes the temporary folder and
+        raises :class:`CheckpointSaveError` on every rank; nothing published is touched. Inside
+        DeepSpeed's own save on a rank of several, the failing rank raises alone (see
+        :meth:`_stop_inside_deepspeed`). Every rank still runs every collective (DeepSpeed's
+        save, ``write_extra``'s ZeRO-3 gather) after a local failure, so none is left waiting.
         """
         tag = self.tag(step)
         staging = self.root / f".tmp-{tag}"
@@ -301,25 +323,25 @@ class CheckpointStore:
         if not self._all_ranks_ok(error is None):
             self._failed_save(staging, step, error)
         try:
-            engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
-            if disc_engine is not None:
-                disc_engine.save_checkpoint(str(staging), tag="discriminator", save_latest=False)
-            if ema_state is not None:
-                save_file(
-                    {k: v.contiguous().cpu() for k, v in ema_state.items()},
-                    str(staging / f"rank{self.rank:05d}.safetensors"),
-                )
-            torch.save(capture_rng_state(), staging / f"rank{self.rank:05d}.state.pt")
-            if write_extra is not None:
-                write_extra(staging)
-            if self.rank == 0:
-                with open(staging / TRAINER_STATE, "w") as f:
-                    json.dump({**trainer_state, "world_size": self.world_size}, f, indent=2)
-                # DeepSpeed's own pointer, inside the folder: its bundled zero_to_fp32.py (and
-                # engine.load_checkpoint(folder)) find the tag without --tag.
-                (staging / "latest").write_text(tag)
-        except OSError as err:
-            error = err
+            with injected_save_fault(engine, self.rank):
+                engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+                if disc_engine is not None:
+                    disc_engine.save_checkpoint(
+                        str(staging), tag="discriminator", save_latest=False
+                    )
+        except Exception as err:
+            error = as_os_error(err)
+            if error is None:
+                raise
+            if self.world_size > 1:
+                self._stop_inside_deepspeed(step, error)
+        error = attempt_write(error, lambda: self._write_rank_files(staging, ema_state))
+        if write_extra is not None:  # collective (the ZeRO-3 gather of an export): always run
+            error = attempt_write(error, lambda: write_extra(staging), always=self.world_size > 1)
+        if self.rank == 0:
+            error = attempt_write(
+                error, lambda: self._write_trainer_state(staging, tag, trainer_state)
+            )
         if not self._all_ranks_ok(error is None):
             self._failed_save(staging, step, error)
         try:
@@ -346,6 +368,21 @@ class CheckpointStore:
                 shutil.rmtree(retired, ignore_errors=True)
         _barrier()
         return final
+
+    def _write_rank_files(self, staging: Path, ema_state: dict[str, torch.Tensor] | None) -> None:
+        if ema_state is not None:
+            save_file(
+                {k: v.contiguous().cpu() for k, v in ema_state.items()},
+                str(staging / f"rank{self.rank:05d}.safetensors"),
+            )
+        torch.save(capture_rng_state(), staging / f"rank{self.rank:05d}.state.pt")
+
+    def _write_trainer_state(self, staging: Path, tag: str, trainer_state: dict[str, Any]) -> None:
+        with open(staging / TRAINER_STATE, "w") as f:
+            json.dump({**trainer_state, "world_size": self.world_size}, f, indent=2)
+        # DeepSpeed's own pointer, inside the folder: its bundled zero_to_fp32.py (and
+        # engine.load_checkpoint(folder)) find the tag without --tag.
+        (staging / "latest").write_text(tag)
 
     def remove_leftovers(self) -> None:
         """Rank 0: removes what interrupted saves and deletions left (never a checkpoint)."""

@@ -229,6 +229,68 @@ def test_a_full_disk_during_a_save_says_so_and_removes_the_partial_save(
     assert _steps(run_copy)[:4] == [1, 2, 3, 4]
 
 
+def _torch_short_write_error(path: Path) -> RuntimeError:
+    """What torch's own checkpoint writer raises when the disk takes fewer bytes than it
+    writes (a full disk), produced for real under a 512-byte file-size limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512, hard))
+    try:
+        torch.save(torch.zeros(4096), path)
+    except RuntimeError as err:
+        return err
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    raise AssertionError("torch.save wrote past the file-size limit")
+
+
+def test_a_full_disk_inside_torchs_writer_is_a_full_disk_stop_then_and_on_the_rerun(
+    run_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """torch.save (DeepSpeed's files, the RNG state) reports a full disk as ``RuntimeError:
+    ... unexpected pos ...``: the run stops with the full-disk message (exit 1), not as a bug,
+    and so does the rerun on the still-full disk; the checkpoints stay as they were."""
+    error = _torch_short_write_error(tmp_path / "probe.pt")
+    assert "unexpected pos" in str(error)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(str(error))
+
+    monkeypatch.setattr(torch, "save", full)
+    before = _hashes(run_copy / "checkpoints")
+    for _ in ("first failure", "rerun on the still-full disk"):
+        assert _train(run_copy, "run.max_steps=6") == 1
+        line = _one_error_line(capsys.readouterr().err, "disk is full (ENOSPC)", "unexpected pos")
+        assert "stopped" in line and "checkpoint step 6 was not saved" in line
+        assert "internal error" not in line
+        assert _hashes(run_copy / "checkpoints") == before  # no .tmp- left, nothing changed
+
+
+def test_a_full_disk_outside_a_save_ends_as_a_full_disk_stop(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """The command boundary: torch's short-write error anywhere (an export, a sample) is the
+    full-disk stop too; another RuntimeError stays an internal error."""
+    from e2ed2.engine.cli.boundary import run_command
+
+    error = _torch_short_write_error(tmp_path / "probe.pt")
+
+    def fail(args: list[str]) -> int:
+        raise error
+
+    assert run_command("e2ed2 sample", fail, []) == 1
+    assert capsys.readouterr().err.startswith("e2ed2 sample: stopped: the disk is full (ENOSPC)")
+
+    def bug(args: list[str]) -> int:
+        raise RuntimeError("something else")
+
+    assert run_command("e2ed2 sample", bug, []) == 1
+    assert "internal error" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------- output folders
 
 
