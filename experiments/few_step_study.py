@@ -1,0 +1,337 @@
+"""Issue 25's study: few-step objectives on the shipped digits base, against the 16-step teacher
+and a consistency-distillation baseline, at equal optimizer steps and at equal compute.
+
+One run at a time (the machine is shared): ``run NAME --seed S`` trains one model (a child
+process with one CPU thread: ``e2ed2 train`` for the engine's objectives, ``consistency_distill.py``
+for the baseline), records the child's CPU seconds (``resource.getrusage(RUSAGE_CHILDREN)``: user
++ system, the compute measure, since wall-clock is unreliable on a shared machine) and wall
+seconds, then scores the export with ``e2ed2 evaluate`` at K = 1, 2, 4 on sampling seeds 0, 1, 2
+with one cached digit classifier (the same classifier for every row). ``teacher`` scores the frozen
+base as the 16-step DDIM sampler; ``table`` writes ``results/few_step/results.md``.
+
+    python experiments/few_step_study.py run path_lcm --seed 0
+    python experiments/few_step_study.py teacher
+    python experiments/few_step_study.py table
+
+Everything lands in ``experiments/results/few_step/`` (committed: ``runs/*.json`` with the
+per-seed scores and CPU seconds, ``results.md``); the training folders in ``experiments/runs/``
+(git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "experiments" / "results" / "few_step"
+WORK = ROOT / "experiments" / "runs" / "few_step"
+CLASSIFIER_CACHE = WORK / "classifier"
+SAMPLING_SEEDS = (0, 1, 2)
+NUM_STEPS = (1, 2, 4)
+
+#: The engine's objectives: `e2ed2 train --config embedded` plus these overrides (the preset's
+#: 300 steps, batch 8, LR 3e-4, EMA 0.99, K drawn from {1, 2, 4}, one thread).
+ENGINE_RUNS: dict[str, list[str]] = {
+    # The main job before issue 25: start-noise teacher, DDIM student (sampled with DDIM).
+    "start_ddim": ["objective.teacher_path=start", "sampler.kind=ddim"],
+    # The LCM-path teacher with the paper's LCM sampler.
+    "path_lcm": ["objective.teacher_path=student", "sampler.kind=lcm"],
+    # + the paper's 4-conv GAN on real digits (weight 0.01, 5 discriminator steps per step).
+    "path_lcm_gan": [
+        "objective.teacher_path=student",
+        "sampler.kind=lcm",
+        "gan.enabled=true",
+    ],
+    # + the energy score against the data, m = 2 samples per prompt.
+    "path_lcm_energy": [
+        "objective.teacher_path=student",
+        "sampler.kind=lcm",
+        "objective.energy_weight=0.1",
+        "trajectory.samples_per_prompt=2",
+    ],
+}
+#: Consistency distillation (consistency_distill.py): optimizer steps per run. ``cd_steps`` is
+#: the main job's 300; ``cd_compute`` is set from the measured CPU seconds (see the README).
+CD_RUNS: dict[str, list[str]] = {
+    "cd_steps": ["--steps", "300"],
+    "cd_compute": ["--steps", "1500"],
+}
+
+
+def _child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(command: list[str], log: Path) -> tuple[float, float]:
+    """Runs ``command`` (output to ``log``); returns its CPU and wall seconds."""
+    cpu, wall = _child_cpu_seconds(), time.perf_counter()
+    with log.open("w") as handle:
+        code = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise SystemExit(f"{command[:3]}... failed with exit {code}; see {log}")
+    return _child_cpu_seconds() - cpu, time.perf_counter() - wall
+
+
+def _evaluate(export: Path, out: Path, log: Path, extra: list[str] | None = None) -> dict:
+    command = [
+        sys.executable,
+        "-P",
+        "-m",
+        "e2ed2.engine.cli.main",
+        "evaluate",
+        str(export),
+        "--num-steps",
+        *map(str, NUM_STEPS),
+        "--seeds",
+        *map(str, SAMPLING_SEEDS),
+        "--classifier-cache",
+        str(CLASSIFIER_CACHE),
+        "--out",
+        str(out),
+        *(extra or []),
+    ]
+    _timed(command, log)
+    return json.loads(out.read_text())
+
+
+def run(name: str, seed: int) -> None:
+    folder = WORK / f"{name}_s{seed}"
+    OUT.joinpath("runs").mkdir(parents=True, exist_ok=True)
+    record_path = OUT / "runs" / f"{name}_s{seed}.json"
+    if name in ENGINE_RUNS:
+        command = [
+            sys.executable,
+            "-P",
+            "-m",
+            "e2ed2.engine.cli.main",
+            "train",
+            "--config",
+            "embedded",
+            f"run.output_dir={folder}",
+            f"run.seed={seed}",
+            "run.compare_with_base=false",
+            "run.overwrite=true",
+            "run.resume=false",
+            *ENGINE_RUNS[name],
+        ]
+        settings = ENGINE_RUNS[name]
+    elif name in CD_RUNS:
+        command = [
+            sys.executable,
+            str(ROOT / "experiments" / "consistency_distill.py"),
+            "--out",
+            str(folder),
+            "--seed",
+            str(seed),
+            *CD_RUNS[name],
+        ]
+        settings = CD_RUNS[name]
+    else:
+        raise SystemExit(f"unknown run {name!r}; one of {[*ENGINE_RUNS, *CD_RUNS]}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    cpu_s, wall_s = _timed(command, folder.parent / f"{name}_s{seed}.train.log")
+    scores = _evaluate(
+        folder / "export",
+        folder.parent / f"{name}_s{seed}.eval.json",
+        folder.parent / f"{name}_s{seed}.eval.log",
+    )
+    record = {
+        "name": name,
+        "seed": seed,
+        "settings": settings,
+        "train_cpu_s": round(cpu_s, 1),
+        "train_wall_s": round(wall_s, 1),
+        "fd": {k: [s["fd"] for s in v["per_seed"]] for k, v in scores["num_steps"].items()},
+        "accuracy": {
+            k: [s["accuracy"] for s in v["per_seed"]] for k, v in scores["num_steps"].items()
+        },
+    }
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record[k] for k in ("name", "seed", "train_cpu_s", "fd")}))
+
+
+def teacher() -> None:
+    """The frozen base as the 16-step DDIM sampler (the main job's teacher) and as the LCM-path
+    teacher's own sampler is not an export; score the base with DDIM 16 (the issue's teacher)."""
+    from e2ed2.engine.config import load_config
+
+    config = load_config("embedded", [])
+    base = Path(config.model.pretrained_path)
+    record = {"name": "teacher_ddim16", "seed": None}
+    scores = {}
+    for kind in ("ddim", "lcm"):
+        export = WORK / f"base_{kind}"
+        _write_base_export(export, kind)
+        steps = ["--num-steps", "16"] if kind == "ddim" else []
+        out = WORK / f"base_{kind}.eval.json"
+        command = [
+            sys.executable,
+            "-P",
+            "-m",
+            "e2ed2.engine.cli.main",
+            "evaluate",
+            str(export),
+            *(steps or ["--num-steps", *map(str, NUM_STEPS)]),
+            "--seeds",
+            *map(str, SAMPLING_SEEDS),
+            "--classifier-cache",
+            str(CLASSIFIER_CACHE),
+            "--out",
+            str(out),
+        ]
+        if kind == "ddim":
+            command += ["--noise-floor"]
+        _timed(command, WORK / f"base_{kind}.eval.log")
+        scores[kind] = json.loads(out.read_text())
+    record["base"] = str(base)
+    record["fd"] = {
+        f"{kind}:{k}": [s["fd"] for s in v["per_seed"]]
+        for kind, result in scores.items()
+        for k, v in result["num_steps"].items()
+    }
+    record["noise_floor"] = scores["ddim"].get("noise_floor")
+    OUT.joinpath("runs").mkdir(parents=True, exist_ok=True)
+    (OUT / "runs" / "base.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["fd"]))
+
+
+def _write_base_export(export: Path, kind: str) -> None:
+    """The shipped base as an export folder sampled with ``kind`` (no training)."""
+    from e2ed2.engine.config import load_config
+    from e2ed2.engine.core.models import build_denoiser
+    from e2ed2.engine.train.export import write_export
+
+    config = load_config("embedded", [f"sampler.kind={kind}"])
+    net = build_denoiser(config.model, latent_channels=1, latent_size=16, text_dim=32)
+    write_export(export, config, net, net.state_dict())
+
+
+def cost(steps: int) -> None:
+    """CPU seconds per optimizer step of each method, side by side in this one process (one
+    thread): the engine's trainers (the preset's K draw) and the consistency distiller, each run
+    for ``steps`` steps after one warm-up step, interleaved in rounds so that a change of the
+    machine's load hits every method alike."""
+    import tempfile
+
+    import torch
+
+    from e2ed2.engine.config import load_config
+    from e2ed2.engine.data import batch_conditioning
+    from e2ed2.engine.train.trainer import Trainer
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from consistency_distill import ConsistencyDistiller
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp())
+    methods = {}
+    for name in ("start_ddim", "path_lcm", "path_lcm_gan"):
+        overrides = [f"run.output_dir={tmp / name}", "run.compare_with_base=false"]
+        trainer = Trainer(load_config("embedded", overrides + ENGINE_RUNS[name]))
+        batches = iter(trainer.loader)
+        methods[name] = lambda t=trainer, b=batches: t.train_step(b)
+    config = load_config("embedded", ["sampler.kind=lcm"])
+    cd_trainer = Trainer(load_config("embedded", [f"run.output_dir={tmp / 'cd'}"]))
+    distiller = ConsistencyDistiller(copy_module(cd_trainer.engine.module), config.sampler, lr=3e-4)
+    g = torch.Generator().manual_seed(0)
+    cd_batches = iter(cd_trainer.loader)
+
+    def cd_step() -> None:
+        batch = next(cd_batches)
+        distiller.step(batch["latents"].float(), batch_conditioning(batch), g)
+
+    methods["cd"] = cd_step
+    seconds = {name: 0.0 for name in methods}
+    for step in methods.values():
+        step()  # warm-up
+    # The trainers draw K from the step number: the same K sequence for each engine method.
+    for _ in range(steps):
+        for name, step in methods.items():
+            started = time.process_time()
+            step()
+            seconds[name] += time.process_time() - started
+    per_step = {name: value / steps for name, value in seconds.items()}
+    result = {
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "cpu_s_per_step": {k: round(v, 4) for k, v in per_step.items()},
+        "ratio_to_cd": {k: round(v / per_step["cd"], 2) for k, v in per_step.items()},
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+def copy_module(module):
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def _fmt(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def table() -> None:
+    records = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))}
+    lines = [
+        "| method | fine-tune seeds | FD K=1 | FD K=2 | FD K=4 | train CPU s / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = records.pop("base", None)
+    if base is not None:
+        fd = base["fd"]
+        lines.append(f"| teacher: base, 16-step DDIM | — | {_fmt(fd['ddim:16'])} | | | — |")
+        lines.append(
+            "| base, LCM | — | " + " | ".join(_fmt(fd[f"lcm:{k}"]) for k in NUM_STEPS) + " | — |"
+        )
+    names = sorted({r["name"] for r in records.values()}, key=[*ENGINE_RUNS, *CD_RUNS].index)
+    for name in names:
+        group = [r for r in records.values() if r["name"] == name]
+        cells = []
+        for k in NUM_STEPS:
+            values = [v for r in group for v in r["fd"][str(k)]]
+            cells.append(_fmt(values))
+        cpu = [r["train_cpu_s"] for r in group]
+        seeds = ", ".join(str(r["seed"]) for r in group)
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {_fmt(cpu)} |")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("run")
+    one.add_argument("name")
+    one.add_argument("--seed", type=int, default=0)
+    sub.add_parser("teacher")
+    sub.add_parser("table")
+    costs = sub.add_parser("cost")
+    costs.add_argument("--steps", type=int, default=12)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.command == "run":
+        run(args.name, args.seed)
+    elif args.command == "teacher":
+        teacher()
+    elif args.command == "cost":
+        cost(args.steps)
+    else:
+        table()
+
+
+if __name__ == "__main__":
+    main()
