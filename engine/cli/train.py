@@ -1,7 +1,7 @@
 """Training entry point: ``e2ed2 train`` and ``deepspeed --module e2ed2.engine.cli.train``.
 
     e2ed2 train [--config PRESET.toml] [--dry-run] [section.key=value ...]
-    deepspeed --num_gpus 8 --module e2ed2.engine.train --config configs/pixart_alpha_512.toml
+    deepspeed --num_gpus 8 --module e2ed2.engine.cli.train --config configs/pixart_alpha_512.toml
 
 Thin on purpose: it resolves the config (failing before any model is built), then hands over to
 the :class:`~e2ed2.engine.trainer.Trainer`.
@@ -96,6 +96,15 @@ def _main(argv: Sequence[str], prog: str) -> int:
                 f"{type(err).__name__}: {err}",
                 file=sys.stderr,
             )
+            return 2
+        # The whole step's memory per rank (train/step_estimate.py); with run.device_memory_gib
+        # a peak over 92% of it is refused here, before any weight is downloaded or read.
+        from ..train.dry_run import dry_run_estimate
+
+        table, refusal = dry_run_estimate(config, int(os.environ.get("WORLD_SIZE", "1")))
+        print(table)
+        if refusal is not None:
+            print(f"{prog}: config error: {refusal}", file=sys.stderr)
             return 2
         return 0
 

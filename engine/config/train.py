@@ -41,8 +41,17 @@ class TrainConfig:
             check_num_steps(sampler, traj.num_steps, "trajectory.num_steps")
             for k in traj.num_steps_choices:
                 check_num_steps(sampler, k, "trajectory.num_steps_choices")
+            for k in self.run.validation_num_steps:
+                check_num_steps(sampler, k, "run.validation_num_steps")
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        other_k = set(self.run.validation_num_steps) - {traj.num_steps}
+        if other_k and not self.model.share_across_steps:
+            raise ConfigError(
+                f"run.validation_num_steps={list(self.run.validation_num_steps)} needs "
+                f"model.share_across_steps=true for K other than trajectory.num_steps="
+                f"{traj.num_steps} (per-step networks exist for one K only)"
+            )
         if traj.num_steps_choices and not self.model.share_across_steps:
             raise ConfigError(
                 "trajectory.num_steps_choices needs model.share_across_steps=true (per-step "

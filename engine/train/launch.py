@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from ..config import ConfigError, TrainConfig
@@ -46,32 +47,64 @@ def check_launch(config: TrainConfig, world_size: int) -> dict[str, Any]:
                 f"run.zero3_gather_once=true needs ZeRO stage 3; run.deepspeed_config="
                 f"{run.deepspeed_config!r} has stage {stage}"
             )
-        if config.model.pretrained_path is not None:
-            resolve_model_folder(
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err).replace("\n", " ")) from None
+    # The local files and folders: every missing one is reported at once (a preset's dry run on
+    # a new machine names all the paths to replace, not one per rerun).
+    problems: list[str] = []
+    for check in _local_path_checks(config):
+        try:
+            check()
+        except (ValueError, FileNotFoundError) as err:
+            message = str(err).replace("\n", " ")
+            if message not in problems:
+                problems.append(message)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(
+            f"{len(problems)} problems with local paths: "
+            + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        )
+    return ds_config
+
+
+def _local_path_checks(config: TrainConfig) -> list[Callable[[], object]]:
+    """One check per local path the config names (each raises ValueError / FileNotFoundError)."""
+    run = config.run
+    checks: list[Callable[[], object]] = []
+    if config.model.pretrained_path is not None:
+        checks.append(
+            lambda: resolve_model_folder(
                 config.model.pretrained_path, "transformer", "model.pretrained_path"
             )
-        if config.model.vae_path is not None:
-            resolve_model_folder(config.model.vae_path, "vae", "model.vae_path")
-        lpips_path = config.objective.lpips_backbone_path
-        if (
-            config.objective.lpips_weight > 0
-            and lpips_path is not None
-            and not os.path.isfile(lpips_path)
-        ):
-            raise FileNotFoundError(
-                f"objective.lpips_backbone_path={lpips_path!r} does not exist; expected a "
-                f"torchvision {TORCHVISION_MODELS[config.objective.lpips_net]} state dict (.pth)"
-            )
-        if config.objective.needs_captions:
-            check_clip_folder(config.objective.reward_path)
-        if config.data.source == "shards":
+        )
+    if config.model.vae_path is not None:
+        checks.append(lambda: resolve_model_folder(config.model.vae_path, "vae", "model.vae_path"))
+    lpips_path = config.objective.lpips_backbone_path
+    if config.objective.lpips_weight > 0 and lpips_path is not None:
+
+        def lpips_file() -> None:
+            if not os.path.isfile(lpips_path):
+                raise FileNotFoundError(
+                    f"objective.lpips_backbone_path={lpips_path!r} does not exist; expected a "
+                    f"torchvision {TORCHVISION_MODELS[config.objective.lpips_net]} state dict "
+                    "(.pth)"
+                )
+
+        checks.append(lpips_file)
+    if config.objective.needs_captions:
+        checks.append(lambda: check_clip_folder(config.objective.reward_path))
+    if config.data.source == "shards":
+
+        def shards() -> None:
             index = read_index(config.data.shard_dir)
             check_bucket_table(config.data, index)
             _check_latent_size(config, index)
-        _check_output_paths(config)
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(str(err).replace("\n", " ")) from None
-    return ds_config
+
+        checks.append(shards)
+    checks.append(lambda: _check_output_paths(config))
+    return checks
 
 
 def _keep_linear_for_selective(config: TrainConfig, ds_config: dict[str, Any]) -> None:

@@ -152,6 +152,10 @@ class WandbTracker:
 
     def close(self) -> None:
         self.run.finish()
+        # finish() can return before wandb's service process has written the run's last
+        # records (seen in offline mode): stopping the service waits for it, so the files are
+        # complete when the trainer returns.
+        self._wandb.teardown()
 
 
 def check_trackers(report_to: Sequence[str]) -> None:

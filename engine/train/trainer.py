@@ -68,6 +68,7 @@ from .run_dir import apply_start, plan_start
 from .signals import Interrupted, StopSignals
 from .step_backward import backward_in_pieces
 from .step_guard import ReliabilityCounters, StepGuard, any_rank
+from .validation import ValidationPrompts
 
 __all__ = ["CheckpointMismatchError", "DataError", "Interrupted", "NonFiniteError", "Trainer"]
 
@@ -150,6 +151,11 @@ class Trainer:
             "bf16": torch.bfloat16,
             "fp16": torch.float16,
         }[run.precision]
+        # run.validation_prompts: encoded once now, before the denoiser takes the device memory
+        # (train/validation.py; the text encoder is freed again).
+        self.validation = None
+        if run.validation_prompts:
+            self.validation = ValidationPrompts(config, dataset, self.device, self.compute_dtype)
         self.autoencoder = build_autoencoder(config.model).to(self.device, self.compute_dtype)
         denoiser = build_denoiser(
             config.model,
@@ -577,6 +583,26 @@ class Trainer:
         self.metrics.image("samples", grid, self.step)
         return path
 
+    def write_validation(self) -> list[Path]:
+        """The validation prompts' captioned grids, one per K (all ranks sample; rank 0 writes
+        and logs them to the trackers)."""
+        if self.validation is None:
+            return []
+        context = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+        self.engine.eval()
+        with context:
+            pixels = self.validation.sample(
+                self._networks(),
+                self.autoencoder.decode,
+                self.null_cond,
+                device=self.device,
+                dtype=self.compute_dtype,
+            )
+        self.engine.train()
+        if not self.is_main:
+            return []
+        return self.validation.write(pixels, self.output_dir, self.step, self.metrics)
+
     def export(self, directory: Path) -> Path | None:
         """The EMA weights (else the trained ones) as a diffusers folder, from rank 0."""
         context = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
@@ -666,6 +692,7 @@ class Trainer:
                 self.save_checkpoint()
             if self.step % run.sample_every_steps == 0 or self.step == run.max_steps:
                 self.write_samples()
+                self.write_validation()
             if self.step < run.max_steps and stop.requested(self.device):
                 self._stop_for_signal(stop.signum)
         progress.close()

@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from e2ed2.engine.config import ConfigError, load_config
 
@@ -26,6 +27,10 @@ TINY = [
     "run.deepspeed_config=none",
     "run.cpu_threads=1",
 ]
+
+# Two 8 px digits upscaled x24 to 192 px cells side by side, 4 px padding, a 60 px caption band
+# (3 lines of 14 px text + 4 px spacing, 6 px margin) under each: (4 + 192 + 60 + 4, 4 + 2 * 196).
+VALIDATION_GRID_HW = (260, 396)
 
 
 def read_wandb_records(path: Path) -> list:
@@ -95,6 +100,8 @@ def test_tensorboard_and_wandb_offline_get_scalars_images_and_config(
             "run.num_sample_images=3",
             'run.report_to=["tensorboard", "wandb"]',
             "run.wandb_project=e2ed2-test",
+            'run.validation_prompts=["a handwritten seven", "zero"]',
+            "run.validation_num_steps=[1, 2]",
         ],
     )
     trainer = Trainer(config)
@@ -105,6 +112,10 @@ def test_tensorboard_and_wandb_offline_get_scalars_images_and_config(
     events.Reload()
     assert [e.step for e in events.Scalars("loss/total")] == [1, 2]
     assert [e.step for e in events.Images("samples")] == [2]
+    for k in (1, 2):
+        (image,) = events.Images(f"validation/K{k}")
+        assert image.step == 2 and (image.height, image.width) == VALIDATION_GRID_HW
+        assert (out / "samples" / f"validation-K{k}-step00000002.png").is_file()
 
     run_dirs = list((tmp_path / "wandb_dir" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
@@ -119,8 +130,12 @@ def test_tensorboard_and_wandb_offline_get_scalars_images_and_config(
     # wandb stores a list of images as one "images/separated" value; the PNGs are in files/.
     assert logged[2]["samples/_type"] == "images/separated"
     assert logged[2]["samples/count"] == 1
-    pngs = list((run_dirs[0] / "files" / "media" / "images").glob("samples_2_*.png"))
-    assert len(pngs) == 1
+    media = run_dirs[0] / "files" / "media" / "images"
+    assert len(list(media.glob("samples_2_*.png"))) == 1
+    for k in (1, 2):
+        assert logged[2][f"validation/K{k}/_type"] == "images/separated"
+        (png,) = media.glob(f"validation/K{k}_2_*.png")
+        assert Image.open(png).size == VALIDATION_GRID_HW[::-1]
     # The resolved config is the wandb run's config (one nested value per section).
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     config_items = {item.key: json.loads(item.value_json) for item in run.config.update}
