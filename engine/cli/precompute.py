@@ -23,12 +23,18 @@ def _main(argv: Sequence[str]) -> int:
     """``e2ed2 precompute IMAGE_DIR OUT_DIR --vae PATH --text-encoder PATH [...]``."""
     from ..data.buckets import BUCKET_TABLES
     from ..data.precompute import STORAGE_DTYPES, precompute
+    from ..data.readers import SOURCES
 
     parser = argparse.ArgumentParser(
         prog="e2ed2 precompute",
-        description="Encode an image folder with captions into latent shards for training.",
+        description="Encode images with captions into latent shards for training.",
     )
-    parser.add_argument("image_dir", help="images (png/jpg/webp, recursive) with captions")
+    parser.add_argument(
+        "image_dir",
+        help="dataset folder: images with captions.jsonl or sidecar .txt captions, an "
+        "imagefolder (metadata.jsonl / metadata.csv), a Hugging Face datasets folder or "
+        "parquet / arrow files, or webdataset .tar shards (see --source)",
+    )
     parser.add_argument("out_dir", help="shard folder to write (index.json + *.safetensors)")
     parser.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder")
     parser.add_argument(
@@ -62,6 +68,25 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--shard-size", type=int_at_least(1), default=1024, help="samples per shard file"
     )
+    parser.add_argument(
+        "--source",
+        choices=list(SOURCES),
+        default="auto",
+        help="reader of IMAGE_DIR (auto: by what it holds: a datasets folder or parquet/arrow "
+        "files, .tar shards, captions.jsonl, metadata.jsonl/csv, else sidecars)",
+    )
+    parser.add_argument(
+        "--caption-column",
+        default=None,
+        help="caption column of metadata.jsonl/csv or a dataset (default: text), or the tar "
+        "member holding it (default: txt, else the .json's text)",
+    )
+    parser.add_argument(
+        "--image-column",
+        default=None,
+        help="image column (imagefolder default: file_name; dataset default: image) or tar "
+        "member extension (default: the first image member)",
+    )
     parser.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float16", help="storage")
     parser.add_argument("--compute-dtype", choices=list(STORAGE_DTYPES), default="float32")
@@ -94,6 +119,9 @@ def _main(argv: Sequence[str]) -> int:
             compute_dtype=STORAGE_DTYPES[args.compute_dtype],
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            source=args.source,
+            caption_column=args.caption_column,
+            image_column=args.image_column,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)

@@ -16,7 +16,9 @@ Modules: ``digits`` (the embedded default), ``shards`` (the latent-shard format,
 written), ``text`` (caption encoding), ``batching`` (the resumable distributed sampler and
 loader), ``seeding`` (every random draw of the data is seeded by :func:`derive_seed` from
 ``(config.seed, purpose, integers...)``, never the global RNG), ``precompute`` (images ->
-shards), ``prompts`` (prompts for sample grids).
+shards) with ``readers`` (its inputs: image folders, imagefolder metadata, ``datasets``,
+webdataset tars), ``images`` (decoding as a viewer shows) and ``paths`` (every file read stays
+inside the roots the user named), ``prompts`` (prompts for sample grids).
 """
 
 from .batching import ResumableBatchSampler, ResumableDataLoader, build_dataloader, build_dataset

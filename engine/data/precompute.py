@@ -13,32 +13,36 @@ larger than the denoiser. This runs them once, PixArt-style, and stores per imag
 Once per folder it also stores ``null_condition.safetensors``: the empty prompt encoded the same
 way, the unconditional half of classifier-free guidance (data/null_condition.py).
 
-Inputs: images (``.png .jpg .jpeg .webp .gif .bmp .tif .tiff``, found recursively, processed
-in sorted order; every file resolving inside ``image_dir``, data/paths.py) under ``image_dir``; captions from ``image_dir/captions.jsonl`` (one ``{"file": <path relative to
-image_dir>, "caption": ...}`` per line; wins when both exist) or a sidecar text file next to the
-image (``cat.txt`` or ``cat.png.txt``). Images are decoded as a viewer shows them (every Pillow
-mode, EXIF orientation, first frame; data/images.py), resized (bicubic) to cover a target size and
-center-cropped to it, then scaled to [-1, 1]. The target is ``resolution`` x ``resolution``
-(``buckets="none"``), or with ``buckets="pixart"`` the aspect-ratio bucket nearest the image's
-(data/buckets.py: PixArt's table around ``resolution``), so a 3:1 panorama keeps its width;
-each bucket's samples go to shards of their own. Each sample also records the source image's
-``original_size`` and the stored ``crop_size`` (height, width), which PixArt-MS (1024-MS)
-embeds as its resolution / aspect-ratio conditions. Tokenizers
-load through :func:`~e2ed2.engine.data.text.load_tokenizer` (bare ``spiece.model`` folders too).
+Inputs: a reader of ``image_dir`` (data/readers/: e2ed2's ``captions.jsonl`` or sidecar
+``.txt`` captions, diffusers' imagefolder ``metadata.jsonl`` / ``metadata.csv``, a local
+``datasets`` folder or parquet / arrow files, webdataset ``.tar`` shards; every file resolving
+inside ``image_dir``, data/paths.py) yields images with captions in a fixed order. Images are
+decoded as a viewer shows them (every Pillow mode, EXIF orientation, first frame;
+data/images.py), resized (bicubic) to cover a target size and center-cropped to it, then scaled
+to [-1, 1]. The target is ``resolution`` x ``resolution`` (``buckets="none"``), or with
+``buckets="pixart"`` the aspect-ratio bucket nearest the image's (data/buckets.py: PixArt's
+table around ``resolution``), so a 3:1 panorama keeps its width; each bucket's samples go to
+shards of their own. Each sample also records the source image's ``original_size`` and the
+stored ``crop_size`` (height, width), which PixArt-MS (1024-MS) embeds as its resolution /
+aspect-ratio conditions. Tokenizers load through :func:`~e2ed2.engine.data.text.load_tokenizer`
+(bare ``spiece.model`` folders too).
 
-Bad inputs (unreadable, truncated or oversized images, missing or empty captions, broken
-jsonl lines (bad bytes or JSON), paths leading outside ``image_dir``, encodings with NaN/Inf) are logged with their path, listed under ``skipped`` in ``index.json``
-and left out. Shards are written under a temporary name and renamed into place; ``index.json``
-is written last, so a folder with an index is complete. The format is described in
-:class:`LatentShardDataset`.
+Bad inputs (unreadable, truncated or oversized images, missing or empty captions, metadata
+lines with bad bytes or bad JSON, paths leading outside ``image_dir``, encodings with NaN/Inf)
+are logged with their path (``file:line`` for a metadata line), listed under ``skipped`` in
+``index.json`` and left out. Shards are written under a temporary name and renamed into place;
+``index.json`` is written last, so a folder with an index is complete. The format is described
+in :class:`LatentShardDataset`.
 
-Size: over 400 lines because one pass owns the whole conversion: input discovery (captions.jsonl
-or sidecars, every skipped input reported), the per-bucket encode loop and the index, plus the
-model-folder and caption helpers only precompute uses.
+Size: over 400 lines because one pass owns the whole conversion (checks of every argument and
+model folder before anything is loaded, the per-bucket encode loop with its finite checks, the
+index), plus the model-folder helpers only precompute uses; inputs and decoding live in
+data/readers/ and data/images.py.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -53,7 +57,7 @@ from tqdm.auto import tqdm
 from .buckets import BUCKET_TABLES, bucket_table
 from .images import IMAGE_EXTENSIONS, UnreadableImage, load_image, load_image_and_size
 from .null_condition import NULL_PROMPT, encode_null_condition, write_null_condition
-from .paths import ConfinedRoot, PathOutsideRoot
+from .readers import SOURCES, Skipped, open_reader
 from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_atomic
 from .text import (
     encode_sd3_text,
@@ -74,7 +78,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CAPTIONS_FILE = "captions.jsonl"
 #: Bucket sides are multiples of the VAE's downsampling times this latent patch size
 #: (PixArt / DiT patchify latents 2 x 2), so every bucket's latent splits into whole patches.
 BUCKET_PATCH_SIZE = 2
@@ -103,6 +106,9 @@ def precompute(
     compute_dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress: bool = True,
+    source: str = "auto",
+    caption_column: str | None = None,
+    image_column: str | None = None,
 ) -> dict[str, Any]:
     """Encodes every usable image of ``image_dir`` into shards in ``out_dir``; returns the index.
 
@@ -118,6 +124,10 @@ def precompute(
     ``shard_size``: samples per shard file. ``dtype``: storage dtype of latents and text states;
     ``compute_dtype``: the encoders' dtype (T5 overflows in float16; use bfloat16 or float32).
     ``overwrite``: replace an existing shard folder (its index is removed first).
+    ``source``: the reader of ``image_dir`` (data/readers/: "captions", "imagefolder", "hf",
+    "webdataset", or "auto" to pick by what the folder holds); ``caption_column`` /
+    ``image_column``: the metadata / dataset columns or tar members of image and caption
+    (defaults per reader).
     """
     for key, value in (
         ("resolution", resolution),
@@ -127,6 +137,8 @@ def precompute(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r} is not one of {list(SOURCES)}")
     if buckets not in BUCKET_TABLES:
         raise ValueError(f"buckets={buckets!r} is not one of {list(BUCKET_TABLES)}")
     for key, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
@@ -154,6 +166,15 @@ def precompute(
             "a transformers T5 encoder folder (config.json + weights) or an SD3 pipeline folder",
         )
         tokenizer_dir = _tokenizer_folder(tokenizer_path, text_encoder_path, encoder_dir)
+    # The reader's first record is read before the models load and the output folder is
+    # touched: a missing metadata file or column fails at once, and an old folder stays.
+    reader = open_reader(
+        source, image_root, caption_column=caption_column, image_column=image_column
+    )
+    records = iter(reader)
+    first = next(records, None)
+    records = itertools.chain([] if first is None else [first], records)
+
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
 
@@ -162,25 +183,6 @@ def precompute(
     def skip(path: str, reason: str) -> None:
         logger.warning("skipping %s: %s", path, reason)
         skipped.append({"path": path, "reason": reason})
-
-    confined = ConfinedRoot(image_root, "image_dir")
-    files = []
-    # Every image, sidecar and caption file must resolve inside image_dir (data/paths.py): a
-    # symlink to a file elsewhere is skipped and listed, never read.
-    for name in sorted(
-        confined.relative(p)
-        for p in image_root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    ):
-        try:
-            confined.resolve(name)
-        except PathOutsideRoot as error:
-            skip(name, f"path outside the dataset: {error}")
-            continue
-        files.append(name)
-    listed = _read_captions_jsonl(confined, skip)
-    for name in sorted(set(listed) - set(files)):
-        skip(name, f"listed in {CAPTIONS_FILE} but no such image")
 
     device = torch.device(device)
     vae, encoder, tokenizer = _load_models(
@@ -244,23 +246,20 @@ def precompute(
             )
         pending.clear()
 
-    for name in tqdm(files, desc="precompute", unit="img", disable=not progress):
-        caption = listed.get(name)
-        if caption is None:
-            caption, problem = _sidecar_caption(confined, name)
-            if problem is not None:
-                skip(name, problem)
-                continue
-        if caption is None or not caption.strip():
-            skip(name, f"no caption (not in {CAPTIONS_FILE}, no sidecar .txt, or empty)")
+    found = 0  # images met, usable or not (metadata lines are no images)
+    for record in tqdm(records, desc="precompute", unit="img", disable=not progress):
+        if isinstance(record, Skipped):
+            found += record.sample
+            skip(record.name, record.reason)
             continue
+        found += 1
         try:
-            pixels, size = load_image_and_size(confined.resolve(name), resolution, table)
+            pixels, size = load_image_and_size(record.image, resolution, table)
         except UnreadableImage as error:  # truncated, corrupt, a bomb, no display range
-            skip(name, str(error))
+            skip(record.name, str(error))
             continue
         crop = (pixels.shape[-2], pixels.shape[-1])
-        waiting.setdefault(crop, []).append((name, caption.strip(), pixels, size))
+        waiting.setdefault(crop, []).append((record.name, record.caption, pixels, size))
         if len(waiting[crop]) == batch_size:
             flush(crop)
     for crop in list(waiting):
@@ -268,7 +267,7 @@ def precompute(
     writer.close()
     if writer.num_samples == 0:
         raise ValueError(
-            f"no usable images in {os.fspath(image_dir)!r} ({len(files)} found, "
+            f"no usable images in {os.fspath(image_dir)!r} ({found} found, "
             f"{len(skipped)} skipped; see the warnings)"
         )
 
@@ -327,8 +326,9 @@ def precompute(
         },
         "source": {
             "image_dir": os.path.abspath(image_dir),
-            "images_found": len(files),
-            "captions": f"{CAPTIONS_FILE}, else sidecar .txt",
+            "reader": reader.kind,
+            "images_found": found,
+            **reader.describe(),
         },
         "compute_dtype": _dtype_name(compute_dtype),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -425,63 +425,6 @@ def _load_models(
     vae.to(device).eval().requires_grad_(False)
     encoder.to(device).eval().requires_grad_(False)
     return vae, encoder, tokenizer
-
-
-def _read_captions_jsonl(confined: ConfinedRoot, skip: Any) -> dict[str, str]:
-    """``{relative posix path: caption}`` from ``captions.jsonl``; bad lines (not UTF-8, not
-    JSON, wrong keys, a path leaving image_dir) go to ``skip`` as ``captions.jsonl:<line>``.
-    Raises PathOutsideRoot when the file itself resolves outside image_dir."""
-    path = confined.resolve(CAPTIONS_FILE)
-    if not path.is_file():
-        return {}
-    captions: dict[str, str] = {}
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{CAPTIONS_FILE}:{number}"
-            try:  # line by line: one bad byte costs its line, not the file
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as error:
-                skip(where, f"not UTF-8 text ({error})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                skip(where, f"not JSON ({error})")
-                continue
-            if (
-                not isinstance(entry, dict)
-                or not isinstance(entry.get("file"), str)
-                or not isinstance(entry.get("caption"), str)
-            ):
-                skip(where, 'expected {"file": <relative path>, "caption": <text>}')
-                continue
-            name = posixpath.normpath(entry["file"].replace("\\", "/"))
-            try:
-                confined.resolve(name)
-            except PathOutsideRoot as error:
-                skip(where, f"path outside the dataset: {error}")
-                continue
-            captions[name] = entry["caption"]
-    return captions
-
-
-def _sidecar_caption(confined: ConfinedRoot, name: str) -> tuple[str | None, str | None]:
-    """(caption of ``cat.txt`` or ``cat.png.txt`` next to image ``name``, None), (None, None)
-    without one, or (None, why) for one that is unreadable or resolves outside image_dir."""
-    stem = posixpath.splitext(name)[0]
-    for candidate in (stem + ".txt", name + ".txt"):
-        unresolved = Path(confined.given) / candidate
-        if not unresolved.is_file():
-            continue
-        try:
-            return confined.resolve(candidate).read_text(encoding="utf-8-sig"), None
-        except PathOutsideRoot as error:
-            return None, f"sidecar caption outside the dataset: {error}"
-        except (OSError, UnicodeDecodeError) as error:
-            return None, f"unreadable sidecar caption {candidate} ({type(error).__name__})"
-    return None, None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
