@@ -247,12 +247,16 @@ def precompute(
         pending.clear()
 
     found = 0  # images met, usable or not (metadata lines are no images)
-    for record in tqdm(records, desc="precompute", unit="img", disable=not progress):
+    # images/s and, where the reader knows its length, the ETA
+    bar = tqdm(total=reader.total, desc="precompute", unit="img", disable=not progress)
+    for record in records:
         if isinstance(record, Skipped):
             found += record.sample
+            bar.update(int(record.sample))
             skip(record.name, record.reason)
             continue
         found += 1
+        bar.update()
         try:
             pixels, size = load_image_and_size(record.image, resolution, table)
         except UnreadableImage as error:  # truncated, corrupt, a bomb, no display range
@@ -264,6 +268,7 @@ def precompute(
             flush(crop)
     for crop in list(waiting):
         flush(crop)
+    bar.close()
     writer.close()
     if writer.num_samples == 0:
         raise ValueError(

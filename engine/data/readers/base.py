@@ -50,6 +50,9 @@ class Reader(Protocol):
 
     #: The reader's name (``e2ed2 precompute --source``).
     kind: str
+    #: How many images (usable or skipped) the reader yields, for the progress bar's ETA:
+    #: set once its first record is read; None for a stream of unknown length.
+    total: int | None
 
     def __iter__(self) -> Iterator[Record]: ...
 

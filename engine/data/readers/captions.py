@@ -28,6 +28,7 @@ class CaptionsReader:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.confined = ConfinedRoot(root, "image_dir")
+        self.total: int | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"captions": f"{CAPTIONS_FILE}, else sidecar .txt"}
@@ -35,6 +36,7 @@ class CaptionsReader:
     def __iter__(self) -> Iterator[Record]:
         skipped: list[Skipped] = []
         files = image_files(self.confined, skipped)
+        self.total = len(files) + len(skipped)  # the images found, inside the root or not
         listed = _read_captions_jsonl(self.confined, skipped)
         for name in sorted(set(listed) - set(files)):
             skipped.append(Skipped(name, f"listed in {CAPTIONS_FILE} but no such image", False))

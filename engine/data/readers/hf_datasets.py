@@ -47,6 +47,7 @@ class HFDatasetReader:
         self.confined = ConfinedRoot(root, "image_dir")
         self.caption_column = caption_column or "text"
         self.image_column = image_column or "image"
+        self.total: int | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"captions": f"datasets columns {self.image_column} + {self.caption_column}"}
@@ -59,6 +60,7 @@ class HFDatasetReader:
         if any((root / name).is_file() for name in SAVED_DATASET_FILES):
             self._check_saved_files(root)
             dataset = _one_split(datasets.load_from_disk(os.fspath(self.confined.real)), root)
+            self.total = len(dataset)
         else:
             files = self._data_files(root, skipped)
             yield from skipped
@@ -73,9 +75,14 @@ class HFDatasetReader:
                 raise ValueError(
                     f"image_dir {self.confined.given!r} mixes parquet and arrow files; keep one"
                 )
+            builder = builders.pop()
             dataset = datasets.load_dataset(
-                builders.pop(), data_files=files, split="train", streaming=True
+                builder, data_files=files, split="train", streaming=True
             )
+            if builder == "parquet":  # row counts are in the files' footers
+                import pyarrow.parquet
+
+                self.total = sum(pyarrow.parquet.ParquetFile(f).metadata.num_rows for f in files)
         features = dataset.features or {}
         for column in (self.image_column, self.caption_column):
             if column not in features:

@@ -43,6 +43,7 @@ class ImageFolderReader:
         self.confined = ConfinedRoot(root, "image_dir")
         self.caption_column = caption_column or "text"
         self.image_column = image_column or "file_name"
+        self.total: int | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -52,6 +53,7 @@ class ImageFolderReader:
     def __iter__(self) -> Iterator[Record]:
         skipped: list[Skipped] = []
         files = image_files(self.confined, skipped)
+        self.total = len(files) + len(skipped)  # one record per image file
         yield from skipped
         root = Path(self.confined.given)
         metadata = sorted(

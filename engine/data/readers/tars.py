@@ -44,6 +44,7 @@ class WebDatasetReader:
         self.caption_member = caption_column or "txt"
         self.json_field = caption_column or "text"
         self.image_members = (image_column,) if image_column else TAR_IMAGE_EXTENSIONS
+        self.total: int | None = None  # a stream: its length is known at its end
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from e2ed2.engine.cli.precompute import main
 from e2ed2.engine.data.precompute import precompute
-from e2ed2.engine.data.readers import detect_source
+from e2ed2.engine.data.readers import detect_source, open_reader
 
 #: name -> (width, height, mode, caption); sorted names are the captions reader's order.
 IMAGES = {
@@ -249,3 +249,30 @@ def test_webdataset_tars_read_as_a_stream(tmp_path: Path, tiny_models, reference
     assert skipped["part-2.tar"].startswith("unreadable tar")
     names = json.loads((tmp_path / "out" / "index.json").read_text())
     assert names["source"]["images_found"] == 4
+
+
+def test_progress_shows_images_per_second_and_the_total(
+    tmp_path: Path, tiny_models, capsys
+) -> None:
+    # The total of each reader that knows it: every image it yields, usable or skipped.
+    _write_images(tmp_path / "sidecars")
+    (tmp_path / "sidecars" / "a.txt").write_text("only a has a caption")
+    _dataset().to_parquet(str(tmp_path / "data.parquet"))
+    (tmp_path / "parquet").mkdir()
+    os.replace(tmp_path / "data.parquet", tmp_path / "parquet" / "data.parquet")
+    for folder, total in (("sidecars", 3), ("parquet", 3)):
+        reader = open_reader("auto", tmp_path / folder)
+        records = list(reader)
+        assert reader.total == total == sum(r.sample for r in records), folder
+    vae, t5 = tiny_models
+    capsys.readouterr()
+    precompute(
+        tmp_path / "sidecars",
+        tmp_path / "out",
+        vae_path=vae,
+        text_encoder_path=t5,
+        resolution=8,
+        caption_max_tokens=12,
+    )
+    err = capsys.readouterr().err
+    assert "precompute: 100%" in err and "3/3" in err and "img/s" in err
