@@ -13,6 +13,7 @@ _USAGE = """usage: e2ed2 <command> [args]
 commands:
   train       train (end to end through the K-step sampler); `e2ed2 train --help`
   estimate    the whole training step's memory per rank, from config.json files (no weights)
+  estimate    the whole training step's memory per rank, from config.json files (no weights)
   precompute  encode an image folder with captions into latent shards (local VAE + T5)
   sample      write a PNG grid of K-step samples from an export or checkpoint
   evaluate    score an export's samples at several K (digits: classifier FD and accuracy)
@@ -36,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train import main as train_main
 
         return train_main(rest)
+    if command == "estimate":
+        from .estimate import main as estimate_main
+
+        return estimate_main(rest)
     if command == "estimate":
         from .estimate import main as estimate_main
 

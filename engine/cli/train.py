@@ -106,6 +106,15 @@ def _main(argv: Sequence[str], prog: str) -> int:
         if refusal is not None:
             print(f"{prog}: config error: {refusal}", file=sys.stderr)
             return 2
+        # The whole step's memory per rank (train/step_estimate.py); with run.device_memory_gib
+        # a peak over 92% of it is refused here, before any weight is downloaded or read.
+        from ..train.dry_run import dry_run_estimate
+
+        table, refusal = dry_run_estimate(config, int(os.environ.get("WORLD_SIZE", "1")))
+        print(table)
+        if refusal is not None:
+            print(f"{prog}: config error: {refusal}", file=sys.stderr)
+            return 2
         return 0
 
     rank = int(os.environ.get("RANK", "0"))

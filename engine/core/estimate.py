@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .memory import LiveTensorTracker, MemoryReport
 from .models import pixart_transformer
@@ -71,6 +72,7 @@ __all__ = [
     "zero3_state_bytes",
     "estimate_rank_memory",
     "drop_full_grads",
+    "UpperBoundShapes",
 ]
 
 VAE_DOWNSAMPLE = 8  # SD / PixArt VAE: 8x8 pixels per latent
@@ -329,3 +331,40 @@ def estimate_rank_memory(
         activation_peak_bytes=activation_peak_bytes,
         host_bytes=host_bytes,
     )
+
+
+class UpperBoundShapes(TorchDispatchMode):
+    """Data-dependent shapes under ``FakeTensorMode`` at their upper bound (enter it inside the
+    fake mode).
+
+    A boolean-mask index (``x[:, mask]``) or ``nonzero`` has an output size that depends on the
+    values, which fake tensors do not have (``DynamicOutputShapeException``). For a memory
+    estimate the largest size is the safe one: here every mask element counts as selected (the
+    mask's positions become long indices, all of them), so the op returns the size it would have
+    with an all-True mask. In the losses such masks are small (the energy score's m x m pair
+    mask): the bound adds a few bytes.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func is aten.nonzero.default:
+            source = args[0]
+            return torch.empty(
+                (source.numel(), source.dim()), dtype=torch.long, device=source.device
+            )
+        if func is aten.index.Tensor:
+            source, indices = args[0], list(args[1])
+            expanded: list[torch.Tensor | None] = []
+            for index in indices:
+                if index is not None and index.dtype == torch.bool:
+                    # All positions of the mask, one long index tensor per mask dimension.
+                    grids = torch.meshgrid(
+                        *[torch.arange(n, device=index.device) for n in index.shape],
+                        indexing="ij",
+                    )
+                    expanded.extend(grid.reshape(-1) for grid in grids)
+                else:
+                    expanded.append(index)
+            return func(source, expanded, **kwargs)
+        return func(*args, **kwargs)

@@ -31,7 +31,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["HOST", "MemoryReport", "LiveTensorTracker", "host_allocations", "track_memory"]
+__all__ = [
+    "HOST",
+    "MemoryReport",
+    "LiveTensorTracker",
+    "PhaseReport",
+    "host_allocations",
+    "track_memory",
+]
 
 #: The name offloaded storages are counted under (see :func:`host_allocations`).
 HOST = "host"
@@ -71,6 +78,27 @@ class MemoryReport:
     """``torch.cuda.max_memory_allocated`` over the region minus its value at entry, if CUDA ran."""
 
 
+@dataclass(frozen=True)
+class PhaseReport:
+    """Device and host bytes of one named phase of a tracked region (:meth:`LiveTensorTracker.phase`).
+
+    Every figure counts the bytes allocated since the tracker was entered (the region's baseline),
+    so phases of one region compare directly: ``peak_bytes - entry_bytes`` is what the phase
+    itself added on top of what earlier phases left alive.
+    """
+
+    name: str
+    entry_bytes: int  # device bytes alive when the phase began
+    peak_bytes: int  # device peak during the phase
+    exit_bytes: int  # device bytes alive when it ended (kept for later phases)
+    host_peak_bytes: int  # peak of the offloaded host copies during the phase
+
+    @property
+    def rise_bytes(self) -> int:
+        """The phase's own device peak above what was alive at its start."""
+        return self.peak_bytes - self.entry_bytes
+
+
 class LiveTensorTracker(TorchDispatchMode):
     """Counts bytes of storages created while active, until each is freed.
 
@@ -93,6 +121,10 @@ class LiveTensorTracker(TorchDispatchMode):
         self._track_cuda = torch.cuda.is_available() if track_cuda is None else track_cuda
         self._cuda_start = 0
         self._cuda_peak: int | None = None
+        # Peaks since the current phase began (see phase()); the whole region is one phase.
+        self._window_peak = 0
+        self._window_host_peak = 0
+        self._phases: list[PhaseReport] = []
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _release(self, ref: weakref.ref, key: int, device: str, nbytes: int) -> None:
@@ -123,6 +155,8 @@ class LiveTensorTracker(TorchDispatchMode):
                 self._peak_per_device[device], self._live_bytes[device]
             )
             self._peak_total = max(self._peak_total, self._live_total)
+            self._window_peak = max(self._window_peak, self._live_total)
+            self._window_host_peak = max(self._window_host_peak, self._live_bytes[HOST])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -158,6 +192,30 @@ class LiveTensorTracker(TorchDispatchMode):
         if self._track_cuda:
             torch.cuda.synchronize()
             self._cuda_peak = torch.cuda.max_memory_allocated() - self._cuda_start
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Records the device / host peak of the code inside as a :class:`PhaseReport` named
+        ``name`` (read them with :attr:`phases`). Phases may nest; the outer one's peak includes
+        the inner's."""
+        with self._lock:
+            outer = (self._window_peak, self._window_host_peak)
+            entry = self._live_total
+            self._window_peak = entry
+            self._window_host_peak = self._live_bytes[HOST]
+        try:
+            yield
+        finally:
+            with self._lock:
+                peak, host_peak = self._window_peak, self._window_host_peak
+                self._phases.append(PhaseReport(name, entry, peak, self._live_total, host_peak))
+                self._window_peak = max(outer[0], peak)
+                self._window_host_peak = max(outer[1], host_peak)
+
+    @property
+    def phases(self) -> list[PhaseReport]:
+        """The phases recorded so far, in the order they ended."""
+        return list(self._phases)
 
     @property
     def live_bytes(self) -> int:

@@ -26,7 +26,7 @@ from ..core.sampler import build_schedule
 from ..data import LatentShardDataset, build_dataset
 from ..data.prompts import batch_conditioning, null_conditioning, stack_items
 
-__all__ = ["COMPUTE_DTYPES", "dry_run_forward"]
+__all__ = ["COMPUTE_DTYPES", "dry_run_estimate", "dry_run_forward"]
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -108,3 +108,16 @@ def dry_run_forward(config: TrainConfig) -> str:
         f"with text {tuple(cond.encoder_hidden_states.shape)}{sizes} -> decode "
         f"{tuple(pixels.shape)}: ok (fake tensors, no weights loaded)"
     )
+
+
+def dry_run_estimate(config: TrainConfig, world_size: int) -> tuple[str, str | None]:
+    """The whole step's memory per rank at ``world_size`` (train/step_estimate.py) as a table,
+    and the refusal when it exceeds 92% of ``run.device_memory_gib`` (None: fits, or no device
+    memory given)."""
+    from .step_estimate import check_fits, estimate_step, format_estimate
+
+    estimate = estimate_step(config, world_size=world_size)
+    refusal = None
+    if config.run.device_memory_gib is not None:
+        refusal = check_fits(estimate, config.run.device_memory_gib)
+    return format_estimate(estimate), refusal
