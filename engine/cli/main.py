@@ -12,6 +12,8 @@ _USAGE = """usage: e2ed2 <command> [args]
 
 commands:
   train       train (end to end through the K-step sampler); `e2ed2 train --help`
+  launch      train on the GPUs of one node under the deepspeed launcher, with SIGTERM / SIGINT
+              forwarded to every rank: `e2ed2 launch --num_gpus 8 -- [train args]`
   estimate    the whole training step's memory per rank, from config.json files (no weights)
   estimate    the whole training step's memory per rank, from config.json files (no weights)
   precompute  encode an image folder with captions into latent shards (local VAE + T5)
@@ -37,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train import main as train_main
 
         return train_main(rest)
+    if command == "launch":
+        from .launch import main as launch_main
+
+        return launch_main(rest)
     if command == "estimate":
         from .estimate import main as estimate_main
 

@@ -155,6 +155,18 @@ def _train(config: TrainConfig, prog: str, rank: int) -> int:
     except FolderInUseError as err:  # the folder re-created while run.overwrite moved it
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from ..train.distributed import lost_peer
+
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not lost_peer(err):
+            raise
+        # Not this rank's fault: a peer ended (its own line names it and why) or hangs.
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(
+            f"{prog}: stopped: rank {rank}: another rank is gone, a collective failed ({first})",
+            file=sys.stderr,
+        )
+        return 1
     if rank == 0 and history:
         first, last = history[0], history[-1]
         key = "total" if "total" in last else "diffusion"

@@ -31,6 +31,7 @@ __all__ = [
     "init_distributed",
     "exit_process",
     "free_port",
+    "lost_peer",
 ]
 
 
@@ -203,6 +204,7 @@ def exit_process(code: int) -> NoReturn:
     closed by then) and leaves with ``os._exit``. Only for a process about to exit: in-process
     callers (tests) keep DeepSpeed's cached groups valid by never calling this.
     """
+    _report_exit_code(code)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         sys.exit(code)
     if code == 0:
@@ -212,6 +214,31 @@ def exit_process(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """True if ``error`` is a collective that failed because a peer rank is gone (gloo's reset
+    connection, NCCL's abort or watchdog timeout): the peer's own message says why."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return "gloo" in text and any(
+        cause in text for cause in ("Connection reset", "Connection closed", "Timed out")
+    )
+
+
+def _report_exit_code(code: int) -> None:
+    """Under ``e2ed2 launch``: this rank's exit code, for the supervisor (train/supervise.py) to
+    name a failed rank and its code (the ranks are not its children, so it cannot wait for them)."""
+    from .supervise import RANK_STATUS_ENV
+
+    folder = os.environ.get(RANK_STATUS_ENV)
+    if folder:
+        try:
+            with open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
+                f.write(str(code))
+        except OSError:
+            pass  # the supervisor then reports this rank as ended without a code
 
 
 def free_port() -> int:
