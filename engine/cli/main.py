@@ -15,8 +15,8 @@ commands:
   launch      train on the GPUs of one node under the deepspeed launcher, with SIGTERM / SIGINT
               forwarded to every rank: `e2ed2 launch --num_gpus 8 -- [train args]`
   estimate    the whole training step's memory per rank, from config.json files (no weights)
-  estimate    the whole training step's memory per rank, from config.json files (no weights)
   precompute  encode an image folder with captions into latent shards (local VAE + T5)
+  encode-prompts  encode a prompt file into a prompt-only data folder (data.source="prompts")
   sample      write a PNG grid of K-step samples from an export or checkpoint
   evaluate    score an export's samples at several K (digits: classifier FD and accuracy)
   reward-model  fit the digit reward classifier for objective.reward_path (OUT.safetensors)
@@ -47,10 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .estimate import main as estimate_main
 
         return estimate_main(rest)
-    if command == "estimate":
-        from .estimate import main as estimate_main
+    if command == "encode-prompts":
+        from .encode_prompts import main as encode_prompts_main
 
-        return estimate_main(rest)
+        return encode_prompts_main(rest)
     if command == "precompute":
         from .precompute import main as precompute_main
 

@@ -9,7 +9,7 @@ from .base import check_fields, check_int
 
 __all__ = ["DIGITS_TEXT_HEADS", "BucketTable", "DataConfig", "DataSource"]
 
-DataSource = Literal["digits", "shards"]
+DataSource = Literal["digits", "shards", "prompts"]
 #: Aspect-ratio bucket tables (data/buckets.py).
 BucketTable = Literal["none", "pixart"]
 #: Attention heads of the embedded digits' tiny T5 text encoder (data.text_dim is a multiple).
@@ -23,9 +23,14 @@ class DataConfig:
     source: DataSource = "digits"
     """"digits": scikit-learn's 8x8 digits, upscaled, one channel, pixel space (no autoencoder).
     "shards": latents + text embeddings precomputed by ``e2ed2 precompute`` into shard_dir.
+    "prompts": prompt-only, text embeddings encoded by ``e2ed2 encode-prompts`` into prompt_dir
+    (no image: for teacher targets and rewards; the latent side is resolution / the VAE's
+    downsampling).
     """
     shard_dir: str | None = None
     """Shards: the folder ``e2ed2 precompute`` wrote (index.json + shard-*.safetensors)."""
+    prompt_dir: str | None = None
+    """Prompts: the folder ``e2ed2 encode-prompts`` wrote (index.json + prompts-*.safetensors)."""
     buckets: BucketTable = "none"
     """Shards: the aspect-ratio bucket table the folder was precomputed with (``e2ed2 precompute
     --buckets``; checked against its index.json at launch). "none": square center crops, one
@@ -35,7 +40,9 @@ class DataConfig:
     fill a global batch are left out of that epoch (data/batching.py BucketBatchSampler).
     """
     resolution: int = 16
-    """Digits: side of the upscaled images in pixels (>= 8; the 8x8 originals are only upscaled)."""
+    """Digits: side of the upscaled images in pixels (>= 8; the 8x8 originals are only upscaled).
+    Prompts: the side of the generated square images in pixels (a multiple of the VAE's
+    downsampling)."""
     caption_max_tokens: int = 32
     """Digits: text length in ByT5 tokens (bytes + EOS); captions are padded / truncated to it."""
     text_dim: int = 64
@@ -60,6 +67,11 @@ class DataConfig:
             raise ValueError(
                 "data.shard_dir is required for data.source='shards' (a folder made by "
                 "`e2ed2 precompute`, with index.json)"
+            )
+        if self.source == "prompts" and not self.prompt_dir:
+            raise ValueError(
+                "data.prompt_dir is required for data.source='prompts' (a folder made by "
+                "`e2ed2 encode-prompts`, with index.json)"
             )
         if self.buckets != "none" and self.source != "shards":
             raise ValueError(

@@ -125,6 +125,41 @@ class TrainConfig:
                 "LPIPS / GAN on latent shards need a decoder: set model.vae_path to a local "
                 "AutoencoderKL folder"
             )
+        if self.data.source == "prompts":
+            self._check_prompt_only()
+
+    def _check_prompt_only(self) -> None:
+        """Prompt-only data has no image: every term that compares with one is refused."""
+        objective = self.objective
+        if objective.kind != "e2ed2":
+            raise ConfigError(
+                "data.source='prompts' has no images: objective.kind='diffusion' trains on "
+                "noised data; use objective.kind='e2ed2' with teacher_weight / reward_weight"
+            )
+        data_terms = [
+            f"objective.{key}={getattr(objective, key)}"
+            for key in ("l1_weight", "l2_weight", "lpips_weight", "energy_weight")
+            if getattr(objective, key) > 0
+        ]
+        if self.gan.enabled:
+            data_terms.append("gan.enabled=true")
+        if data_terms:
+            raise ConfigError(
+                f"data.source='prompts' has no images, but {', '.join(data_terms)} compare(s) "
+                "the samples with data: set them to 0 / false and train on objective."
+                "teacher_weight and / or objective.reward_weight (reward_kind='clip'), or use "
+                "image shards (data.source='shards')"
+            )
+        if self.trajectory.start != "noise":
+            raise ConfigError(
+                f"data.source='prompts' has no images to noise: trajectory.start="
+                f"{self.trajectory.start!r} needs data; set trajectory.start='noise'"
+            )
+        if self.model.pretrained_path is None:
+            raise ConfigError(
+                "data.source='prompts' needs model.pretrained_path (the text states are a "
+                "pretrained pipeline's; teacher and reward terms start from its weights)"
+            )
 
     def _check_per_step_backward(self) -> None:
         self._check_cut_backward(

@@ -255,6 +255,10 @@ def build_dataset(config: DataConfig, split: Split = "train") -> Dataset:
         raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
     if config.source == "digits":
         return DigitsDataset(config, split)
+    if config.source == "prompts":
+        from .prompts_source import PromptDataset
+
+        return PromptDataset(config)
     if split != "train":
         raise ValueError(
             f"data.source='shards' has only a 'train' split (got split={split!r}); "

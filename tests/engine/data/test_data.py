@@ -34,7 +34,7 @@ def digits_holdout() -> DigitsDataset:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (dict(source="x"), r"data\.source='x' is not one of \['digits', 'shards'\]"),
+        (dict(source="x"), r"data\.source='x' is not one of \['digits', 'shards', 'prompts'\]"),
         (dict(source="shards"), r"data\.shard_dir is required"),
         (dict(resolution=4), r"data\.resolution must be an integer >= 8"),
         (dict(resolution=16.0), r"data\.resolution must be an integer"),

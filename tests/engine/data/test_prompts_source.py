@@ -1,0 +1,148 @@
+"""Prompt-only data (data.source = "prompts"): ``e2ed2 encode-prompts`` stores the same text
+tensors as ``e2ed2 precompute`` does for the same captions; the config refuses every term that
+needs images, by name; a prompt-only PixArt-structured teacher run with the shipped preset goes
+end to end (encode -> train -> export -> the diffusers pipeline generates)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from e2ed2.engine.cli.main import main as e2ed2_main
+from e2ed2.engine.config import ConfigError, DataConfig, load_config
+from e2ed2.engine.data.prompts_source import PromptDataset
+from e2ed2.engine.data.shards import LatentShardDataset
+
+
+def _encode(folder: Path, prompts: Path, out: Path) -> int:
+    return e2ed2_main(
+        [
+            "encode-prompts",
+            str(prompts),
+            str(out),
+            f"--text-encoder={folder}",
+            f"--vae={folder}",
+            "--max-tokens=16",
+            "--batch-size=4",
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def prompt_dir(pixart_512_folder: Path, shards_512: Path, tmp_path_factory) -> Path:
+    """The captions of ``shards_512`` as a .jsonl prompt file, encoded with the same T5."""
+    root = tmp_path_factory.mktemp("prompts")
+    captions = LatentShardDataset(DataConfig(source="shards", shard_dir=str(shards_512))).captions
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in captions))
+    assert _encode(pixart_512_folder, prompts, root / "encoded") == 0
+    return root / "encoded"
+
+
+def test_prompt_folder_holds_what_precompute_stores(
+    prompt_dir: Path, shards_512: Path, pixart_512_folder: Path, tmp_path: Path, capsys
+) -> None:
+    shards = LatentShardDataset(DataConfig(source="shards", shard_dir=str(shards_512)))
+    prompts = PromptDataset(DataConfig(source="prompts", prompt_dir=str(prompt_dir), resolution=64))
+    assert len(prompts) == len(shards) and prompts.captions == shards.captions
+    # The tiny VAE downsamples 8x: 64 px -> (4, 8, 8) latents, zeros (no image).
+    assert prompts.latent_shape == (4, 8, 8) and prompts.text_shape == shards.text_shape
+    for i in range(len(shards)):
+        ours, theirs = prompts[i], shards[i]
+        assert not ours["latents"].any()
+        mask = theirs["encoder_attention_mask"].bool()
+        assert torch.equal(ours["encoder_attention_mask"].bool(), mask)
+        assert torch.equal(
+            ours["encoder_hidden_states"][mask], theirs["encoder_hidden_states"][mask]
+        )
+    for key in ("encoder_hidden_states", "encoder_attention_mask"):
+        assert torch.equal(prompts.null_condition[key], shards.null_condition[key])
+
+    # Bad input: one line, exit 2, nothing written.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a cat"}\n{"file_name": "x.png"}\n')
+    assert _encode(pixart_512_folder, bad, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl line 2: expected a string or an object" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match=r"data\.prompt_dir .* has no index\.json"):
+        PromptDataset(DataConfig(source="prompts", prompt_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["objective.l2_weight=1.0"], "objective.l2_weight=1.0"),
+        (
+            ["objective.energy_weight=0.5", "trajectory.samples_per_prompt=2"],
+            "objective.energy_weight=0.5",
+        ),
+        (["gan.enabled=true"], "gan.enabled=true"),
+        (
+            [
+                "objective.kind=diffusion",
+                "objective.teacher_weight=0",
+                "objective.l2_weight=1",
+                "trajectory.per_step_backward=false",
+            ],
+            "objective.kind='diffusion'",
+        ),
+    ],
+)
+def test_terms_that_need_images_are_refused_by_name(overrides: list[str], named: str) -> None:
+    with pytest.raises(ConfigError, match=rf"data\.source='prompts'.*{named}"):
+        load_config("pixart_alpha_512_prompts", overrides)
+
+
+def test_prompt_only_teacher_run_trains_exports_and_generates(
+    prompt_dir: Path, pixart_512_folder: Path, tmp_path: Path, capsys
+) -> None:
+    from diffusers import DiffusionPipeline, PixArtAlphaPipeline
+
+    from e2ed2.engine.cli.train import main as train_main
+
+    out = tmp_path / "run"
+    overrides = [
+        f"model.pretrained_path={pixart_512_folder}",
+        f"model.vae_path={pixart_512_folder}",
+        f"data.prompt_dir={prompt_dir}",
+        "data.resolution=64",
+        "data.num_workers=0",
+        f"run.output_dir={out}",
+        "run.max_steps=2",
+        "run.batch_per_rank=2",
+        "run.log_every_steps=1",
+        "run.num_sample_images=0",
+        "objective.teacher_steps=2",
+        # Budget: the fused Triton kernels run interpreted on CPU (test_real_presets covers them).
+        "model.fused_kernels=false",
+        "run.deepspeed_config=none",
+        "run.zero3_gather_once=false",
+        "run.precision=fp32",
+        "run.cpu_threads=1",
+        'run.validation_prompts=["a red bird"]',
+    ]
+    args = ["--config", "pixart_alpha_512_prompts", *overrides]
+    assert train_main(args) == 0, capsys.readouterr().err[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["teacher"]) and r["teacher"] > 0 for r in records)
+    assert (out / "samples" / "validation-K4-step00000002.png").is_file()
+
+    pipe = DiffusionPipeline.from_pretrained(out / "export")
+    assert isinstance(pipe, PixArtAlphaPipeline)
+    images = pipe(
+        "a photo of a cat sitting on a red sofa",
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        height=64,
+        width=64,
+        max_sequence_length=16,
+        use_resolution_binning=False,
+        output_type="np",
+    ).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
