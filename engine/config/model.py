@@ -10,7 +10,7 @@ from .base import check_fields, check_int
 __all__ = ["FAMILY_NAMES", "LORA_TARGET_MODULES", "FamilyName", "ModelConfig"]
 
 #: ``model.family``: the model family records of core/families.py, or "auto" (from the folder).
-FamilyName = Literal["auto", "pixart_alpha", "pixart_sigma", "sd3"]
+FamilyName = Literal["auto", "pixart_alpha", "pixart_sigma", "sd3", "sana", "sana_sprint"]
 FAMILY_NAMES: tuple[str, ...] = get_args(FamilyName)
 
 # Each PixArt block's attention projections (self- and cross-attention: attn1 / attn2) and its

@@ -1,5 +1,6 @@
-"""``[sampler]``: the noise schedule and few-step sampler (diffusers' LCM / DDIM fields, and
-``FlowMatchEulerDiscreteScheduler``'s for flow matching: SD3 / SD3.5)."""
+"""``[sampler]``: the noise schedule and few-step sampler (diffusers' LCM / DDIM fields,
+``FlowMatchEulerDiscreteScheduler``'s for flow matching: SD3 / SD3.5 / Sana, and
+``SCMScheduler``'s for TrigFlow consistency sampling: SANA-Sprint)."""
 
 from __future__ import annotations
 
@@ -18,16 +19,18 @@ __all__ = [
     "BETA_SCHEDULE_FIELDS",
     "FLOW_FIELDS",
     "SCHEDULER_CLASS_NAMES",
+    "SCM_FIELDS",
     "PredictionType",
     "SamplerConfig",
     "SamplerKind",
     "check_num_steps",
 ]
 
-SamplerKind = Literal["lcm", "ddim", "flow_euler"]
+SamplerKind = Literal["lcm", "ddim", "flow_euler", "scm"]
 #: ``flow_prediction`` (diffusers' name): the network predicts the flow velocity ``noise - x0``;
-#: the only choice of ``flow_euler``, and not one of LCM / DDIM.
-PredictionType = Literal["epsilon", "v_prediction", "sample", "flow_prediction"]
+#: the only choice of ``flow_euler``, and not one of LCM / DDIM. ``trigflow`` (SCMScheduler's):
+#: the TrigFlow velocity of SANA-Sprint, the only choice of ``scm``.
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow_prediction", "trigflow"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 
@@ -36,6 +39,7 @@ SCHEDULER_CLASS_NAMES: dict[str, str] = {
     "lcm": "LCMScheduler",
     "ddim": "DDIMScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "scm": "SCMScheduler",
 }
 #: Fields of the discrete beta schedule (LCM / DDIM): they do not apply to ``flow_euler``.
 BETA_SCHEDULE_FIELDS = (
@@ -61,6 +65,9 @@ FLOW_FIELDS = (
     "base_image_seq_len",
     "max_image_seq_len",
 )
+#: Fields of TrigFlow / SCM sampling (SCMScheduler's sigma_data, SanaSprintPipeline's
+#: max_timesteps and intermediate_timesteps): they apply to ``scm`` only.
+SCM_FIELDS = ("sigma_data", "max_timesteps", "intermediate_timesteps")
 # FlowMatchEulerDiscreteScheduler options this sampler does not model, and their "off" values: a
 # scheduler config holding any other value is refused instead of being silently dropped.
 _FLOW_OPTIONS_OFF: dict[str, Any] = {
@@ -82,14 +89,15 @@ class SamplerConfig:
     ``kind = "flow_euler"``, ``FlowMatchEulerDiscreteScheduler``. To match a pretrained
     checkpoint, build it from the checkpoint's ``scheduler_config.json`` with
     :meth:`from_diffusers_config` (PixArt-LCM ships ``scaled_linear`` 0.00085..0.012; SD3 a flow
-    matching Euler scheduler with ``shift`` 3.0). A field of the other family
-    (:data:`BETA_SCHEDULE_FIELDS` vs :data:`FLOW_FIELDS`) set away from its default is refused,
-    naming it.
+    matching Euler scheduler with ``shift`` 3.0; SANA-Sprint an ``SCMScheduler``). A field of
+    another kind's family (:data:`BETA_SCHEDULE_FIELDS`, :data:`FLOW_FIELDS`,
+    :data:`SCM_FIELDS`) set away from its default is refused, naming it.
     """
 
     kind: SamplerKind = "lcm"
-    """The few-step sampler: ``lcm`` (the paper), ``ddim`` or ``flow_euler`` (flow matching's
-    Euler sampler, SD3 / SD3.5: x_next = x + (sigma_next - sigma) * v)."""
+    """The few-step sampler: ``lcm`` (the paper), ``ddim``, ``flow_euler`` (flow matching's
+    Euler sampler, SD3 / SD3.5 / Sana: x_next = x + (sigma_next - sigma) * v) or ``scm``
+    (TrigFlow consistency steps, SANA-Sprint: SCMScheduler as SanaSprintPipeline drives it)."""
     prediction_type: PredictionType = "epsilon"
     """What the network predicts: epsilon, v (v_prediction) or the clean sample (LCM / DDIM);
     flow_euler needs flow_prediction (the velocity noise - x0)."""
@@ -135,6 +143,20 @@ class SamplerConfig:
     """LCM only: scale of the timestep inside the boundary-condition scalings c_skip / c_out."""
     eta: float = 0.0
     """DDIM only: stochasticity (0 = deterministic DDIM)."""
+    sigma_data: float = 0.5
+    """scm only: the data's standard deviation in TrigFlow (SCMScheduler's sigma_data; SANA-
+    Sprint: 0.5): x_t = cos(t) * x0 + sin(t) * z with x0 and z scaled to sigma_data."""
+    max_timesteps: float = 1.5708
+    """scm only: the first TrigFlow angle (pure noise at pi / 2; SanaSprintPipeline's 1.57080);
+    the K + 1 angles are linspace(max_timesteps, 0, K + 1)."""
+    intermediate_timesteps: float | None = 1.3
+    """scm only, K = 2 only: the middle angle of the 2-step grid (SanaSprintPipeline's 1.3;
+    None: the linspace grid). Other K ignore it (the pipeline must then be called with
+    intermediate_timesteps=None)."""
+    embedded_guidance_scale: float | None = None
+    """A guidance-distilled denoiser's guidance input (SANA-Sprint's ``guidance_embeds``:
+    SanaSprintPipeline's ``guidance_scale``, 4.5 by default; the network sees it times its
+    config's guidance_embeds_scale). None: a model without a guidance embedding."""
     guidance_scale: float = 1.0
     """Classifier-free guidance weight w (Ho & Salimans 2022; diffusers' ``guidance_scale``):
     each step's network output is ``uncond + w * (cond - uncond)``, both halves from one doubled
@@ -183,20 +205,62 @@ class SamplerConfig:
                 f"{self.guidance_scale}; diffusers treats every value <= 1 (e.g. PixArt-LCM's 0) "
                 "as no guidance, which is 1.0 here"
             )
+        if self.embedded_guidance_scale is not None and not self.embedded_guidance_scale >= 0:
+            raise ValueError(
+                "sampler.embedded_guidance_scale must be >= 0 (or none: no guidance input), got "
+                f"{self.embedded_guidance_scale}"
+            )
+        self._check_scm()
+
+    def _check_scm(self) -> None:
+        if self.kind != "scm":
+            return
+        if not self.sigma_data > 0:
+            raise ValueError(f"sampler.sigma_data must be > 0, got {self.sigma_data}")
+        if not 0 < self.max_timesteps <= 1.5708:
+            raise ValueError(
+                "sampler.max_timesteps must be in (0, 1.5708] (a TrigFlow angle, pi / 2 = pure "
+                f"noise), got {self.max_timesteps}"
+            )
+        middle = self.intermediate_timesteps
+        if middle is not None and not 0 < middle < self.max_timesteps:
+            raise ValueError(
+                f"sampler.intermediate_timesteps must be in (0, max_timesteps="
+                f"{self.max_timesteps}) or none, got {middle}"
+            )
+        if self.guidance_scale != 1:
+            raise ValueError(
+                f"sampler.guidance_scale={self.guidance_scale} with kind='scm': SANA-Sprint is "
+                "guidance-distilled and its pipeline runs no classifier-free guidance; "
+                "set sampler.embedded_guidance_scale (its guidance input) and guidance_scale=1"
+            )
 
     def _check_kind_fields(self) -> None:
         """Refuses fields of the other sampler family set away from their defaults (a preset
         that sets beta_schedule for flow matching, or shift for LCM, means something else)."""
         flow = self.kind == "flow_euler"
+        scm = self.kind == "scm"
         defaults = type(self).__dataclass_fields__
-        foreign = BETA_SCHEDULE_FIELDS if flow else FLOW_FIELDS
-        set_keys = [k for k in foreign if getattr(self, k) != defaults[k].default]
-        if set_keys:
-            family = "LCM / DDIM's beta schedule" if flow else "flow_euler"
+        groups = {
+            "LCM / DDIM's beta schedule": (BETA_SCHEDULE_FIELDS, self.kind in ("lcm", "ddim")),
+            "flow_euler": (FLOW_FIELDS, flow),
+            "scm": (SCM_FIELDS, scm),
+        }
+        for family, (names, applies) in groups.items():
+            set_keys = [k for k in names if getattr(self, k) != defaults[k].default]
+            if set_keys and not applies:
+                raise ValueError(
+                    f"sampler.kind={self.kind!r} does not use "
+                    f"{', '.join(f'sampler.{k}' for k in set_keys)} ({family} fields); remove them"
+                )
+        if scm != (self.prediction_type == "trigflow"):
             raise ValueError(
-                f"sampler.kind={self.kind!r} does not use "
-                f"{', '.join(f'sampler.{k}' for k in set_keys)} ({family} fields); remove them"
+                f"sampler.prediction_type={self.prediction_type!r} with kind={self.kind!r}: "
+                "kind='scm' (SANA-Sprint's TrigFlow network) needs prediction_type='trigflow', "
+                "and 'trigflow' needs kind='scm'"
             )
+        if scm:
+            return
         if flow and self.prediction_type != "flow_prediction":
             raise ValueError(
                 f"sampler.prediction_type={self.prediction_type!r} does not apply to "
@@ -218,8 +282,8 @@ class SamplerConfig:
 
     def max_num_steps(self) -> int:
         """The most sampler steps this schedule can give: LCM samples its distillation grid of
-        original_inference_steps timesteps, DDIM and flow_euler the num_train_timesteps of the
-        schedule."""
+        original_inference_steps timesteps, DDIM, flow_euler and scm the num_train_timesteps of
+        the schedule (SCMScheduler's own limit)."""
         return self.original_inference_steps if self.kind == "lcm" else self.num_train_timesteps
 
     def dynamic_shift_mu(self, image_seq_len: int) -> float:
@@ -276,6 +340,8 @@ class SamplerConfig:
                     )
             # diffusers' flow schedulers have no prediction_type: the network predicts velocity.
             overrides.setdefault("prediction_type", "flow_prediction")
+        if overrides["kind"] == "scm":
+            values.setdefault("prediction_type", "trigflow")
         if values.pop("thresholding", False):
             raise ValueError("scheduler config sets thresholding=True, which is not supported")
         if values.pop("trained_betas", None) is not None:
@@ -294,6 +360,14 @@ class SamplerConfig:
         if self.kind == "flow_euler":
             return {"num_train_timesteps": self.num_train_timesteps} | {
                 k: getattr(self, k) for k in FLOW_FIELDS
+            }
+        if self.kind == "scm":
+            # max_timesteps / intermediate_timesteps are SanaSprintPipeline call arguments, not
+            # scheduler config: the export's README states them.
+            return {
+                "num_train_timesteps": self.num_train_timesteps,
+                "prediction_type": self.prediction_type,
+                "sigma_data": self.sigma_data,
             }
         kwargs = {
             "num_train_timesteps": self.num_train_timesteps,
@@ -327,7 +401,6 @@ def check_num_steps(sampler: SamplerConfig, num_steps: int, key: str) -> None:
         grid = (
             f"sampler.original_inference_steps={limit} (LCM samples its distillation grid)"
             if sampler.kind == "lcm"
-            else f"sampler.num_train_timesteps={limit} "
-            f"({'DDIM' if sampler.kind == 'ddim' else 'flow_euler'})"
+            else f"sampler.num_train_timesteps={limit} ({sampler.kind})"
         )
         raise ValueError(f"{key}={num_steps} must be in 1..{limit}: the schedule has {grid}")

@@ -1,4 +1,5 @@
-"""Model families: everything that differs between PixArt-α, PixArt-Σ and SD3, in one record each.
+"""Model families: everything that differs between PixArt-α, PixArt-Σ, SD3, Sana and SANA-Sprint,
+in one record each.
 
 A family fixes the denoiser class a checkpoint holds, the pipeline class its folders and the
 engine's exports are, how captions become conditioning (one T5's states and mask, or SD3's joint
@@ -41,10 +42,12 @@ class ModelFamily:
     """The diffusers class its ``transformer/config.json`` names."""
     pipeline_class: str
     """The diffusers pipeline class of its folders (``model_index.json``) and of exports."""
-    text_encoding: Literal["t5", "sd3"]
+    text_encoding: Literal["t5", "sd3", "gemma"]
     """``t5``: one T5's hidden states and attention mask (PixArt). ``sd3``: the pipeline's own
     ``encode_prompt`` (CLIP-L and CLIP-G penultimate states padded to T5's width, then T5's
-    tokens) plus the pooled CLIP projections; no mask."""
+    tokens) plus the pooled CLIP projections; no mask. ``gemma``: the Sana pipelines' own
+    ``encode_prompt`` (Gemma-2's last hidden states of the complex human instruction + caption,
+    of which the first token and the last ``caption_max_tokens - 1`` are kept) and its mask."""
     caption_max_tokens: int
     """T5 tokens its pipeline encodes a caption to (``max_sequence_length``)."""
     denoiser_text_tokens: int
@@ -54,6 +57,14 @@ class ModelFamily:
     attention has no fused kernel)."""
     frozen_text_parts: tuple[str, ...]
     """Pipeline subfolders holding its frozen text encoders and tokenizers."""
+    vae_class: str = "AutoencoderKL"
+    """The diffusers autoencoder class of its ``vae/`` folder (Sana: the deep-compression
+    ``AutoencoderDC``, 32x downsampling, whose ``encode`` returns a latent, no posterior)."""
+    sampler_kind: str | None = None
+    """The engine sampler (``sampler.kind``) its pipeline's sampling equals, where the family
+    fixes one (SANA-Sprint: ``scm``, TrigFlow); None: chosen by the preset."""
+    fused_kernels_note: str = ""
+    """Why its attention does or does not fit e2ed2.kernels, where ``fused_kernels`` is False."""
 
     @property
     def pooled_projections(self) -> bool:
@@ -62,6 +73,15 @@ class ModelFamily:
 
 
 _PIXART_TEXT = ("text_encoder", "tokenizer")
+# Sana's self-attention is ReLU linear attention (SanaLinearAttnProcessor: relu(Q) (relu(K)^T V)
+# over the image tokens, O(N D^2), no softmax and no N x N scores), and its feed-forward a GLU
+# with a depthwise 3x3 conv (GLUMBConv); e2ed2.kernels fuses softmax attention only. Its
+# cross-attention is softmax attention to the text, but a kernel for that alone would leave the
+# self-attention, the bulk of the cost at 1024 px (4096 tokens), unfused.
+_SANA_ATTENTION = (
+    "Sana's self-attention is ReLU linear attention (no softmax, no N x N scores) and its MLP a "
+    "GLU with a depthwise conv; e2ed2.kernels fuses softmax attention only"
+)
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
@@ -102,12 +122,50 @@ FAMILIES: dict[str, ModelFamily] = {
                 f"{kind}{n}" for kind in ("text_encoder", "tokenizer") for n in ("", "_2", "_3")
             ),
         ),
+        # Sana (1600M / 600M): linear-attention DiT with 32x DC-AE latents (32 channels, patch
+        # 1), Gemma-2-2B text (2304 wide) behind the complex human instruction, 300 tokens,
+        # flow matching (the checkpoints ship flow DPM-Solver; the engine samples flow Euler at
+        # Sana's flow_shift 3.0: core/sampler.py).
+        ModelFamily(
+            name="sana",
+            denoiser_class="SanaTransformer2DModel",
+            pipeline_class="SanaPipeline",
+            text_encoding="gemma",
+            caption_max_tokens=300,
+            denoiser_text_tokens=300,
+            fused_kernels=False,
+            frozen_text_parts=_PIXART_TEXT,
+            vae_class="AutoencoderDC",
+            sampler_kind="flow_euler",
+            fused_kernels_note=_SANA_ATTENTION,
+        ),
+        # SANA-Sprint: Sana's transformer with a guidance embedding (guidance_embeds), sampled
+        # in 1-4 TrigFlow steps (SCMScheduler): the engine's scm sampler; same text and DC-AE.
+        ModelFamily(
+            name="sana_sprint",
+            denoiser_class="SanaTransformer2DModel",
+            pipeline_class="SanaSprintPipeline",
+            text_encoding="gemma",
+            caption_max_tokens=300,
+            denoiser_text_tokens=300,
+            fused_kernels=False,
+            frozen_text_parts=_PIXART_TEXT,
+            vae_class="AutoencoderDC",
+            sampler_kind="scm",
+            fused_kernels_note=_SANA_ATTENTION,
+        ),
     )
 }
 assert set(FAMILIES) == set(FAMILY_NAMES) - {"auto"}, "config.model.FAMILY_NAMES out of step"
 
 # The family a bare transformer folder of each class is taken as (no pipeline folder to ask).
-_DEFAULT_FOR_DENOISER = {"PixArtTransformer2DModel": "pixart_alpha", "SD3Transformer2DModel": "sd3"}
+# A bare Sana transformer folder is taken as Sana (set model.family="sana_sprint" for a SANA-Sprint
+# one, or point at its pipeline folder).
+_DEFAULT_FOR_DENOISER = {
+    "PixArtTransformer2DModel": "pixart_alpha",
+    "SD3Transformer2DModel": "sd3",
+    "SanaTransformer2DModel": "sana",
+}
 
 
 def denoiser_class_names() -> tuple[str, ...]:

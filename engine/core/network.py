@@ -2,9 +2,10 @@
 
 The network knows nothing of noise or schedules: it maps ``(x_t, timestep, conditioning)`` to its
 raw prediction. :func:`denoise` hides the differences between diffusers models (PixArt's
-``added_cond_kwargs``, SD3's ``pooled_projections`` and float flow matching timesteps, UNet's
-positional ``timestep``, learned-sigma outputs with 2C channels, ``return_dict``) so the sampler
-and trajectory can treat every denoiser the same.
+``added_cond_kwargs``, SD3's ``pooled_projections`` and float flow matching timesteps, Sana's
+``timestep_scale`` and SANA-Sprint's ``guidance`` input, UNet's positional ``timestep``,
+learned-sigma outputs with 2C channels, ``return_dict``) so the sampler and trajectory can treat
+every denoiser the same. It asks the model's forward signature and config, never its class.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def denoise(
     cond: Conditioning,
     *,
     guidance_scale: float = 1.0,
+    embedded_guidance: float | None = None,
 ) -> torch.Tensor:
     """Raw network prediction (epsilon / v / x0, per the model) for ``sample`` at ``timestep``.
 
@@ -190,6 +192,11 @@ def denoise(
     prompts; sample, timesteps and size conditions repeated), then
     ``uncond + w * (text - uncond)`` on the raw output, then the learned-sigma split. 1.0: the
     conditional call alone (no guidance, diffusers' ``guidance_scale <= 1``).
+
+    ``embedded_guidance``: the guidance input of a guidance-distilled model (its config's
+    ``guidance_embeds``, SANA-Sprint): every row gets ``embedded_guidance`` in the text states'
+    dtype times the config's ``guidance_embeds_scale``, as SanaSprintPipeline builds it. Required
+    by such a model, refused by any other.
     """
     batch = sample.shape[0]
     if cond.encoder_hidden_states.shape[0] != batch:
@@ -210,12 +217,16 @@ def denoise(
     if guidance_scale > 1:
         doubled = _guidance_batch(cond, guidance_scale)
         out = _network_output(
-            model, torch.cat([sample, sample]), torch.cat([timesteps, timesteps]), doubled
+            model,
+            torch.cat([sample, sample]),
+            torch.cat([timesteps, timesteps]),
+            doubled,
+            embedded_guidance,
         )
         out_uncond, out_text = out.chunk(2)
         out = out_uncond + guidance_scale * (out_text - out_uncond)
     else:
-        out = _network_output(model, sample, timesteps, cond)
+        out = _network_output(model, sample, timesteps, cond, embedded_guidance)
     channels = sample.shape[1]
     if out.shape[1] == 2 * channels:
         out = out[:, :channels]
@@ -269,14 +280,47 @@ def _guidance_batch(cond: Conditioning, guidance_scale: float) -> Conditioning:
 
 
 def _network_output(
-    model: nn.Module, sample: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    model: nn.Module,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Conditioning,
+    embedded_guidance: float | None = None,
 ) -> torch.Tensor:
     """The model's raw output tensor (all its channels) for a (B,) ``timesteps`` tensor."""
     accepted = _forward_parameters(type(unwrap(model)))
+    config = getattr(unwrap(model), "config", None)
+    timestep_scale = float(getattr(config, "timestep_scale", 1.0) or 1.0)
+    if timestep_scale != 1.0:
+        # Sana's config scales the float timestep (SanaPipeline: t * timestep_scale);
+        # SanaSprintPipeline does not, so a guidance-distilled model with a scale is ambiguous.
+        if getattr(config, "guidance_embeds", False):
+            raise ValueError(
+                f"{type(unwrap(model)).__name__} has guidance_embeds and timestep_scale="
+                f"{timestep_scale}: Sana's pipeline scales the timestep, SANA-Sprint's does not"
+            )
+        timesteps = timesteps * timestep_scale
     kwargs: dict[str, object] = {
         "timestep": timesteps,
         "encoder_hidden_states": cond.encoder_hidden_states,
     }
+    guided = bool(getattr(config, "guidance_embeds", False)) and "guidance" in accepted
+    if guided != (embedded_guidance is not None):
+        raise ValueError(
+            f"{type(unwrap(model)).__name__} "
+            + (
+                "is guidance-distilled (guidance_embeds): set sampler.embedded_guidance_scale "
+                "(SANA-Sprint's pipeline default: 4.5)"
+                if guided
+                else "has no guidance embedding: leave sampler.embedded_guidance_scale unset"
+            )
+        )
+    if guided:
+        guidance = torch.full(
+            (sample.shape[0],), embedded_guidance, dtype=torch.float32, device=sample.device
+        )
+        kwargs["guidance"] = guidance.to(cond.encoder_hidden_states.dtype) * float(
+            config.guidance_embeds_scale
+        )
     if cond.encoder_attention_mask is not None:
         if "encoder_attention_mask" not in accepted:
             raise ValueError(

@@ -108,9 +108,10 @@ class HostOffload:
         # Pinned, so both copies can run asynchronously (only CUDA to CPU memory can be).
         pinned = device.type == "cuda" and self.host_device.type == "cpu"
         with host_allocations():
-            host = torch.empty(
-                tensor.shape, dtype=tensor.dtype, device=self.host_device, pin_memory=pinned
-            )
+            # empty_like keeps a dense tensor's strides (a transposed patch embedding stays
+            # transposed): a block's recompute must see its inputs as the forward did, or ops
+            # that branch on layout save other tensors and the checkpoint's check fails.
+            host = torch.empty_like(tensor, device=self.host_device, pin_memory=pinned)
         if device.type != "cuda":
             host.copy_(tensor)
             return _Packed(host, device, None)

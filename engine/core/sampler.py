@@ -1,5 +1,5 @@
-"""Functional, differentiable few-step samplers (LCM, DDIM, flow matching Euler) built from a
-diffusers scheduler.
+"""Functional, differentiable few-step samplers (LCM, DDIM, flow matching Euler, TrigFlow SCM)
+built from a diffusers scheduler.
 
 diffusers' schedulers are stateful (``step`` advances ``_step_index`` and draws its own noise), so
 they cannot be re-run inside an activation checkpoint: the recompute would see a different step
@@ -25,6 +25,18 @@ Equations (``a_t`` = alphas_cumprod[t], ``t`` the current and ``s`` the next tim
   with the K + 1 sigmas (shifted, the last one 0) exactly as ``set_timesteps`` computes them
   (``mu`` for dynamic shifting from the image's token count). The step runs in float32 and
   returns the model output's dtype, as diffusers' does.
+  TrigFlow SCM (Lu & Song 2024, sCM; SANA-Sprint with diffusers' SCMScheduler as
+  SanaSprintPipeline drives it): angles s_0 = max_timesteps > ... > s_K = 0 (K = 2: the
+  intermediate angle), data and noise at scale sigma_d, x = cos(s) x0 + sin(s) z. The network
+  is called at the flow time r = sin(s) / (cos(s) + sin(s)) on the input
+  x / sigma_d * c_in (c_in = sqrt(r^2 + (1 - r)^2)), and its output F becomes the TrigFlow
+  velocity  v = sigma_d * ((1 - 2r) x_in + (1 - 2r + 2r^2) F) / c_in; then
+      x0 = cos(s) x - sin(s) v       x_next = cos(s_next) x0 + sin(s_next) sigma_d n
+  and the sample after the last step is x0 / sigma_d (the pipeline's ``denoised``). The
+  engine's state is x / sigma_d (unit variance, as the trajectory's start noise): with
+  sigma_d = 0.5 (SANA-Sprint) the rescalings are exact and every step is bit-equal to
+  SCMScheduler.step. The network call and the velocity (:meth:`SamplerSchedule.model_output`)
+  belong to the sampler here, not to core/network.py: they are SCM's parameterisation.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.sampler import SamplerConfig
+from .network import Conditioning, denoise
 
 __all__ = ["SamplerConfig", "SamplerSchedule", "build_schedule", "image_seq_len"]
 
@@ -66,6 +79,17 @@ class SamplerSchedule:
     sigma: tuple[float, ...] = ()
     sigma_next: tuple[float, ...] = ()
     sigma_delta: tuple[float, ...] = ()
+    # SCM only (float32 values as Python floats): cos / sin of each step's angle and of the next
+    # one, the network's flow time r, its input scale c_in and the velocity's coefficients
+    # (1 - 2r) and (1 - 2r + 2r^2). ``timesteps`` then holds r (what the network sees).
+    cos_angle: tuple[float, ...] = ()
+    sin_angle: tuple[float, ...] = ()
+    cos_angle_next: tuple[float, ...] = ()
+    sin_angle_next: tuple[float, ...] = ()
+    angle: tuple[float, ...] = ()
+    scm_c_in: tuple[float, ...] = ()
+    scm_c_sample: tuple[float, ...] = ()
+    scm_c_output: tuple[float, ...] = ()
 
     @property
     def num_steps(self) -> int:
@@ -76,15 +100,55 @@ class SamplerSchedule:
         """Flow matching (velocity prediction, float timesteps, no injected noise)."""
         return self.config.kind == "flow_euler"
 
+    @property
+    def is_scm(self) -> bool:
+        """TrigFlow consistency sampling (SANA-Sprint)."""
+        return self.config.kind == "scm"
+
     def takes_noise(self, index: int) -> bool:
         """Whether step ``index`` injects fresh Gaussian noise (and so needs a ``noise`` tensor)."""
         if self.is_flow:
             return False
+        if self.is_scm:
+            # SCMScheduler draws noise at the last step too, but weighs it by sin(0) = 0 and the
+            # pipeline returns that step's x0: no noise is needed there.
+            return index < self.num_steps - 1
         return self.noise_scale[index] != 0.0
 
     def timestep(self, index: int) -> int | float:
-        """The network's timestep at step ``index``: an int (LCM / DDIM) or a float (flow)."""
+        """The network's timestep at step ``index``: an int (LCM / DDIM) or a float (flow; SCM:
+        the flow time r of the step's TrigFlow angle)."""
         return self.timesteps[index]
+
+    def model_output(
+        self, network: torch.nn.Module, index: int, sample: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """The network's output at step ``index`` in the form :meth:`step` takes: the raw
+        prediction (guided when ``config.guidance_scale`` > 1) or, for SCM, the TrigFlow velocity
+        of the preconditioned call (module docstring), float32 as SanaSprintPipeline's."""
+        guidance = self.config.embedded_guidance_scale
+        if not self.is_scm:
+            return denoise(
+                network,
+                sample,
+                self.timestep(index),
+                cond,
+                guidance_scale=self.config.guidance_scale,
+                embedded_guidance=guidance,
+            )
+        sigma_data = sample.new_tensor(self.config.sigma_data, dtype=torch.float32)
+        c_in = sample.new_tensor(self.scm_c_in[index], dtype=torch.float32)
+        # The pipeline's float32 latents are sigma_d * state; it divides them back (exact for a
+        # power-of-two sigma_d) and scales by c_in; divisions by tensors, as it divides.
+        latents = sample.float() * self.config.sigma_data
+        scaled = latents / sigma_data * self.scm_c_in[index]
+        raw = denoise(
+            network, scaled.to(sample.dtype), self.timestep(index), cond, embedded_guidance=guidance
+        )
+        velocity = (
+            self.scm_c_sample[index] * scaled + self.scm_c_output[index] * raw.float()
+        ) / c_in
+        return velocity * self.config.sigma_data
 
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
         """``x_t`` at ``timesteps[index]`` from a clean latent (forward process, as diffusers:
@@ -92,6 +156,9 @@ class SamplerSchedule:
         if self.is_flow:
             sigma = self.sigma[index]
             return sigma * noise + (1.0 - sigma) * clean
+        if self.is_scm:
+            # TrigFlow on the unit-scale state: (cos(s) sigma_d x0 + sin(s) sigma_d z) / sigma_d.
+            return self.cos_angle[index] * clean + self.sin_angle[index] * noise
         return self.sqrt_alpha_prod[index] * clean + self.sqrt_one_minus_alpha_prod[index] * noise
 
     def predict_clean(
@@ -101,6 +168,12 @@ class SamplerSchedule:
         flow matching: ``x - sigma * v``."""
         if self.is_flow:
             return sample - self.sigma[index] * model_output
+        if self.is_scm:
+            latents = sample.float() * self.config.sigma_data
+            clean = self.cos_angle[index] * latents - self.sin_angle[index] * model_output
+            return (clean / sample.new_tensor(self.config.sigma_data, dtype=torch.float32)).to(
+                sample.dtype
+            )
         a, b = self.sqrt_alpha_prod[index], self.sqrt_one_minus_alpha_prod[index]
         kind = self.config.prediction_type
         if kind == "epsilon":
@@ -131,6 +204,8 @@ class SamplerSchedule:
             # takes the model output's dtype (a bf16 run rounds once per step, not per op).
             moved = sample.float() + self.sigma_delta[index] * model_output.float()
             return moved.to(model_output.dtype)
+        if self.is_scm:
+            return self._scm_step(index, model_output, sample, noise)
         clean = self.predict_clean(index, model_output, sample)
         if self.config.kind == "lcm":
             denoised = self.c_out[index] * clean + self.c_skip[index] * sample
@@ -150,6 +225,26 @@ class SamplerSchedule:
         if self.takes_noise(index):
             prev = prev + self.noise_scale[index] * noise
         return prev
+
+    def _scm_step(
+        self,
+        index: int,
+        velocity: torch.Tensor,
+        sample: torch.Tensor,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """SCMScheduler.step on the pipeline's float32 latents (sigma_d x the state): x0, then
+        the next angle's sample with ``noise`` x sigma_d (after the last step: x0). Returns
+        the unit-scale state in ``sample``'s dtype (a bf16 run rounds once per step)."""
+        sigma_data = sample.new_tensor(self.config.sigma_data, dtype=torch.float32)
+        latents = sample.float() * self.config.sigma_data
+        clean = self.cos_angle[index] * latents - self.sin_angle[index] * velocity.float()
+        if self.takes_noise(index):
+            scaled_noise = noise.float() * self.config.sigma_data
+            latents = self.cos_angle_next[index] * clean + self.sin_angle_next[index] * scaled_noise
+        else:
+            latents = clean
+        return (latents / sigma_data).to(sample.dtype)
 
 
 def image_seq_len(latent_height: int, latent_width: int, patch_size: int) -> int:
@@ -171,6 +266,8 @@ def build_schedule(
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if config.kind == "flow_euler":
         return _build_flow_schedule(config, num_steps, image_seq_len)
+    if config.kind == "scm":
+        return _build_scm_schedule(config, num_steps)
     scheduler = config.to_diffusers()
     scheduler.set_timesteps(num_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
@@ -261,4 +358,61 @@ def _build_flow_schedule(
         sigma_next=tuple(float(s) for s in sigmas[1:]),
         # float32 subtraction, as diffusers' dt = sigma_next - sigma.
         sigma_delta=tuple(float(d) for d in sigmas[1:] - sigmas[:-1]),
+    )
+
+
+def _build_scm_schedule(config: SamplerConfig, num_steps: int) -> SamplerSchedule:
+    """SCM's K + 1 TrigFlow angles from SCMScheduler.set_timesteps (as SanaSprintPipeline asks
+    for them: the intermediate angle at K = 2 only), and each step's coefficients computed with
+    the pipeline's float32 tensor ops, so a step multiplies by the values it multiplies by."""
+    scheduler = config.to_diffusers()
+    middle = config.intermediate_timesteps if num_steps == 2 else None
+    scheduler.set_timesteps(
+        num_steps, max_timesteps=config.max_timesteps, intermediate_timesteps=middle
+    )
+    angles = scheduler.timesteps  # (K + 1,) float32, the last one 0
+    if angles.shape != (num_steps + 1,):
+        raise ValueError(f"scm scheduler gave {angles.shape[0]} angles for num_steps={num_steps}")
+    cols: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "angle",
+            "cos_angle",
+            "sin_angle",
+            "cos_angle_next",
+            "sin_angle_next",
+            "scm_c_in",
+            "scm_c_sample",
+            "scm_c_output",
+            "timesteps",
+        )
+    }
+    for i in range(num_steps):
+        s, t = angles[i], angles[i + 1]
+        r = torch.sin(s) / (torch.cos(s) + torch.sin(s))  # the flow time the network sees
+        values = {
+            "angle": s,
+            "cos_angle": torch.cos(s),
+            "sin_angle": torch.sin(s),
+            "cos_angle_next": torch.cos(t),
+            "sin_angle_next": torch.sin(t),
+            "scm_c_in": torch.sqrt(r**2 + (1 - r) ** 2),
+            "scm_c_sample": 1 - 2 * r,
+            "scm_c_output": 1 - 2 * r + 2 * r**2,
+            "timesteps": r,
+        }
+        for key, value in values.items():
+            cols[key].append(float(value))
+    timesteps = tuple(cols.pop("timesteps"))
+    return SamplerSchedule(
+        config=config,
+        timesteps=timesteps,
+        sqrt_alpha_prod=(),
+        sqrt_one_minus_alpha_prod=(),
+        sqrt_alpha_prod_next=(),
+        c_skip=(),
+        c_out=(),
+        direction_scale=(),
+        noise_scale=(),
+        **{k: tuple(v) for k, v in cols.items()},
     )

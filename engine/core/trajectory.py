@@ -40,7 +40,7 @@ from torch.utils.checkpoint import CheckpointPolicy as SavePolicy
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from ..config.trajectory import CHECKPOINT_POLICIES, CheckpointPolicy, TrajectoryConfig
-from .network import Conditioning, denoise, step_network, unwrap
+from .network import Conditioning, step_network, unwrap
 from .offload import HostOffload
 from .sampler import SamplerSchedule
 
@@ -122,9 +122,9 @@ def _one_step(
     sample: torch.Tensor,
     noise: torch.Tensor | None,
 ) -> torch.Tensor:
-    # CFG (sampler.guidance_scale > 1) doubles the batch in here, inside the checkpoint region.
-    scale = schedule.config.guidance_scale
-    model_output = denoise(network, sample, schedule.timestep(index), cond, guidance_scale=scale)
+    # CFG (sampler.guidance_scale > 1) doubles the batch in here, inside the checkpoint region;
+    # the schedule calls the network (SCM preconditions its input and output around the call).
+    model_output = schedule.model_output(network, index, sample, cond)
     return schedule.step(index, model_output, sample, noise)
 
 

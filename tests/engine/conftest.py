@@ -222,3 +222,17 @@ def shards_sd3(sd3_folder, mixed_image_folder, tmp_path_factory) -> Path:
     """``mixed_image_folder`` precomputed with the SD3 folder's VAE and text encoders (64 px,
     16 T5 tokens after CLIP's 77)."""
     return _precompute(sd3_folder, mixed_image_folder, tmp_path_factory.mktemp("shards-sd3"))
+
+
+@pytest.fixture(scope="session")
+def sana_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Sana_1600M_1024px_diffusers-structured SanaPipeline folder (linear-attention
+    transformer, DC-AE, Gemma-2 + its tokenizer, flow Euler scheduler at shift 3)."""
+    return _real_models().save_sana_pipeline(tmp_path_factory.mktemp("Sana"))
+
+
+@pytest.fixture(scope="session")
+def sana_sprint_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SANA-Sprint-structured SanaSprintPipeline folder (guidance-embedded transformer,
+    SCMScheduler; DC-AE and Gemma-2 as Sana's)."""
+    return _real_models().save_sana_pipeline(tmp_path_factory.mktemp("Sana-Sprint"), sprint=True)

@@ -465,3 +465,175 @@ def save_bucket_image_folder(folder: Path) -> Path:
         lines.append(json.dumps({"file": name, "caption": caption}))
     (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+# --- Sana / SANA-Sprint (configs/sana_sprint_1024.toml) ----------------------------------------
+# Sana_1600M_1024px_diffusers' structure at tiny width: the linear-attention transformer (patch 1,
+# no positional embedding, 32 latent channels), the DC-AE AutoencoderDC (six stages: 32x
+# downsampling, 32 latent channels, EfficientViT blocks in the last three, scaling 0.41407), a
+# Gemma-2 text encoder (Gemma2Model: 2304 wide -> 32) and a Gemma BPE tokenizer (tokenizer.json
+# with byte fallback, Gemma's special-token ids). SANA-Sprint's transformer adds the guidance
+# embedding and RMS qk-norm; its scheduler is SCMScheduler.
+SANA_GEMMA_WIDTH = 32
+SANA_LATENT_CHANNELS = 32
+#: dc-ae-f32c32-sana-1.0's scaling_factor.
+SANA_VAE_SCALING = 0.41407
+#: Sana_1600M_1024px's scheduler (its flow_shift 3.0), as the engine samples it: flow Euler.
+SANA_FLOW_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+#: SANA-Sprint_1.6B_1024px's scheduler_config.json.
+SANA_SPRINT_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "prediction_type": "trigflow",
+    "sigma_data": 0.5,
+}
+
+
+def gemma_tokenizer():
+    """A Gemma tokenizer (transformers' GemmaTokenizer: BPE with byte fallback, spaces as "▁",
+    <pad> 0, <eos> 1, <bos> 2, <unk> 3, <mask> 4, BOS prepended) whose vocabulary and merges are
+    trained here by the tokenizers library on :data:`SENTENCES` and Sana's complex human
+    instruction, so a local folder needs no download: save_pretrained writes tokenizer.json and
+    tokenizer_config.json, all GemmaTokenizer(Fast).from_pretrained reads."""
+    import inspect
+
+    from diffusers import SanaPipeline
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    instruction = (
+        inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    )
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer_model = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_model.normalizer = normalizers.Replace(" ", "▁")
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(specials) + len(byte_tokens) + 200,
+        special_tokens=specials + byte_tokens,
+        show_progress=False,
+    )
+    trainer_model.train_from_iterator(list(SENTENCES) + ["\n".join(instruction)], trainer)
+    trained = json.loads(trainer_model.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    return GemmaTokenizer(vocab=trained["vocab"], merges=merges, add_bos_token=True)
+
+
+def tiny_gemma2_encoder(vocab_size: int, seed: int = 0):
+    """Gemma-2-2B's structure (Gemma2Model: GQA, alternating sliding-window layers, logit soft-
+    capping, RMSNorm), 2 layers, 32 wide."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=SANA_GEMMA_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=2048,
+        sliding_window=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return Gemma2Model(config).eval()
+
+
+def tiny_dc_ae(seed: int = 0):
+    """dc-ae-f32c32-sana-1.0's structure: six stages (32x), ResBlocks then EfficientViT blocks
+    (multi-scale linear attention), 32 latent channels, RMS-normed decoder, scaling 0.41407."""
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    blocks = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    return AutoencoderDC(
+        in_channels=3,
+        latent_channels=SANA_LATENT_CHANNELS,
+        attention_head_dim=8,
+        encoder_block_types=blocks,
+        decoder_block_types=blocks,
+        encoder_block_out_channels=(8, 8, 16, 16, 32, 32),
+        decoder_block_out_channels=(8, 8, 16, 16, 32, 32),
+        encoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+        encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+        decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+        upsample_block_type="interpolate",
+        downsample_block_type="Conv",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=SANA_VAE_SCALING,
+    ).eval()
+
+
+def tiny_sana_transformer(seed: int = 0, *, sprint: bool = False, sample_size: int = 32):
+    """Sana_1600M's SanaTransformer2DModel structure (linear self-attention, softmax cross-
+    attention to the Gemma states, GLUMBConv MLP, adaLN-single), 2 layers, 16 wide; ``sprint``:
+    SANA-Sprint's guidance embedding and RMS qk-norm."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = SanaTransformer2DModel(
+        in_channels=SANA_LATENT_CHANNELS,
+        out_channels=SANA_LATENT_CHANNELS,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=SANA_GEMMA_WIDTH,
+        mlp_ratio=2.5,
+        sample_size=sample_size,
+        patch_size=1,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        guidance_embeds=sprint,
+        qk_norm="rms_norm_across_heads" if sprint else None,
+    )
+    # diffusers zero-initialises some output layers; a trained model is not zero there.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def save_sana_pipeline(folder: Path, *, sprint: bool = False) -> Path:
+    """A SanaPipeline folder with Sana_1600M_1024px_diffusers' structure (transformer/, vae/ =
+    AutoencoderDC, text_encoder/ = Gemma2Model in safetensors shards, tokenizer/ = Gemma's
+    tokenizer.json, scheduler/); ``sprint``: a SanaSprintPipeline folder (guidance-embedded
+    transformer, SCMScheduler). Sana's own folder ships DPM-Solver; this one the flow Euler
+    scheduler at its flow_shift, what the engine samples and exports."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SanaPipeline,
+        SanaSprintPipeline,
+        SCMScheduler,
+    )
+
+    tokenizer = gemma_tokenizer()
+    encoder = tiny_gemma2_encoder(len(tokenizer))
+    parts = dict(
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        vae=tiny_dc_ae(),
+        transformer=tiny_sana_transformer(sprint=sprint),
+    )
+    if sprint:
+        pipeline = SanaSprintPipeline(scheduler=SCMScheduler(**SANA_SPRINT_SCHEDULER), **parts)
+    else:
+        pipeline = SanaPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**SANA_FLOW_SCHEDULER), **parts
+        )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "text_encoder")
+    encoder.save_pretrained(folder / "text_encoder", max_shard_size="40KB")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(tokenizer=["transformers", "GemmaTokenizerFast"])
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    shards = list((folder / "text_encoder").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1, "the tiny Gemma-2 must be saved in several shards"
+    return folder

@@ -59,8 +59,8 @@ def test_the_class_name_check_sees_code_strings(tmp_path: Path) -> None:
 
 def test_config_names_every_family() -> None:
     assert set(FAMILY_NAMES) == {"auto", *FAMILIES}
-    with pytest.raises(ValueError, match=r"model.family='sana' is not one of"):
-        ModelConfig(family="sana")
+    with pytest.raises(ValueError, match=r"model.family='flux' is not one of"):
+        ModelConfig(family="flux")
 
 
 def _folder(root: Path, pipeline: str | None, denoiser: str) -> Path:
