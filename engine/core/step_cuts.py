@@ -32,11 +32,15 @@ in the leaf gradients and must be backpropagated unscaled.
 :class:`CutUnroll` is what the trainer runs: the step cuts (``trajectory.per_step_backward``)
 and/or the rows in sequential passes (``trajectory.rows_per_pass``: m trajectories per prompt
 without m times the activations), with every piece already scaled.
+
+:func:`loss_in_row_passes` cuts the same way at the other end of the step: between the final
+sample and a loss that is a sum over rows (the terms on decoded pixels), so that the loss's own
+activations (decoder, LPIPS, discriminator, CLIP) exist for one pass of rows at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -44,7 +48,7 @@ from torch import nn
 from .network import Conditioning
 from .trajectory import Trajectory, TrajectoryPlan
 
-__all__ = ["CutUnroll", "StepCuts"]
+__all__ = ["CutUnroll", "StepCuts", "loss_in_row_passes", "row_slices"]
 
 
 def _surrogate(output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -52,6 +56,42 @@ def _surrogate(output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     Summed in float32; its gradient with respect to ``output`` is ``grad`` cast back to
     ``output``'s dtype, bit for bit when ``grad`` came in that dtype."""
     return (output.float() * grad.float()).sum()
+
+
+def row_slices(rows: int, rows_per_pass: int, group: int = 1) -> list[slice]:
+    """Sequential passes over ``rows`` rows, each at most ``rows_per_pass`` rows (0: one pass)
+    rounded up to a multiple of ``group`` (rows that must share a pass: a prompt's m samples)."""
+    if rows_per_pass < 0 or group < 1:
+        raise ValueError(f"rows_per_pass must be >= 0 and group >= 1, got {rows_per_pass}, {group}")
+    size = -(-(rows_per_pass or rows) // group) * group
+    return [slice(first, min(first + size, rows)) for first in range(0, rows, size)]
+
+
+def loss_in_row_passes(
+    sample: torch.Tensor,
+    slices: Sequence[slice],
+    pass_loss: Callable[[torch.Tensor, slice], torch.Tensor],
+) -> torch.Tensor:
+    """A loss that is a sum over row passes, backpropagated one pass at a time to ``sample``.
+
+    ``pass_loss(rows, where)``: the loss's share of the rows ``sample[where]`` (given cut from
+    ``sample``'s graph, as a leaf), e.g. a batch-mean term times the pass's fraction of the
+    rows. Each pass's loss is built and backpropagated to its leaf (``torch.autograd.grad``:
+    nothing accumulates on any parameter) before the next pass starts, so only one pass's graph
+    is alive at a time. Returns the surrogate ``<sample, dL/dsample>``: backpropagated (alone or
+    added to other terms of ``sample``) it sends the passes' summed gradient into ``sample``'s
+    graph, through :func:`_surrogate` exactly as :class:`CutUnroll` sends a pass's. The
+    gradient of every row is the one a single pass would give up to the batched ops' rounding;
+    ``sample`` without a graph gives a surrogate without one (the loss is still evaluated).
+    """
+    grad = torch.zeros_like(sample)
+    for where in slices:
+        rows = sample[where].detach().requires_grad_(sample.requires_grad)
+        loss = pass_loss(rows, where)
+        if loss.requires_grad:
+            (grad[where],) = torch.autograd.grad(loss, rows)
+        del loss, rows  # the pass's graph goes before the next pass is built
+    return _surrogate(sample, grad)
 
 
 class StepCuts:
@@ -127,8 +167,7 @@ class CutUnroll:
 
     def row_slices(self, rows: int) -> list[slice]:
         """The passes over ``rows`` rows, in order."""
-        size = self.rows_per_pass or rows
-        return [slice(first, min(first + size, rows)) for first in range(0, rows, size)]
+        return row_slices(rows, self.rows_per_pass)
 
     def run(
         self,

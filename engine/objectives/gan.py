@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config.gan import GAN_LOSSES, GanConfig, GanLoss
+from ..core.step_cuts import row_slices
 
 __all__ = [
     "Discriminator",
@@ -38,6 +39,7 @@ __all__ = [
     "build_discriminator",
     "build_discriminator_optimizer",
     "discriminator_loss",
+    "discriminator_pieces",
     "frozen",
     "generator_adversarial_loss",
     "train_discriminator",
@@ -133,6 +135,25 @@ def discriminator_loss(
     return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
 
 
+def discriminator_pieces(
+    disc: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    loss: GanLoss = "bce",
+    *,
+    rows_per_pass: int = 0,
+) -> Iterator[torch.Tensor]:
+    """:func:`discriminator_loss` of the whole batch as passes of at most ``rows_per_pass``
+    rows (0: one pass), each weighted by its share of the rows: both halves of the loss are
+    means over rows of equal-size logit maps, so the pieces' sum is the batch's loss and their
+    gradients sum to its gradient. Backpropagate each piece before asking for the next: one
+    pass's discriminator activations are alive at a time."""
+    rows = real.shape[0]
+    for where in row_slices(rows, rows_per_pass):
+        share = (where.stop - where.start) / rows
+        yield share * discriminator_loss(disc, real[where], fake[where], loss)
+
+
 def generator_adversarial_loss(
     disc: nn.Module, fake: torch.Tensor, loss: GanLoss = "bce"
 ) -> torch.Tensor:
@@ -167,9 +188,12 @@ def train_discriminator(
     real: torch.Tensor,
     fake: torch.Tensor,
     config: GanConfig,
+    *,
+    rows_per_pass: int = 0,
 ) -> list[torch.Tensor]:
     """App. C.2's asymmetric schedule: ``disc_steps_per_gen_step`` discriminator updates on one
     real / generated batch (generated detached). Returns each update's loss (detached).
+    ``rows_per_pass``: each update's loss in passes of rows (:func:`discriminator_pieces`).
 
     For a DeepSpeed-wrapped discriminator, run the same loop with ``engine.backward`` /
     ``engine.step`` around :func:`discriminator_loss`.
@@ -178,8 +202,11 @@ def train_discriminator(
     losses = []
     for _ in range(config.disc_steps_per_gen_step):
         optimizer.zero_grad(set_to_none=True)
-        value = discriminator_loss(disc, real, fake, config.loss)
-        value.backward()
+        pieces = discriminator_pieces(disc, real, fake, config.loss, rows_per_pass=rows_per_pass)
+        values = []
+        for piece in pieces:
+            piece.backward()
+            values.append(piece.detach())
         optimizer.step()
-        losses.append(value.detach())
+        losses.append(torch.stack(values).sum())
     return losses

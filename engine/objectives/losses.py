@@ -43,10 +43,12 @@ velocity), which share the sampler config and the network seam.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +57,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config.objective import LPIPS_MIN_SIZE_PX, TORCHVISION_MODELS, ObjectiveConfig
 from ..config.sampler import SamplerConfig
+from ..core.models import FrozenVAE
 from ..core.network import Conditioning, denoise
+from ..core.step_cuts import loss_in_row_passes, row_slices
 from .clip_reward import ClipReward
 from .energy import energy_score
 from .reward import digit_log_prob_reward, load_reward_model
@@ -64,10 +68,12 @@ __all__ = [
     "LPIPS_MIN_SIZE_PX",
     "E2ED2Loss",
     "ObjectiveConfig",
+    "PassedTerms",
     "build_lpips",
     "diffusion_input_and_target",
     "diffusion_loss",
     "load_lpips_backbone",
+    "load_loss_decoder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -153,6 +159,43 @@ def build_lpips(config: ObjectiveConfig) -> nn.Module:
     return model.eval()
 
 
+def load_loss_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> FrozenVAE:
+    """The frozen ``objective.loss_decoder_path``: a local diffusers ``AutoencoderTiny`` folder
+    (``config.json`` + weights), decoding scaled latents as the pipelines do (``FrozenVAE``)."""
+    folder = os.fspath(path)
+    key = "objective.loss_decoder_path"
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(
+            f"{key}={folder!r} has no config.json; expected a diffusers AutoencoderTiny folder "
+            "saved with save_pretrained (e.g. a local copy of madebyollin/taesd)"
+        )
+    with open(config_file, encoding="utf-8") as handle:
+        class_name = json.load(handle).get("_class_name")
+    if class_name != "AutoencoderTiny":
+        raise ValueError(
+            f"{key}={folder!r} holds a {class_name!r}, not a diffusers AutoencoderTiny (the loss "
+            "decoder is meant to be the small one; the full VAE is model.vae_path)"
+        )
+    from diffusers import AutoencoderTiny
+
+    return FrozenVAE(AutoencoderTiny.from_pretrained(folder).to(dtype))
+
+
+def enable_block_checkpointing(vae: nn.Module) -> bool:
+    """Turns on diffusers' own gradient checkpointing of an ``AutoencoderKL``'s decoder, which
+    checkpoints its mid block and each up block separately; False (nothing changed) for a
+    decoder without per-block checkpoints (``AutoencoderTiny`` checkpoints all its layers as
+    one, which ``decode_checkpoint`` already does)."""
+    inner = getattr(vae, "decoder", None)
+    if inner is None or not hasattr(inner, "up_blocks") or not hasattr(inner, "mid_block"):
+        return False
+    if not hasattr(inner, "gradient_checkpointing"):
+        return False
+    vae.enable_gradient_checkpointing()  # also flags the encoder, which runs without grad here
+    return True
+
+
 def _as_rgb(images: torch.Tensor, what: str) -> torch.Tensor:
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(
@@ -162,6 +205,23 @@ def _as_rgb(images: torch.Tensor, what: str) -> torch.Tensor:
 
 
 # --- E2ED2 ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PassedTerms:
+    """What :meth:`E2ED2Loss.terms_in_passes` returns."""
+
+    loss: torch.Tensor
+    """Backpropagate this (alone): the latent terms with their graph plus the pixel terms'
+    surrogate ``<sample, dL_pixels/dsample>``. Its value is not the loss (see ``terms``)."""
+    terms: dict[str, torch.Tensor]
+    """Every term's batch mean (detached float32) and their weighted ``total``, as
+    :meth:`E2ED2Loss.forward` names them, plus ``adversarial`` when one was given."""
+    sample_pixels: torch.Tensor | None = None
+    """The decoded samples of every pass, detached (``keep_pixels``): the discriminator's
+    negatives."""
+    target_pixels: torch.Tensor | None = None
+    """The decoded targets of every pass (``keep_pixels``): the discriminator's positives."""
 
 
 class E2ED2Loss(nn.Module):
@@ -183,9 +243,14 @@ class E2ED2Loss(nn.Module):
         decode: Decode | None = None,
         *,
         reward_dtype: torch.dtype = torch.float32,
+        decoder: nn.Module | None = None,
+        pixels_per_latent: int | None = None,
     ) -> None:
-        """``reward_dtype``: the weights' dtype of a CLIP reward model (the run's compute dtype;
-        the digit reward stays float32)."""
+        """``reward_dtype``: the weights' dtype of a CLIP reward model and of the loss decoder
+        (the run's compute dtype; the digit reward stays float32). ``decoder``: the diffusers
+        autoencoder behind ``decode``, whose decoder blocks are checkpointed one by one
+        (``decode_checkpoint_blocks``). ``pixels_per_latent``: pixels per latent cell
+        (``pixel_crop``; default 8 with a decoder, 1 in pixel space)."""
         super().__init__()
         if config.kind != "e2ed2":
             raise ValueError(
@@ -193,7 +258,6 @@ class E2ED2Loss(nn.Module):
             )
         self.config = config
         # Plain attributes, not submodules (see the class docstring).
-        object.__setattr__(self, "_decode", decode)
         object.__setattr__(self, "_lpips", build_lpips(config) if config.lpips_weight > 0 else None)
         reward = None
         if config.reward_weight > 0 and config.reward_kind == "clip":
@@ -201,6 +265,21 @@ class E2ED2Loss(nn.Module):
         elif config.reward_weight > 0:
             reward = load_reward_model(config.reward_path)
         object.__setattr__(self, "_reward", reward)
+        loss_decoder = None
+        if config.loss_decoder_path is not None and decode is not None:
+            loss_decoder = load_loss_decoder(config.loss_decoder_path, reward_dtype)
+            decode = loss_decoder.decode
+            decoder = None
+        object.__setattr__(self, "_loss_decoder", loss_decoder)
+        object.__setattr__(self, "_decode", decode)
+        # Per-block checkpoints inside the decoder replace the whole-decoder checkpoint.
+        self._blocks_checkpointed = bool(
+            config.decode_checkpoint
+            and config.decode_checkpoint_blocks
+            and decoder is not None
+            and enable_block_checkpointing(decoder)
+        )
+        self.pixels_per_latent = pixels_per_latent or (1 if decode is None else 8)
 
     @property
     def lpips_network(self) -> nn.Module | None:
@@ -229,7 +308,7 @@ class E2ED2Loss(nn.Module):
 
     def _apply(self, fn: Callable, recurse: bool = True) -> E2ED2Loss:
         super()._apply(fn, recurse)
-        for frozen in (self._lpips, self._reward):
+        for frozen in (self._lpips, self._reward, self._loss_decoder):
             if frozen is not None:
                 frozen._apply(fn)
         return self
@@ -239,12 +318,56 @@ class E2ED2Loss(nn.Module):
         return self
 
     def decode_sample(self, sample: torch.Tensor) -> torch.Tensor:
-        """Pixels of the generated latent, in the graph (checkpointed if ``decode_checkpoint``)."""
+        """Pixels of the generated latent, in the graph (checkpointed if ``decode_checkpoint``:
+        the decoder's blocks one by one, or the decoder as a whole). The loss decoder
+        (``loss_decoder_path``) when there is one."""
         if self._decode is None:
             return sample
-        if self.config.decode_checkpoint and torch.is_grad_enabled() and sample.requires_grad:
+        whole = self.config.decode_checkpoint and not self._blocks_checkpointed
+        if whole and torch.is_grad_enabled() and sample.requires_grad:
             return checkpoint(self._decode, sample, use_reentrant=False)
         return self._decode(sample)
+
+    def draw_crops(
+        self,
+        rows: int,
+        latent_size: tuple[int, int],
+        generator: torch.Generator,
+        samples_per_prompt: int = 1,
+    ) -> torch.Tensor | None:
+        """``pixel_crop``'s top-left corners in latent cells, (rows, 2) int64 on the CPU, one per
+        prompt (a prompt's m rows share it); None without a crop. Draws from ``generator`` (a
+        CPU generator: the trainer's seeded one, so a resumed run draws the same crops)."""
+        if not self.config.pixel_crop:
+            return None
+        cells = self.config.pixel_crop // self.pixels_per_latent
+        height, width = latent_size
+        if cells < 1 or cells > min(height, width):
+            raise ValueError(
+                f"objective.pixel_crop={self.config.pixel_crop} does not fit the "
+                f"{height * self.pixels_per_latent}x{width * self.pixels_per_latent} px image "
+                f"({self.pixels_per_latent} px per latent cell)"
+            )
+        prompts = rows // samples_per_prompt
+        top = torch.randint(0, height - cells + 1, (prompts,), generator=generator)
+        left = torch.randint(0, width - cells + 1, (prompts,), generator=generator)
+        return torch.stack([top, left], dim=1).repeat_interleave(samples_per_prompt, dim=0)
+
+    def crop(self, latents: torch.Tensor, corners: torch.Tensor | None) -> torch.Tensor:
+        """Each row's ``pixel_crop`` square of latents (differentiable); ``corners`` None: all."""
+        if corners is None:
+            return latents
+        if corners.shape != (latents.shape[0], 2):
+            raise ValueError(
+                f"crop corners {tuple(corners.shape)} do not match {latents.shape[0]} rows"
+            )
+        cells = self.config.pixel_crop // self.pixels_per_latent
+        return torch.stack(
+            [
+                row[:, top : top + cells, left : left + cells]
+                for row, (top, left) in zip(latents, corners.tolist(), strict=True)
+            ]
+        )
 
     def decode_target(self, target: torch.Tensor) -> torch.Tensor:
         """Pixels of the ground-truth latent, without a graph."""
@@ -264,6 +387,13 @@ class E2ED2Loss(nn.Module):
             )
         a = _as_rgb(sample_pixels, "sample pixels")
         b = _as_rgb(target_pixels, "target pixels")
+        side = self.config.lpips_resolution
+        if side and min(a.shape[-2:]) > side:
+            # Shorter side to lpips_resolution, aspect kept; antialiased as an image resize is.
+            scale = side / min(a.shape[-2:])
+            size = (round(a.shape[-2] * scale), round(a.shape[-1] * scale))
+            a = F.interpolate(a, size=size, mode="bilinear", antialias=True, align_corners=False)
+            b = F.interpolate(b, size=size, mode="bilinear", antialias=True, align_corners=False)
         min_px = LPIPS_MIN_SIZE_PX[self.config.lpips_net]
         if min(a.shape[-2:]) < min_px:
             raise ValueError(
@@ -289,6 +419,7 @@ class E2ED2Loss(nn.Module):
         teacher_sample: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         captions: Sequence[str] | None = None,
+        crops: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The enabled terms (``l1``, ``l2``, ``lpips``, ``energy``, ``teacher``, ``reward``) and
         their weighted sum ``"total"``, each the unweighted batch mean (float32).
@@ -303,8 +434,34 @@ class E2ED2Loss(nn.Module):
         (objectives/teacher.py); ``reward`` is minus the mean reward of the sample's pixels for
         its prompt: ``labels`` (B·m,) the prompted digit of each row (reward_kind "digit",
         objectives/reward.py) or ``captions`` (B·m strings) its caption ("clip",
-        objectives/clip_reward.py).
+        objectives/clip_reward.py). ``crops``: :meth:`draw_crops`'s corners (``pixel_crop``),
+        applied to the latents before they are decoded here.
         """
+        self._check_rows(sample, target, samples_per_prompt)
+        terms = self.latent_terms(
+            sample, target, samples_per_prompt=samples_per_prompt, teacher_sample=teacher_sample
+        )
+        if self.needs_pixels:
+            if sample_pixels is None:
+                sample_pixels = self.decode_sample(self.crop(sample, crops))
+            if target_pixels is None:
+                target_pixels = self.decode_target(self.crop(target, crops))
+            terms.update(
+                self.pixel_terms(
+                    sample_pixels,
+                    target_pixels,
+                    samples_per_prompt=samples_per_prompt,
+                    labels=labels,
+                    captions=captions,
+                )
+            )
+        weights = self.config.weights
+        terms = {name: terms[name] for name in weights}  # the config's order
+        terms["total"] = sum(weights[name] * terms[name] for name in weights)
+        return terms
+
+    @staticmethod
+    def _check_rows(sample: torch.Tensor, target: torch.Tensor, samples_per_prompt: int) -> None:
         if sample.shape != target.shape:
             raise ValueError(
                 f"sample {tuple(sample.shape)} and target {tuple(target.shape)} differ in shape"
@@ -314,34 +471,58 @@ class E2ED2Loss(nn.Module):
                 f"a batch of {sample.shape[0]} samples is not a multiple of "
                 f"samples_per_prompt={samples_per_prompt}"
             )
+
+    @property
+    def _pixel_energy(self) -> bool:
+        return "energy" in self.config.weights and self.config.energy_space == "pixels"
+
+    def latent_terms(
+        self,
+        sample: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        samples_per_prompt: int = 1,
+        teacher_sample: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The enabled terms on latents (``l1``, ``l2``, latent ``energy``, ``teacher``),
+        unweighted batch means; see :meth:`forward`."""
         terms: dict[str, torch.Tensor] = {}
         weights = self.config.weights
         if "l1" in weights:
             terms["l1"] = F.l1_loss(sample.float(), target.float())
         if "l2" in weights:
             terms["l2"] = F.mse_loss(sample.float(), target.float())
-        if self.needs_pixels:
-            if sample_pixels is None:
-                sample_pixels = self.decode_sample(sample)
-            if target_pixels is None:
-                target_pixels = self.decode_target(target)
-        if "lpips" in weights:
-            terms["lpips"] = self.lpips_distance(sample_pixels, target_pixels)
-        if "energy" in weights:
-            pixels = self.config.energy_space == "pixels"
-            samples, targets = (sample_pixels, target_pixels) if pixels else (sample, target)
-            m = samples_per_prompt
-            grouped = samples.reshape(-1, m, *samples.shape[1:])
-            terms["energy"] = energy_score(
-                grouped,
-                targets[::m],
-                beta=self.config.energy_beta,
-                lam=self.config.energy_lambda,
-            )
+        if "energy" in weights and not self._pixel_energy:
+            terms["energy"] = self._energy(sample, target, samples_per_prompt)
         if "teacher" in weights:
             if teacher_sample is None:
                 raise ValueError("objective.teacher_weight > 0 but no teacher sample was given")
             terms["teacher"] = F.mse_loss(sample.float(), teacher_sample.float())
+        return terms
+
+    def _energy(self, samples: torch.Tensor, targets: torch.Tensor, m: int) -> torch.Tensor:
+        grouped = samples.reshape(-1, m, *samples.shape[1:])
+        return energy_score(
+            grouped, targets[::m], beta=self.config.energy_beta, lam=self.config.energy_lambda
+        )
+
+    def pixel_terms(
+        self,
+        sample_pixels: torch.Tensor,
+        target_pixels: torch.Tensor,
+        *,
+        samples_per_prompt: int = 1,
+        labels: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The enabled terms on decoded pixels (``lpips``, pixel ``energy``, ``reward``),
+        unweighted means over the given rows (whole prompts); see :meth:`forward`."""
+        terms: dict[str, torch.Tensor] = {}
+        weights = self.config.weights
+        if "lpips" in weights:
+            terms["lpips"] = self.lpips_distance(sample_pixels, target_pixels)
+        if self._pixel_energy:
+            terms["energy"] = self._energy(sample_pixels, target_pixels, samples_per_prompt)
         if "reward" in weights and self.config.reward_kind == "clip":
             if captions is None:
                 raise ValueError(
@@ -358,8 +539,76 @@ class E2ED2Loss(nn.Module):
                     "each sample)"
                 )
             terms["reward"] = -digit_log_prob_reward(self._reward, sample_pixels, labels).mean()
-        terms["total"] = sum(weights[name] * terms[name] for name in weights)
         return terms
+
+    def terms_in_passes(
+        self,
+        sample: torch.Tensor,
+        target: torch.Tensor,
+        *,
+        samples_per_prompt: int = 1,
+        teacher_sample: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
+        crops: torch.Tensor | None = None,
+        adversarial: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        adversarial_weight: float = 0.0,
+        keep_pixels: bool = False,
+    ) -> PassedTerms:
+        """:meth:`forward`'s terms (plus eq. 8's ``adversarial(sample_pixels)`` with its weight,
+        the GAN generator term) with the pixel terms in passes of ``pixel_rows_per_pass`` rows.
+
+        Every pixel term is a mean over rows (over prompts for the energy score, whose m samples
+        share a pass), so the batch's term is the passes' terms weighted by their share of the
+        rows. Each pass decodes its rows from the final latent cut from the unroll's graph,
+        computes its terms, and backpropagates them to that cut (core/step_cuts.py
+        :func:`~e2ed2.engine.core.step_cuts.loss_in_row_passes`) before the next pass is decoded:
+        the decoder's, LPIPS's, CLIP's and the discriminator's activations exist for one pass at
+        a time. Backpropagate ``loss`` afterwards (the unroll's backward, in one piece or cut).
+        """
+        self._check_rows(sample, target, samples_per_prompt)
+        m = samples_per_prompt
+        rows = sample.shape[0]
+        weights = dict(self.config.weights)
+        if adversarial is not None:
+            weights["adversarial"] = adversarial_weight
+        latent = self.latent_terms(
+            sample, target, samples_per_prompt=m, teacher_sample=teacher_sample
+        )
+        values = {name: term.detach().float() for name, term in latent.items()}
+        kept: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+
+        def pass_loss(pass_sample: torch.Tensor, where: slice) -> torch.Tensor:
+            share = (where.stop - where.start) / rows
+            corners = None if crops is None else crops[where]
+            fake = self.decode_sample(self.crop(pass_sample, corners))
+            real = self.decode_target(self.crop(target[where], corners))
+            terms = self.pixel_terms(
+                fake,
+                real,
+                samples_per_prompt=m,
+                labels=None if labels is None else labels[where],
+                captions=None if captions is None else captions[where],
+            )
+            if adversarial is not None:
+                terms["adversarial"] = adversarial(fake)
+            if keep_pixels:
+                kept[0].append(fake.detach())
+                kept[1].append(real)
+            for name, term in terms.items():
+                values[name] = values.get(name, 0.0) + share * term.detach().float()
+            start = torch.zeros((), device=pass_sample.device)
+            return share * sum((weights[name] * term for name, term in terms.items()), start)
+
+        group = m if self._pixel_energy else 1
+        slices = row_slices(rows, self.config.pixel_rows_per_pass, group)
+        loss = loss_in_row_passes(sample, slices, pass_loss)
+        if latent:
+            loss = loss + sum(weights[name] * term for name, term in latent.items())
+        terms = {name: values[name] for name in weights}
+        terms["total"] = sum(weights[name] * terms[name] for name in weights)
+        fake_px, real_px = (torch.cat(kept[0]), torch.cat(kept[1])) if keep_pixels else (None, None)
+        return PassedTerms(loss, terms, fake_px, real_px)
 
     def extra_repr(self) -> str:
         lpips = f", lpips_net={self.config.lpips_net!r}" if self._lpips is not None else ""

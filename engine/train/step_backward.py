@@ -27,13 +27,14 @@ unroll's forward calls instead of each following its own forward:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from ..core.step_cuts import CutUnroll
 
-__all__ = ["backward_in_pieces"]
+__all__ = ["backward_each", "backward_in_pieces"]
 
 
 def _close_micro_step(engine: Any) -> None:
@@ -44,6 +45,28 @@ def _close_micro_step(engine: Any) -> None:
         engine.optimizer.clear_backward_seen_flag()
 
 
+def backward_each(
+    engine: Any, pieces: Iterable[torch.Tensor], num_pieces: int, *, last_micro_batch: bool
+) -> list[torch.Tensor]:
+    """Backpropagates each of ``num_pieces`` already scaled ``pieces`` as one DeepSpeed
+    micro-step (the contract above); returns their values (detached, not synchronised).
+
+    ``pieces`` may be a generator that builds each piece after the previous one's backward
+    (the discriminator's loss in row passes, objectives/gan.py ``discriminator_pieces``).
+    ``last_micro_batch``: these pieces end the optimizer step (the last one is the gradient
+    accumulation boundary; call ``engine.step()`` after this returns, as usual).
+    """
+    values = []
+    last = num_pieces - 1
+    for index, piece in enumerate(pieces):
+        if index:
+            _close_micro_step(engine)
+        engine.set_gradient_accumulation_boundary(last_micro_batch and index == last)
+        engine.backward(piece, scale_wrt_gas=False)
+        values.append(piece.detach())
+    return values
+
+
 def backward_in_pieces(
     engine: Any, unroll: CutUnroll, loss: torch.Tensor, *, last_micro_batch: bool
 ) -> None:
@@ -52,10 +75,5 @@ def backward_in_pieces(
     ``last_micro_batch``: this micro-batch ends the optimizer step (its last piece is the
     gradient accumulation boundary; call ``engine.step()`` after this returns, as usual).
     """
-    last = unroll.num_pieces - 1
     pieces = unroll.pieces(loss, loss_divisor=engine.gradient_accumulation_steps())
-    for index, piece in enumerate(pieces):
-        if index:
-            _close_micro_step(engine)
-        engine.set_gradient_accumulation_boundary(last_micro_batch and index == last)
-        engine.backward(piece, scale_wrt_gas=False)
+    backward_each(engine, pieces, unroll.num_pieces, last_micro_batch=last_micro_batch)

@@ -44,7 +44,7 @@ from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import Conditioning, per_step_networks, repeat_conditioning
 from ..core.sampler import build_schedule
 from ..core.sampling import generate_pixels, save_grid
-from ..core.step_cuts import CutUnroll
+from ..core.step_cuts import CutUnroll, row_slices
 from ..core.trajectory import Trajectory, TrajectoryPlan
 from ..data import (
     batch_conditioning,
@@ -53,7 +53,11 @@ from ..data import (
     null_conditioning,
     sample_conditioning,
 )
-from ..objectives.gan import discriminator_loss, generator_adversarial_loss
+from ..objectives.gan import (
+    discriminator_loss,
+    discriminator_pieces,
+    generator_adversarial_loss,
+)
 from ..objectives.losses import E2ED2Loss, diffusion_loss
 from ..objectives.teacher import NoisePairedTeacher
 from .checkpoint import CheckpointStore, use_weights_only_loading
@@ -66,7 +70,7 @@ from .launch import check_launch
 from .metrics import MetricsLog, mean_across_ranks, peak_memory_bytes
 from .run_dir import apply_start, plan_start
 from .signals import Interrupted, StopSignals
-from .step_backward import backward_in_pieces
+from .step_backward import backward_each, backward_in_pieces
 from .step_guard import ReliabilityCounters, StepGuard, any_rank
 from .validation import ValidationPrompts
 
@@ -213,8 +217,14 @@ class Trainer:
         }
         self.trajectories[num_steps] = self.trajectory
         decode = None if config.model.vae_path is None else self.autoencoder.decode
+        # decoder: the AutoencoderKL whose blocks objective.decode_checkpoint_blocks checkpoints.
         self.loss_fn = (
-            E2ED2Loss(config.objective, decode, reward_dtype=self.compute_dtype).to(self.device)
+            E2ED2Loss(
+                config.objective,
+                decode,
+                reward_dtype=self.compute_dtype,
+                decoder=getattr(self.autoencoder, "vae", None),
+            ).to(self.device)
             if config.objective.kind == "e2ed2"
             else None
         )
@@ -387,9 +397,33 @@ class Trainer:
             self.teacher_seconds += time.perf_counter() - started
         fake_pixels = real_pixels = None
         needs_pixels = config.gan.enabled or self.loss_fn.needs_pixels
+        crops = None
+        if needs_pixels:  # objective.pixel_crop: seeded per step / micro-step / rank (resumable)
+            seed = derive_seed(config.run.seed, "pixel-crop", self.step, micro_step, self.rank)
+            g = torch.Generator().manual_seed(seed)
+            crops = self.loss_fn.draw_crops(len(latents), latents.shape[-2:], g, m)
+        if needs_pixels and config.objective.pixel_rows_per_pass:
+            # objective.pixel_rows_per_pass: the pixel terms (GAN generator term included) a
+            # pass of rows at a time, each backpropagated to the cut final latent (losses.py).
+            passed = self.loss_fn.terms_in_passes(
+                sample,
+                latents,
+                samples_per_prompt=m,
+                teacher_sample=teacher_sample,
+                labels=labels,
+                captions=captions,
+                crops=crops,
+                adversarial=self._adversarial if config.gan.enabled else None,
+                adversarial_weight=config.gan.weight,
+                keep_pixels=config.gan.enabled,
+            )
+            logged = {name: value.item() for name, value in passed.terms.items()}
+            if "adversarial" in logged:
+                logged["gan_generator"] = logged.pop("adversarial")
+            return passed.loss, logged, passed.target_pixels, passed.sample_pixels
         if needs_pixels:
-            fake_pixels = self.loss_fn.decode_sample(sample)
-            real_pixels = self.loss_fn.decode_target(latents)
+            fake_pixels = self.loss_fn.decode_sample(self.loss_fn.crop(sample, crops))
+            real_pixels = self.loss_fn.decode_target(self.loss_fn.crop(latents, crops))
         terms = self.loss_fn(
             sample,
             latents,
@@ -411,14 +445,34 @@ class Trainer:
             logged["total"] = total.item()
         return total, logged, real_pixels, fake_pixels
 
+    def _adversarial(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Eq. 8's generator term on generated pixels (the discriminator frozen)."""
+        return generator_adversarial_loss(
+            self.disc_engine.module, pixels, loss=self.config.gan.loss
+        )
+
     def _discriminator_updates(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-        """Paper App. C.2: several discriminator updates per generator update."""
+        """Paper App. C.2: several discriminator updates per generator update (each in passes
+        of objective.pixel_rows_per_pass rows, one micro-step each, when set)."""
         losses = []
+        rows_per_pass = self.config.objective.pixel_rows_per_pass
         for _ in range(self.config.gan.disc_steps_per_gen_step):
-            loss = discriminator_loss(
-                self.disc_engine, real, fake.detach(), loss=self.config.gan.loss
-            )
-            self.disc_engine.backward(loss)
+            if 0 < rows_per_pass < len(real):
+                pieces = discriminator_pieces(
+                    self.disc_engine,
+                    real,
+                    fake.detach(),
+                    self.config.gan.loss,
+                    rows_per_pass=rows_per_pass,
+                )
+                count = len(row_slices(len(real), rows_per_pass))
+                values = backward_each(self.disc_engine, pieces, count, last_micro_batch=True)
+                loss = torch.stack(values).sum()
+            else:
+                loss = discriminator_loss(
+                    self.disc_engine, real, fake.detach(), loss=self.config.gan.loss
+                )
+                self.disc_engine.backward(loss)
             # Plain data parallel: the guard skips a non-finite fp32 step on every rank alike
             # (DeepSpeed does in bf16/fp16), so a NaN never reaches the discriminator weights.
             if self.disc_guard.step():
