@@ -179,7 +179,7 @@ def load_loss_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float3
         )
     from diffusers import AutoencoderTiny
 
-    return FrozenVAE(AutoencoderTiny.from_pretrained(folder).to(dtype))
+    return FrozenVAE(AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype))
 
 
 def enable_block_checkpointing(vae: nn.Module) -> bool:
