@@ -55,6 +55,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .buckets import BUCKET_TABLES, bucket_table
+from .gemma_text import (
+    encode_gemma_null,
+    encode_gemma_text,
+    is_gemma_pipeline,
+    load_gemma_text_encoder,
+)
 from .images import IMAGE_EXTENSIONS, UnreadableImage, load_image, load_image_and_size
 from .null_condition import NULL_PROMPT, encode_null_condition, write_null_condition
 from .readers import SOURCES, Skipped, open_reader
@@ -151,11 +157,20 @@ def precompute(
         vae_path, "vae", "vae_path", "a diffusers AutoencoderKL folder (config.json + weights)"
     )
     sd3 = text_encoder_path is not None and is_sd3_pipeline(text_encoder_path)
+    gemma = text_encoder_path is not None and is_gemma_pipeline(text_encoder_path)
     if sd3:
         if tokenizer_path is not None:
             raise ValueError(
                 f"tokenizer_path={os.fspath(tokenizer_path)!r}: an SD3 pipeline folder as "
                 "text_encoder_path brings its own three tokenizers; pass no tokenizer_path"
+            )
+        encoder_dir = tokenizer_dir = os.fspath(text_encoder_path)
+    elif gemma:
+        # Sana / SANA-Sprint (data/gemma_text.py): the pipeline's own encode_prompt.
+        if tokenizer_path is not None:
+            raise ValueError(
+                f"tokenizer_path={os.fspath(tokenizer_path)!r}: a Sana pipeline folder as "
+                "text_encoder_path brings its own Gemma tokenizer; pass no tokenizer_path"
             )
         encoder_dir = tokenizer_dir = os.fspath(text_encoder_path)
     else:
@@ -186,7 +201,7 @@ def precompute(
 
     device = torch.device(device)
     vae, encoder, tokenizer = _load_models(
-        vae_dir, encoder_dir, tokenizer_dir, device, compute_dtype, sd3=sd3
+        vae_dir, encoder_dir, tokenizer_dir, device, compute_dtype, sd3=sd3, gemma=gemma
     )
 
     def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
@@ -194,10 +209,13 @@ def precompute(
         if sd3:
             states, pooled = encode_sd3_text(encoder, captions, caption_max_tokens, device=device)
             return {"encoder_hidden_states": states, "pooled_projections": pooled}
+        if gemma:
+            states, mask = encode_gemma_text(encoder, captions, caption_max_tokens, device=device)
+            return {"encoder_hidden_states": states, "encoder_attention_mask": mask.bool()}
         states, mask = encode_text(tokenizer, encoder, captions, caption_max_tokens, device=device)
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask.bool()}
 
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = _downsampling(vae.config)
     if resolution % factor:
         raise ValueError(
             f"resolution={resolution} must be a multiple of the VAE's downsampling factor {factor}"
@@ -219,11 +237,11 @@ def precompute(
         pixels = torch.stack([p for _, _, p, _ in pending]).to(device, compute_dtype)
         captions = [c for _, c, _, _ in pending]
         with torch.no_grad():
-            posterior = vae.encode(pixels).latent_dist
+            latent_mean, latent_std = _latent_moments(vae.encode(pixels))
             text = encode_captions(captions)
         encoded = {
-            "latent_mean": posterior.mean,
-            "latent_std": posterior.std,
+            "latent_mean": latent_mean,
+            "latent_std": latent_std,
             **text,
             "original_size": torch.tensor([size for *_, size in pending], dtype=torch.int32),
             "crop_size": torch.tensor([list(pixels.shape[-2:])] * len(pending), dtype=torch.int32),
@@ -296,6 +314,9 @@ def precompute(
         write_null_condition(
             out, null["encoder_hidden_states"], None, dtype, pooled=null["pooled_projections"]
         )
+    elif gemma:  # SanaPipeline's negative prompt "": no instruction, caption_max_tokens long
+        null_states, null_mask = encode_gemma_null(encoder, caption_max_tokens, device=device)
+        write_null_condition(out, null_states, null_mask, dtype)
     else:
         null_states, null_mask = encode_null_condition(
             tokenizer, encoder, caption_max_tokens, device
@@ -409,6 +430,7 @@ def _load_models(
     compute_dtype: torch.dtype,
     *,
     sd3: bool = False,
+    gemma: bool = False,
 ) -> tuple[Any, Any, Any]:
     """The VAE, the text encoder and its tokenizer; ``sd3``: the encoder is the SD3 pipeline's
     text half (three encoders and tokenizers) and the tokenizer None."""
@@ -417,7 +439,12 @@ def _load_models(
     from transformers import T5EncoderModel
 
     # safetensors only: a pickled .bin can run code when loaded.
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=compute_dtype, use_safetensors=True)
+    vae = _autoencoder_class(vae_dir, AutoencoderKL).from_pretrained(
+        vae_dir, torch_dtype=compute_dtype, use_safetensors=True
+    )
+    if gemma:
+        vae.to(device).eval().requires_grad_(False)
+        return vae, load_gemma_text_encoder(encoder_dir, device, compute_dtype), None
     if sd3:
         vae.to(device).eval().requires_grad_(False)
         return vae, load_sd3_text_encoders(encoder_dir, device, compute_dtype), None
@@ -430,6 +457,35 @@ def _load_models(
     vae.to(device).eval().requires_grad_(False)
     encoder.to(device).eval().requires_grad_(False)
     return vae, encoder, tokenizer
+
+
+def _autoencoder_class(vae_dir: str, default: type) -> type:
+    """The VAE folder's diffusers class: ``AutoencoderKL`` or Sana's ``AutoencoderDC``."""
+    import diffusers
+
+    with open(os.path.join(vae_dir, "config.json"), encoding="utf-8") as f:
+        name = json.load(f).get("_class_name", default.__name__)
+    if name not in ("AutoencoderKL", "AutoencoderDC"):
+        raise ValueError(f"{vae_dir}/config.json: {name!r} is not AutoencoderKL / AutoencoderDC")
+    return getattr(diffusers, name)
+
+
+def _downsampling(config: Any) -> int:
+    """The VAE's pixels per latent side: 2^(stages - 1) (AutoencoderKL: 8, Sana's DC-AE: 32)."""
+    stages = config.get("block_out_channels") or config.get("encoder_block_out_channels")
+    return 2 ** (len(stages) - 1)
+
+
+def _latent_moments(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(latent_mean, latent_std)`` of a VAE ``encode`` output. An AutoencoderKL gives a
+    posterior (its mean and std); Sana's AutoencoderDC a latent and no posterior: it is stored
+    as the mean with std 0, so the shard format and the loader's draw
+    ``scaling_factor * (mean + std * eps)`` stay as they are and give ``scaling_factor * z``
+    exactly (the zeros cost one more latent-sized tensor per sample)."""
+    posterior = getattr(output, "latent_dist", None)
+    if posterior is not None:
+        return posterior.mean, posterior.std
+    return output.latent, torch.zeros_like(output.latent)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -4,10 +4,12 @@ The builder side of the whole-step estimate (train/step_estimate.py): every mode
 config built from its ``config.json`` under ``FakeTensorMode`` in the dtype the trainer gives it
 (the denoiser, LoRA adapters or per-step copies, the VAE, the teacher's frozen copy, the GAN
 discriminator; the objective's own ``E2ED2Loss`` with its LPIPS and reward networks), a fake
-micro-batch of the data's shapes, and the step's phases run through the real trajectory, cut
-unroll, objective and GAN functions. Weights are never read: LPIPS gets a random backbone, CLIP
-is built from its ``config.json``, the digit reward at its default width (same bytes, same
-activations).
+micro-batch of the data's shapes, and the trainer's own ``Trainer.train_step`` run on them
+through a stand-in for its DeepSpeed engines (:func:`run_trainer_step`): the unroll, its cuts and
+row passes, the teacher, the objective's pixel passes, crops and checkpoints, the GAN generator
+term and every discriminator update are whatever the trainer does. Weights are never read:
+LPIPS gets a random backbone, CLIP is built from its ``config.json``, the digit reward at its
+default width (same bytes, same activations).
 
 Where no data folder is at hand, the shapes come from the denoiser's ``config.json``
 (``sample_size``, ``in_channels``, the caption width) and the text length from the model family
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -33,6 +36,7 @@ from unittest import mock
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import TrainConfig
 from ..core.estimate import UpperBoundShapes
@@ -40,20 +44,20 @@ from ..core.memory import LiveTensorTracker
 from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import Conditioning, repeat_conditioning
 from ..core.sampler import build_schedule
-from ..core.step_cuts import CutUnroll
 from ..core.trajectory import Trajectory, TrajectoryPlan
 
 __all__ = [
     "FakeStep",
     "build_fake_loss",
+    "config_only_folders",
     "build_fake_step",
     "measure",
     "one_term",
     "param_bytes",
     "param_count",
     "rows_of",
-    "run_generator_step",
-    "run_pixel_term",
+    "run_trainer_step",
+    "stand_in_trainer",
 ]
 
 _COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,6 +123,28 @@ def _weight_free_loss_models() -> Iterator[None]:
         mock.patch.object(ClipReward, "from_folder", staticmethod(_clip_from_config)),
         mock.patch.object(losses, "load_reward_model", _digit_reward_unread),
     ):
+        yield
+
+
+def _config_folder(path: str, subfolder: str, key: str) -> str:
+    """``path`` or ``path/subfolder``, whichever holds a ``config.json`` (weights not needed:
+    the launch check, core/models.py's ``resolve_model_folder``, also wants the safetensors)."""
+    for folder in (path, os.path.join(path, subfolder)):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return folder
+    raise FileNotFoundError(
+        f"{key}={path!r} holds no config.json (nor {subfolder}/config.json); the estimate needs "
+        "the model's config.json only, not its weights"
+    )
+
+
+@contextlib.contextmanager
+def config_only_folders() -> Iterator[None]:
+    """Model folders resolved by their ``config.json`` alone while the fake models are built:
+    a preset is estimated before its weights are downloaded."""
+    from ..core import models
+
+    with mock.patch.object(models, "resolve_model_folder", _config_folder):
         yield
 
 
@@ -203,11 +229,7 @@ def _shapes(config: TrainConfig, denoiser_folder_config: dict[str, Any] | None) 
 def _denoiser_config(config: TrainConfig) -> dict[str, Any] | None:
     if config.model.pretrained_path is None:
         return None
-    from ..core.models import resolve_model_folder
-
-    folder = resolve_model_folder(
-        config.model.pretrained_path, "transformer", "model.pretrained_path"
-    )
+    folder = _config_folder(config.model.pretrained_path, "transformer", "model.pretrained_path")
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
         return json.load(handle)
 
@@ -268,7 +290,7 @@ def build_fake_step(config: TrainConfig, resolution_px: int | None) -> FakeStep:
             load_weights=False,
         )
 
-    with mode, _default_dtype(dtype):
+    with mode, _default_dtype(dtype), config_only_folders():
         denoiser = denoiser_from_config()
         autoencoder = build_autoencoder(config.model, load_weights=False)
         teacher = None
@@ -347,8 +369,13 @@ def build_fake_loss(step: FakeStep, objective: Any) -> Any:
     from ..objectives.losses import E2ED2Loss
 
     decode = None if step.config.model.vae_path is None else step.autoencoder.decode
+    extra: dict[str, Any] = {}
+    if "decoder" in inspect.signature(E2ED2Loss).parameters:
+        # The AutoencoderKL whose blocks objective.decode_checkpoint_blocks checkpoints, as the
+        # trainer passes it.
+        extra["decoder"] = getattr(step.autoencoder, "vae", None)
     with step.mode, _weight_free_loss_models(), _quiet_loggers():
-        return E2ED2Loss(_without_weight_files(objective), decode, reward_dtype=step.dtype)
+        return E2ED2Loss(_without_weight_files(objective), decode, reward_dtype=step.dtype, **extra)
 
 
 @contextlib.contextmanager
@@ -368,104 +395,158 @@ def rows_of(step: FakeStep) -> tuple[torch.Tensor, Conditioning, int]:
     return step.latents.repeat_interleave(m, dim=0), repeat_conditioning(step.cond, m), m
 
 
-def _loss_extras(loss_fn: Any, rows: int) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
-    if loss_fn.needs_labels:
-        extra["labels"] = torch.zeros(rows, dtype=torch.long)
-    if loss_fn.needs_captions:
-        extra["captions"] = ["a photograph of a cat sitting on a wooden table"] * rows
-    return extra
-
-
-def run_generator_step(
-    step: FakeStep,
-    loss_fn: Any,
-    *,
-    gan: bool,
-    teacher: bool,
-    trainable: list[torch.Tensor],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """One micro-batch as the trainer's ``_generator_loss`` + backward runs it (m trajectories
-    per prompt, the cut unroll's pieces, teacher, decode, objective, GAN generator term).
-    Returns the (real, generated) pixels the discriminator then reads."""
-    from ..objectives.gan import generator_adversarial_loss
-    from ..objectives.losses import diffusion_loss
-
-    config = step.config
-    latents, cond, m = rows_of(step)
-    if config.objective.kind == "diffusion":
-        g = torch.Generator().manual_seed(0)
-        diffusion_loss(
-            step.network, step.latents, step.cond, config.sampler, generator=g
-        ).backward()
-        return None, None
-    rows = latents.shape[0]
-    generators = [torch.Generator().manual_seed(j) for j in range(rows)]
-    start, noises = step.trajectory.draw_noise_per_sample(step.plan, latents, generators)
-    traj = config.trajectory
-    unroll = None
-    if traj.per_step_backward or 0 < traj.rows_per_pass < rows:
-        unroll = CutUnroll(per_step=traj.per_step_backward, rows_per_pass=traj.rows_per_pass)
-        sample = unroll.run(step.trajectory, step.network, cond, start, noises, step.plan)
-    else:
-        sample = step.trajectory.run(step.network, cond, start, noises, step.plan)
-    teacher_sample = None
-    if teacher and step.teacher is not None:
-        teacher_sample = step.teacher.sample(
-            cond, start, step.trajectory.schedule, noises, generators
-        )
-    fake = real = None
-    if gan or loss_fn.needs_pixels:
-        fake = loss_fn.decode_sample(sample)
-        real = loss_fn.decode_target(latents)
-    terms = loss_fn(
-        sample,
-        latents,
-        sample_pixels=fake,
-        target_pixels=real,
-        samples_per_prompt=m,
-        teacher_sample=teacher_sample,
-        **_loss_extras(loss_fn, rows),
-    )
-    total = terms["total"]
-    if gan:
-        adversarial = generator_adversarial_loss(step.discriminator, fake, loss=config.gan.loss)
-        total = total + config.gan.weight * adversarial
-    pieces = unroll.pieces(total, loss_divisor=config.run.grad_accum_steps) if unroll else [total]
-    for piece in pieces:
-        piece.backward()
-    for param in trainable:
-        param.grad = None  # the optimizer step (or ZeRO's partition) takes them
-    return real, None if fake is None else fake.detach()
-
-
-def run_pixel_term(step: FakeStep, loss_fn: Any, *, gan: bool) -> None:
-    """One pixel term alone: decode a latent leaf of the batch's shape (in the graph), the
-    term (LPIPS / reward / pixel energy, or the GAN generator term), backward to the latent."""
-    from ..objectives.gan import generator_adversarial_loss
-
-    latents, _, m = rows_of(step)
-    sample = latents.clone().requires_grad_()
-    fake = loss_fn.decode_sample(sample)
-    real = loss_fn.decode_target(latents)
-    if gan:
-        total = generator_adversarial_loss(step.discriminator, fake, loss=step.config.gan.loss)
-    elif loss_fn.config.weights.keys() == {"l2"}:  # the decode alone
-        total = fake.float().mean()
-    else:
-        total = loss_fn(
-            sample,
-            latents,
-            sample_pixels=fake,
-            target_pixels=real,
-            samples_per_prompt=m,
-            **_loss_extras(loss_fn, latents.shape[0]),
-        )["total"]
-    total.backward()
-
-
 def measure(step: FakeStep, fn: Callable[[], object]) -> tuple[int, int]:
     with step.mode, LiveTensorTracker(track_cuda=False) as tracker, UpperBoundShapes():
         fn()
     report = tracker.report()
     return report.peak_bytes, report.host_peak_bytes
+
+
+# -- the trainer's own step on the fake models ------------------------------------------------------
+
+
+class _ScalarReads(TorchDispatchMode):
+    """``.item()`` / ``bool()`` of a fake tensor read as 0 (enter it inside the fake mode).
+
+    The trainer logs its loss terms with ``.item()`` and checks them with ``math.isfinite``; a
+    fake tensor has no value, and a logged number changes no memory.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            dtype = args[0].dtype
+            return False if dtype == torch.bool else (0.0 if dtype.is_floating_point else 0)
+        return func(*args, **(kwargs or {}))
+
+
+class _Engine(nn.Module):
+    """What the trainer's step reads of a DeepSpeed engine, around a fake module: ``backward``
+    is autograd's (ZeRO's gradient handling is the caller's ``drop_full_grads``)."""
+
+    def __init__(self, module: nn.Module, grad_accum_steps: int) -> None:
+        super().__init__()
+        self.module = module
+        self._accum = grad_accum_steps
+        self.optimizer = None
+        self.skipped_steps = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = True) -> None:
+        (loss / self._accum if scale_wrt_gas else loss).backward()
+
+    def gradient_accumulation_steps(self) -> int:
+        return self._accum
+
+    def set_gradient_accumulation_boundary(self, boundary: bool) -> None:
+        del boundary  # no optimizer here: the step's memory is the resident terms'
+
+
+class _Guard:
+    """The step guard's ``step()``: the optimizer step frees the full gradients (ZeRO-0/1 keep
+    them until then); never skips."""
+
+    def __init__(self, module: nn.Module | None) -> None:
+        self.module = module
+
+    def step(self) -> bool:
+        if self.module is not None:
+            for param in self.module.parameters():
+                param.grad = None
+        return False
+
+
+class _Dataset:
+    def __init__(self, rows: int) -> None:
+        self.captions = ["a photograph of a cat sitting on a wooden table"] * rows
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+
+class _Metrics:
+    def scalar(self, *args: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _batch(step: FakeStep) -> dict[str, torch.Tensor]:
+    """The fake micro-batch as the data loader collates it (prompts.batch_conditioning reads
+    it back)."""
+    cond = step.cond
+    batch = {"latents": step.latents, "encoder_hidden_states": cond.encoder_hidden_states}
+    if cond.encoder_attention_mask is not None:
+        batch["encoder_attention_mask"] = cond.encoder_attention_mask
+    if cond.pooled_projections is not None:
+        batch["pooled_projections"] = cond.pooled_projections
+    batch.update(cond.added_cond_kwargs or {})
+    rows = step.latents.shape[0]
+    batch["index"] = torch.arange(rows)
+    batch["label"] = torch.zeros(rows, dtype=torch.long)
+    return batch
+
+
+def stand_in_trainer(step: FakeStep, config: TrainConfig, loss_fn: Any) -> Any:
+    """A :class:`~e2ed2.engine.train.trainer.Trainer` over the fake models, without DeepSpeed,
+    data loader or output folder: its ``train_step`` runs the step exactly as training does
+    (the unroll, its cuts, the teacher, the objective's passes, the GAN terms, the
+    discriminator updates), with the plan fixed to the step's worst one."""
+    from .step_guard import ReliabilityCounters
+    from .trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    rows = step.latents.shape[0]
+    trainer.config = config
+    trainer.rank, trainer.world_size, trainer.is_main = 0, 1, False
+    trainer.device = torch.device("cpu")
+    trainer.compute_dtype = step.dtype
+    trainer.engine = _Engine(step.network, config.run.grad_accum_steps)
+    trainer.guard = _Guard(step.network)
+    trainer._gather_once = False
+    trainer.null_cond = step.cond.unconditional
+    trainer.teacher = step.teacher if config.objective.teacher_weight > 0 else None
+    trainer.teacher_seconds = 0.0
+    trainer.loss_fn = loss_fn
+    trainer.trajectory = step.trajectory
+    trainer.trajectories = {step.trajectory.config.num_steps: step.trajectory}
+    trainer._plan = lambda: (step.trajectory, step.plan)
+    gan = config.gan.enabled and step.discriminator is not None
+    trainer.disc_engine = _Engine(step.discriminator, 1) if gan else None
+    trainer.disc_guard = _Guard(step.discriminator) if gan else None
+    trainer.loader = type("Loader", (), {"dataset": _Dataset(rows)})()
+    trainer.step = 0
+    trainer.counters = ReliabilityCounters()
+    trainer.ema = None  # its shadow is a resident term; its update allocates nothing new
+    trainer.metrics = _Metrics()
+    trainer.history = []
+    return trainer
+
+
+def run_trainer_step(
+    step: FakeStep, config: TrainConfig, loss_fn: Any, tracker: LiveTensorTracker
+) -> None:
+    """One ``Trainer.train_step`` on the fake models inside ``tracker``: the phase
+    ``"generator"`` up to the discriminator's updates, then ``"discriminator"`` (if any).
+    Enter the fake mode and :class:`UpperBoundShapes` first."""
+    trainer = stand_in_trainer(step, config, loss_fn)
+    generator = tracker.phase("generator")
+    generator.__enter__()
+    closed = False
+    updates = trainer._discriminator_updates
+
+    def discriminator_updates(real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+        nonlocal closed
+        generator.__exit__(None, None, None)
+        closed = True
+        with tracker.phase("discriminator"):
+            return updates(real, fake)
+
+    trainer._discriminator_updates = discriminator_updates
+    with _ScalarReads():
+        trainer.train_step(iter([_batch(step)]))
+    if not closed:
+        generator.__exit__(None, None, None)

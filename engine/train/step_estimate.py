@@ -3,10 +3,11 @@
 ``e2ed2 estimate`` and ``e2ed2 train --dry-run`` print it before any weight is read. Every model
 of the resolved config (the denoiser, LoRA adapters, the VAE, the teacher's copy, the LPIPS net,
 the CLIP / digit reward, the GAN discriminator) is built from its config under
-``FakeTensorMode`` in the dtype the trainer gives it, and the step is *run*: the trajectory
-under its checkpoint policy and cuts (core/step_cuts.py), the teacher's sampling, the decode, the
-objective's own :class:`~e2ed2.engine.objectives.losses.E2ED2Loss` and GAN functions, the
-backward in the trainer's pieces, then one discriminator update. A
+``FakeTensorMode`` in the dtype the trainer gives it, and the trainer's own ``train_step`` is
+*run* on them (train/fake_step.py): the trajectory under its checkpoint policy and cuts, the
+teacher's sampling, the decode, the objective's own
+:class:`~e2ed2.engine.objectives.losses.E2ED2Loss` with its passes, the GAN terms, the backward
+in the trainer's pieces, every discriminator update. A
 :class:`~e2ed2.engine.core.memory.LiveTensorTracker` counts the live bytes of each phase, so
 whatever the objective code does (its checkpoints, passes, resizes, crops) is what is measured;
 nothing here models a loss term by hand.
@@ -63,8 +64,7 @@ from .fake_step import (
     param_bytes,
     param_count,
     rows_of,
-    run_generator_step,
-    run_pixel_term,
+    run_trainer_step,
 )
 
 __all__ = [
@@ -335,29 +335,14 @@ def estimate_step(
     e2ed2 = objective.kind == "e2ed2"
     loss_fn = build_fake_loss(step, objective) if e2ed2 else None
     terms = _zero_terms(step, ds_config, world_size, loss_fn)
-    trainable = [p for p in step.network.parameters() if p.requires_grad]
-    gan = config.gan.enabled
     keep_grads = stage < 2  # ZeRO-0/1 keep full gradients until the step; 2/3 reduce them away
     batch_keys = ("run.batch_per_rank", "run.grad_accum_steps")
 
-    def generator() -> tuple[Any, Any]:
-        grads = contextlib.nullcontext() if keep_grads else drop_full_grads(step.network)
-        with grads:
-            return run_generator_step(step, loss_fn, gan=gan, teacher=True, trainable=trainable)
-
-    with step.mode, LiveTensorTracker(track_cuda=False) as tracker, UpperBoundShapes():
-        with tracker.phase("generator"):
-            real, fake = generator()
-        if gan and real is not None:
-            from ..objectives.gan import discriminator_loss
-
-            with tracker.phase("discriminator"):
-                # One of the gan.disc_steps_per_gen_step updates: each has this peak.
-                disc = step.discriminator
-                discriminator_loss(disc, real, fake, loss=config.gan.loss).backward()
-                for param in disc.parameters():
-                    param.grad = None
-        del real, fake
+    grads = contextlib.nullcontext() if keep_grads else drop_full_grads(step.network)
+    with step.mode, LiveTensorTracker(track_cuda=False) as tracker, UpperBoundShapes(), grads:
+        # The trainer's own train_step on the fake models (train/fake_step.py): every cut,
+        # pass and term as training runs them; all of the discriminator's updates.
+        run_trainer_step(step, config, loss_fn, tracker)
     phases = {p.name: p for p in tracker.phases}
     gen = phases["generator"]
     traj = config.trajectory
@@ -396,7 +381,7 @@ def estimate_step(
             )
         )
     if alone_lines and e2ed2:
-        terms += _alone_terms(step, config, loss_fn, trainable, keep_grads)
+        terms += _alone_terms(step, config, keep_grads)
     hw = tuple(step.latents.shape[-2:])
     px = hw if config.model.vae_path is None else (8 * hw[0], 8 * hw[1])
     summary = (
@@ -411,26 +396,30 @@ def estimate_step(
     return StepEstimate(world_size=world_size, summary=summary, terms=terms)
 
 
-def _alone_terms(
-    step: FakeStep, config: TrainConfig, loss_fn: Any, trainable: list[torch.Tensor], keep: bool
-) -> list[TermBytes]:
-    """Each activation term measured on its own (the lines that name the largest term)."""
+def _alone_terms(step: FakeStep, config: TrainConfig, keep: bool) -> list[TermBytes]:
+    """The lines that name the largest term: the trainer's step with the latent L2 loss alone
+    (the unroll), then with each pixel term alone, printed as what it adds to the unroll's
+    peak (its decode, passes, crops and checkpoints as the objective runs them)."""
     objective = config.objective
     batch_keys = ("run.batch_per_rank",)
-    out: list[TermBytes] = []
+    no_gan = dataclasses.replace(config.gan, enabled=False)
 
-    def generator_with(loss: Any) -> None:
+    def peak_with(objective_alone: Any, gan: Any) -> tuple[int, int]:
+        alone = dataclasses.replace(config, objective=objective_alone, gan=gan)
+        loss = build_fake_loss(step, objective_alone)
         grads = contextlib.nullcontext() if keep else drop_full_grads(step.network)
-        with grads:
-            run_generator_step(step, loss, gan=False, teacher=False, trainable=trainable)
+        with step.mode, LiveTensorTracker(track_cuda=False) as tracker, UpperBoundShapes(), grads:
+            run_trainer_step(step, alone, loss, tracker)
+        generator = next(p for p in tracker.phases if p.name == "generator")
+        return generator.peak_bytes, generator.host_peak_bytes
 
-    latent_only = build_fake_loss(step, one_term(objective, "l2"))
-    device, host = measure(step, lambda: generator_with(latent_only))
-    out.append(
+    latent_only = one_term(objective, "l2")
+    unroll, unroll_host = peak_with(latent_only, no_gan)
+    out = [
         TermBytes(
             f"unroll: K steps under {config.trajectory.checkpoint!r} + backward (latent L2)",
-            device,
-            host,
+            unroll,
+            unroll_host,
             "generator",
             alone=True,
             keys=_keys(
@@ -441,57 +430,52 @@ def _alone_terms(
                 *batch_keys,
             ),
         )
-    )
+    ]
     pixel_keys = _keys(
         config,
-        "objective.decode_checkpoint",
         "objective.pixel_rows_per_pass",
+        "objective.decode_checkpoint",
+        "objective.decode_checkpoint_blocks",
         "objective.pixel_crop",
+        "objective.loss_decoder_path",
         *batch_keys,
     )
-    pixel_space = config.model.vae_path is None
-    if (loss_fn.needs_pixels or config.gan.enabled) and not pixel_space:
-        device, host = measure(step, lambda: run_pixel_term(step, latent_only, gan=False))
-        out.append(
-            TermBytes(
-                "decode: the sample in the graph + the target",
-                device,
-                host,
-                "generator",
-                alone=True,
-                keys=pixel_keys,
-            )
-        )
+    decode = "" if config.model.vae_path is None else " + its decode"
     named = {
         "lpips": (
-            "LPIPS on the decoded pixels, its decode included",
+            f"LPIPS{decode}, added to the unroll's peak",
             _keys(config, "objective.lpips_checkpoint", "objective.lpips_resolution"),
         ),
         "reward": (
-            f"{objective.reward_kind} reward on the decoded pixels, its decode included",
+            f"{objective.reward_kind} reward{decode}, added to the unroll's peak",
             _keys(config, "objective.reward_checkpoint"),
         ),
         "energy": (
             f"energy score over m={config.trajectory.samples_per_prompt} samples "
-            f"({objective.energy_space})",
+            f"({objective.energy_space}), added to the unroll's peak",
             _keys(config, "objective.energy_space", "trajectory.samples_per_prompt"),
         ),
     }
     for term, (label, keys) in named.items():
-        if term not in objective.weights:
-            continue
-        if term == "energy" and objective.energy_space != "pixels":
-            continue  # a few latents: nothing to name
-        loss = build_fake_loss(step, one_term(objective, term))
-        device, host = measure(step, lambda loss=loss: run_pixel_term(step, loss, gan=False))
-        out.append(TermBytes(label, device, host, "generator", alone=True, keys=keys + pixel_keys))
+        if term in objective.weights:
+            device, host = peak_with(one_term(objective, term), no_gan)
+            out.append(
+                TermBytes(
+                    label,
+                    max(0, device - unroll),
+                    max(0, host - unroll_host),
+                    "generator",
+                    alone=True,
+                    keys=keys + pixel_keys,
+                )
+            )
     if config.gan.enabled:
-        device, host = measure(step, lambda: run_pixel_term(step, latent_only, gan=True))
+        device, host = peak_with(latent_only, config.gan)
         out.append(
             TermBytes(
-                "GAN generator term through the discriminator, its decode included",
-                device,
-                host,
+                f"GAN generator term{decode}, added to the unroll's peak",
+                max(0, device - unroll),
+                max(0, host - unroll_host),
                 "generator",
                 alone=True,
                 keys=("gan.enabled",) + pixel_keys,
