@@ -5,8 +5,9 @@ larger than the denoiser. This runs them once, PixArt-style, and stores per imag
 
 * the VAE posterior ``latent_mean`` / ``latent_std`` (unscaled; the loader draws
   ``scaling_factor * (mean + std * eps)``), and
-* the text encoder's ``encoder_hidden_states`` (L, D) with its ``encoder_attention_mask`` (L,);
-  for an SD3 pipeline folder (``model_index.json``: StableDiffusion3Pipeline) the states of its
+* the text encoder's ``encoder_hidden_states`` trimmed to the caption's tokens (its mask's
+  ones; the loader pads them back to (L, D) with zeros and rebuilds the (L,) mask: padding is
+  never attended to, and a short caption costs its own length, not L); for an SD3 pipeline folder (``model_index.json``: StableDiffusion3Pipeline) the states of its
   own ``encode_prompt`` (CLIP-L + CLIP-G's 77 tokens, then T5's ``caption_max_tokens``) and the
   ``pooled_projections`` (D_p,), no mask (data/text.py ``encode_sd3_text``).
 
@@ -224,7 +225,8 @@ def precompute(
     table = (
         None if buckets == "none" else bucket_table(buckets, resolution, factor * BUCKET_PATCH_SIZE)
     )
-    writer = ShardWriter(out, shard_size, dtype)
+    # Masked text (T5) is stored trimmed to each caption's tokens; SD3 attends to its padding.
+    writer = ShardWriter(out, shard_size, dtype, pack_text=not sd3)
     # Per bucket (crop (height, width) in pixels): images waiting for the encoders, as
     # (name, caption, pixels, original (h, w)); a VAE call takes one shape.
     waiting: dict[tuple[int, int], list[tuple[str, str, torch.Tensor, tuple[int, int]]]] = {}
@@ -329,6 +331,8 @@ def precompute(
     }
     if sd3:
         text_index.update(pooled_dim=shapes["pooled_projections"][0], attention_mask=False)
+    else:
+        text_index["packed"] = True
     index = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,

@@ -38,9 +38,12 @@ logger = logging.getLogger(__name__)
 
 #: ``index.json`` of a shard folder: ``format`` must equal INDEX_FORMAT, ``version`` INDEX_VERSION.
 INDEX_FORMAT = "e2ed2-latent-shards"
-INDEX_VERSION = 2
-#: Versions read: 1 (one latent shape, no buckets) and 2 (aspect-ratio buckets).
-READABLE_INDEX_VERSIONS = (1, 2)
+INDEX_VERSION = 3
+#: Versions read: 1 (one latent shape, no buckets), 2 (aspect-ratio buckets) and 3 (text states
+#: trimmed to each caption's tokens, ``text.packed``).
+READABLE_INDEX_VERSIONS = (1, 2, 3)
+#: Packed text (``text.packed``): every row's real tokens, concatenated, and their counts.
+PACKED_STATES, TEXT_LENGTHS = "encoder_hidden_states_packed", "text_lengths"
 
 
 class LatentShardDataset(Dataset):
@@ -48,7 +51,7 @@ class LatentShardDataset(Dataset):
 
     Folder layout (``index.json`` is written last, so its presence means the folder is complete)::
 
-        index.json                  {"format": "e2ed2-latent-shards", "version": 2,
+        index.json                  {"format": "e2ed2-latent-shards", "version": 3,
                                      "num_samples": N,
                                      "shards": [{"file": "shard-00000.safetensors",
                                                  "num_samples": n, "bucket": b}, ...],
@@ -60,7 +63,8 @@ class LatentShardDataset(Dataset):
                                                   "num_samples": n_b}, ...],
                                      "text": {"shape": [L, D], "dtype": "float16",
                                               "pooled_dim": D_p (SD3 only),
-                                              "attention_mask": false (SD3 only)},
+                                              "attention_mask": false (SD3 only),
+                                              "packed": true (version 3, masked text)},
                                      "vae": {"scaling_factor": 0.18215, "shift_factor": null,
                                              ...},
                                      "skipped": [{"path": ..., "reason": ...}], ...}
@@ -69,6 +73,10 @@ class LatentShardDataset(Dataset):
                                     encoder_hidden_states (n, L, D)
                                     encoder_attention_mask (n, L) bool / uint8 / int (absent
                                       where text.attention_mask is false: SD3 attends to all)
+                                    or, where text.packed is true, instead of both:
+                                    encoder_hidden_states_packed (sum of lengths, D): each
+                                      row's real tokens (its mask's ones), rows concatenated
+                                    text_lengths (n,) int32, each row's token count (1..L)
                                     pooled_projections (n, D_p), where text.pooled_dim is set
                                       (SD3's pooled CLIP projections)
                                     original_size, crop_size (n, 2) int32, optional:
@@ -87,6 +95,11 @@ class LatentShardDataset(Dataset):
     written only when every sample has the same shape. Version 1 (no buckets) and a version 2
     index without ``buckets`` read as one bucket of ``latent.shape``; :func:`read_index` returns
     every index in the version 2 form.
+
+    Packed text (version 3, ``text.packed``): a row's states are stored trimmed to its tokens
+    (the padding a masked model never attends to is dropped: a 20-token caption costs 20 x D,
+    not L x D); an item pads them back to (L, D) with zeros and rebuilds the mask (ones, then
+    zeros), so items have the unpacked form.
 
     Stored latents are the VAE's raw (unscaled) outputs. An item's latent is
     ``scaling_factor * (z - shift_factor)`` with ``z = mean + std * eps`` for a distribution
@@ -120,6 +133,7 @@ class LatentShardDataset(Dataset):
         text = self.index["text"]
         self._pooled_dim = None if text.get("pooled_dim") is None else int(text["pooled_dim"])
         self._masked = bool(text.get("attention_mask", True))
+        self._packed = bool(text.get("packed", False)) and self._masked
         vae = self.index.get("vae") or {}
         self.scaling_factor = float(vae.get("scaling_factor") or 1.0)
         self.shift_factor = float(vae.get("shift_factor") or 0.0)
@@ -158,6 +172,8 @@ class LatentShardDataset(Dataset):
         self.files: list[str | None] = []
         #: Unusable shards: shard number -> why (every row of one is a bad sample).
         self.bad_shards: dict[int, str] = {}
+        #: Packed text: per shard, (n + 1,) row offsets into its packed states.
+        self._text_offsets: dict[int, torch.Tensor] = {}
         for number, (path, count) in enumerate(zip(self.shard_files, counts, strict=True)):
             expected = _expected_tensors(
                 self.latent_kind,
@@ -165,9 +181,14 @@ class LatentShardDataset(Dataset):
                 self._text_shape,
                 pooled_dim=self._pooled_dim,
                 masked=self._masked,
+                packed=self._packed,
             )
             try:
                 captions, files = _check_shard(path, count, expected, declared)
+                if self._packed:
+                    self._text_offsets[number] = _check_packed_text(
+                        path, count, self._text_shape, declared["text"]
+                    )
             except Exception as error:  # safetensors/OS/JSON raise many types for broken files
                 reason = (
                     str(error)
@@ -332,12 +353,21 @@ class LatentShardDataset(Dataset):
         latents = self.scaling_factor * (z - self.shift_factor)
         item = {
             "latents": latents,
-            "encoder_hidden_states": read("encoder_hidden_states").float(),
             **self._size_conditions(handle, read, latents.shape),
             "index": index,
         }
-        if self._masked:
-            item["encoder_attention_mask"] = read("encoder_attention_mask").long()
+        if self._packed:  # the caption's tokens, padded to L with zeros (masked out)
+            start, end = self._text_offsets[shard][row : row + 2].tolist()
+            length, width = self._text_shape
+            states = torch.zeros(length, width)
+            states[: end - start] = handle.get_slice(PACKED_STATES)[start:end].float()
+            mask = torch.zeros(length, dtype=torch.long)
+            mask[: end - start] = 1
+            item.update(encoder_hidden_states=states, encoder_attention_mask=mask)
+        else:
+            item["encoder_hidden_states"] = read("encoder_hidden_states").float()
+            if self._masked:
+                item["encoder_attention_mask"] = read("encoder_attention_mask").long()
         if self._pooled_dim is not None:
             item["pooled_projections"] = read("pooled_projections").float()
         return item
@@ -396,8 +426,8 @@ def _check_shard(
                     f"{name} has shape {shape}, expected {(count, *row_shape)} from index.json"
                 )
             dtype = tensor.get_dtype()
-            if name == "encoder_attention_mask":
-                allowed = _MASK_DTYPES
+            if name in ("encoder_attention_mask", TEXT_LENGTHS):
+                allowed = _MASK_DTYPES - {"BOOL"} if name == TEXT_LENGTHS else _MASK_DTYPES
             else:
                 text = name in ("encoder_hidden_states", "pooled_projections")
                 wanted = declared["text" if text else "latent"]
@@ -416,6 +446,30 @@ def _check_shard(
     if len(captions) != count or len(files) != count:
         raise ValueError(f"metadata lists != {count} captions/files")
     return captions, files
+
+
+def _check_packed_text(
+    path: str, count: int, text_shape: tuple[int, ...], dtype: str | None
+) -> torch.Tensor:
+    """The (count + 1,) row offsets of a shard's packed text, after checking its lengths (1..L)
+    and the packed states' shape (sum of lengths, D) and dtype."""
+    from safetensors import safe_open
+
+    length, width = text_shape
+    with safe_open(path, framework="pt") as handle:
+        lengths = handle.get_tensor(TEXT_LENGTHS).long()
+        if PACKED_STATES not in handle.keys():  # noqa: SIM118 (safe_open is no mapping)
+            raise ValueError(f"no tensor {PACKED_STATES!r}")
+        states = handle.get_slice(PACKED_STATES)
+        shape, stored = tuple(states.get_shape()), states.get_dtype()
+    if count and (int(lengths.min()) < 1 or int(lengths.max()) > length):
+        raise ValueError(f"{TEXT_LENGTHS} outside 1..{length} (index.json text.shape)")
+    total = int(lengths.sum())
+    if shape != (total, width):
+        raise ValueError(f"{PACKED_STATES} has shape {shape}, expected {(total, width)}")
+    if dtype is not None and stored != dtype:
+        raise ValueError(f"{PACKED_STATES} has dtype {stored}, expected {dtype}")
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
 
 
 def _non_finite(item: dict[str, Any]) -> str | None:
@@ -536,16 +590,22 @@ def _expected_tensors(
     *,
     pooled_dim: int | None = None,
     masked: bool = True,
+    packed: bool = False,
 ) -> dict[str, tuple[int, ...]]:
-    """Per-row shapes of the tensors a shard must hold (SD3's: pooled projections, no mask)."""
+    """Per-row shapes of the tensors a shard must hold (SD3's: pooled projections, no mask;
+    packed text: its row lengths here, the packed states checked by _check_packed_text)."""
     latents = (
         {"latent_mean": latent_shape, "latent_std": latent_shape}
         if kind == "distribution"
         else {"latents": latent_shape}
     )
-    expected = {**latents, "encoder_hidden_states": text_shape}
-    if masked:
-        expected["encoder_attention_mask"] = text_shape[:1]
+    expected = dict(latents)
+    if packed:
+        expected[TEXT_LENGTHS] = ()
+    else:
+        expected["encoder_hidden_states"] = text_shape
+        if masked:
+            expected["encoder_attention_mask"] = text_shape[:1]
     if pooled_dim is not None:
         expected["pooled_projections"] = (pooled_dim,)
     return expected
@@ -565,8 +625,12 @@ class ShardWriter:
     shape of every tensor of that bucket. :meth:`close` writes each bucket's remainder.
     """
 
-    def __init__(self, out: Path, shard_size: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, out: Path, shard_size: int, dtype: torch.dtype, *, pack_text: bool = False
+    ) -> None:
         self.out, self.shard_size, self.dtype = out, shard_size, dtype
+        #: Store each row's text states trimmed to its mask's tokens (``text.packed``).
+        self.pack_text = pack_text
         self.buffers: dict[int, _BucketBuffer] = {}
         self.shards: list[dict[str, Any]] = []
         self.shapes: dict[int, dict[str, tuple[int, ...]]] = {}
@@ -619,12 +683,32 @@ class ShardWriter:
             "captions": json.dumps(buffer.captions[:count]),
             "files": json.dumps(buffer.files[:count]),
         }
+        if self.pack_text:
+            tensors = _pack_text(tensors)
         name = f"shard-{len(self.shards):05d}.safetensors"
         write_atomic(self.out / name, save(tensors, metadata=metadata))
         self.shards.append({"file": name, "num_samples": count, "bucket": bucket})
         self.num_samples += count
         buffer.tensors = rest
         buffer.captions, buffer.files = buffer.captions[count:], buffer.files[count:]
+
+
+def _pack_text(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Padded states (n, L, D) and their mask (n, L) -> the rows' real tokens concatenated
+    (sum of lengths, D) and the lengths (n,) int32. The padding T5 writes is never attended to
+    (the mask hides it), so it is dropped; the reader pads with zeros. Needs right padding (the
+    mask of each row: ones, then zeros), which every tokenizer precompute uses writes."""
+    states = tensors.pop("encoder_hidden_states")
+    mask = tensors.pop("encoder_attention_mask").bool()
+    lengths = mask.sum(dim=1)
+    prefix = torch.arange(mask.shape[1])[None] < lengths[:, None]
+    if not torch.equal(mask, prefix):
+        raise ValueError("text states can only be packed with right padding (mask 1...1 0...0)")
+    return {
+        **tensors,
+        PACKED_STATES: states[mask].contiguous(),
+        TEXT_LENGTHS: lengths.to(torch.int32),
+    }
 
 
 class _BucketBuffer:

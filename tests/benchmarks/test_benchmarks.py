@@ -126,3 +126,14 @@ def test_row_passes_smoke(tmp_path: Path) -> None:
         for r in result["full_size"]["rows"]
     }
     assert ("block_offload", 2, 1) in full and ("block_offload", 2, 2) in full
+
+
+def test_text_storage_smoke(tmp_path: Path) -> None:
+    """Packed text costs less than padded for short captions, the same for full-length ones;
+    SD3 (unmasked) is stored padded."""
+    rows = _smoke("bench_text_storage.py", tmp_path, timeout=120)["rows"]
+    pixart = {
+        r["caption_tokens"]: r["ratio_stored_to_padded"] for r in rows if r["format"] == "pixart"
+    }
+    assert pixart[2] < 0.9 and 0.95 < pixart[12] <= 1.0  # a full caption: no padding to drop
+    assert [r["ratio_stored_to_padded"] for r in rows if r["format"] == "sd3"] == [1.0]

@@ -16,7 +16,7 @@ from e2ed2.engine.data.batching import BucketBatchSampler, build_dataloader
 from e2ed2.engine.data.buckets import bucket_table, largest_bucket, nearest_bucket, pixart_table
 from e2ed2.engine.data.precompute import load_image_and_size
 from e2ed2.engine.data.prompts import sample_conditioning
-from e2ed2.engine.data.shards import LatentShardDataset, ShardWriter, read_index
+from e2ed2.engine.data.shards import INDEX_VERSION, LatentShardDataset, ShardWriter, read_index
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_a_panorama_keeps_its_width_in_its_bucket(tmp_path: Path) -> None:
 # -- precompute into per-bucket shards ---------------------------------------------------------
 def test_precompute_writes_one_latent_shape_per_bucket(bucket_shards_512: Path, real_models):
     index = read_index(str(bucket_shards_512))
-    assert index["version"] == 2 and index["bucket_table"] == "pixart"
+    assert index["version"] == INDEX_VERSION == 3 and index["bucket_table"] == "pixart"
     assert "shape" not in index["latent"]  # several shapes
     sizes = {(b["height"], b["width"]): b for b in index["buckets"]}
     assert set(sizes) == {(32, 112), (64, 64), (80, 64)}
@@ -216,9 +216,11 @@ def test_old_and_bucketless_indexes_read_as_one_bucket(tmp_path: Path) -> None:
     # A run that says "pixart" on square shards is told which table the folder has.
     with pytest.raises(ValueError, match="precomputed with buckets 'none'.*data.buckets='none'"):
         build_dataloader(DataConfig(source="shards", shard_dir=str(tmp_path), buckets="pixart"), 1)
-    index["version"] = 3
+    index["version"] = 4
     (tmp_path / "index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"version 3 is not supported \(expected one of \[1, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"version 4 is not supported \(expected one of \[1, 2, 3\]"
+    ):
         read_index(str(tmp_path))
 
 
