@@ -43,8 +43,16 @@ def test_format_report_adds_the_teachers_fd() -> None:
                 "finetuned": {"fd_mean": 50.0, "fd_std": 2.0},
             }
         },
-        "teacher": {"sampler": "ddim", "num_steps": 16, "fd_mean": 34.5, "fd_std": 0.7},
+        "teacher": {
+            "sampler": "ddim",
+            "num_steps": 16,
+            "seeds": [0, 1],
+            "fd_mean": 34.5,
+            "fd_std": 0.7,
+        },
     }
     assert format_report(report).endswith("; teacher (base, 16-step DDIM) 34.5 ± 0.7")
+    report["teacher"].update(seeds=[0], fd_std=0.0)
+    assert format_report(report).endswith("; teacher (base, 16-step DDIM, seed 0) 34.5")
     del report["teacher"]
     assert "teacher" not in format_report(report)
