@@ -125,11 +125,14 @@ class TrainConfig:
                 "LPIPS / GAN on latent shards need a decoder: set model.vae_path to a local "
                 "AutoencoderKL folder"
             )
-        if self.data.source == "prompts":
-            self._check_prompt_only()
 
-    def _check_prompt_only(self) -> None:
-        """Prompt-only data has no image: every term that compares with one is refused."""
+    def check_prompt_only(self) -> None:
+        """``data.source = "prompts"`` has no image: every term that compares with one is
+        refused, by name. Called at launch (train/launch.py check_launch), not on construction:
+        the memory estimate builds what-if configs of a run with one term alone (the latent L2
+        as its unroll baseline), which are never trained."""
+        if self.data.source != "prompts":
+            return
         objective = self.objective
         if objective.kind != "e2ed2":
             raise ConfigError(

@@ -18,6 +18,7 @@ from ..core.models import resolve_model_folder
 from ..data.shards import check_bucket_table, read_index
 from ..objectives.clip_reward import check_clip_folder
 from .distributed import build_ds_config
+from .trackers import check_trackers
 
 __all__ = ["check_launch"]
 
@@ -31,6 +32,7 @@ def check_launch(config: TrainConfig, world_size: int) -> dict[str, Any]:
     Runs before any model is built (``Trainer`` calls it first, ``e2ed2 train`` before that).
     """
     run = config.run
+    config.check_prompt_only()  # data.source="prompts": the terms that need images, by name
     try:
         ds_config = build_ds_config(
             run.deepspeed_config,
@@ -104,6 +106,7 @@ def _local_path_checks(config: TrainConfig) -> list[Callable[[], object]]:
 
         checks.append(shards)
     checks.append(lambda: _check_output_paths(config))
+    checks.append(lambda: check_trackers(run.report_to))  # wandb named but not installed
     return checks
 
 

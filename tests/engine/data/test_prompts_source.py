@@ -94,8 +94,12 @@ def test_prompt_folder_holds_what_precompute_stores(
     ],
 )
 def test_terms_that_need_images_are_refused_by_name(overrides: list[str], named: str) -> None:
+    """At launch (check_launch, before any path or model; ``e2ed2 train`` exits 2 there)."""
+    from e2ed2.engine.train.launch import check_launch
+
+    config = load_config("pixart_alpha_512_prompts", overrides)
     with pytest.raises(ConfigError, match=rf"data\.source='prompts'.*{named}"):
-        load_config("pixart_alpha_512_prompts", overrides)
+        check_launch(config, world_size=1)
 
 
 def test_prompt_only_teacher_run_trains_exports_and_generates(
@@ -127,6 +131,12 @@ def test_prompt_only_teacher_run_trains_exports_and_generates(
         'run.validation_prompts=["a red bird"]',
     ]
     args = ["--config", "pixart_alpha_512_prompts", *overrides]
+    # The dry run's fake forward reads the prompt folder's first batch: zero latents of 64 px
+    # (called directly: `--dry-run` adds the whole-step memory estimate, tested elsewhere).
+    from e2ed2.engine.train.dry_run import dry_run_forward
+
+    summary = dry_run_forward(load_config("pixart_alpha_512_prompts", overrides))
+    assert summary.startswith("dry run: denoiser forward (2, 4, 8, 8)")
     assert train_main(args) == 0, capsys.readouterr().err[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
@@ -146,3 +156,38 @@ def test_prompt_only_teacher_run_trains_exports_and_generates(
         output_type="np",
     ).images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_prompt_only_teacher_run_on_two_launcher_ranks(
+    prompt_dir: Path, pixart_512_folder: Path, tmp_path: Path, run_checked, deepspeed_command
+) -> None:
+    """The preset's own ZeRO-3 and bf16 on 2 CPU ranks (one prompt each per step), with
+    validation prompts sampled by both ranks (ZeRO-3 gathers) and written by rank 0."""
+    out = tmp_path / "run"
+    run_checked(
+        deepspeed_command(
+            "--module",
+            "e2ed2.engine.cli.train",
+            "--config",
+            "pixart_alpha_512_prompts",
+            f"model.pretrained_path={pixart_512_folder}",
+            f"model.vae_path={pixart_512_folder}",
+            "model.fused_kernels=false",
+            f"data.prompt_dir={prompt_dir}",
+            "data.resolution=64",
+            "data.num_workers=0",
+            f"run.output_dir={out}",
+            "run.max_steps=2",
+            "run.batch_per_rank=1",
+            "run.log_every_steps=1",
+            "run.num_sample_images=0",
+            "objective.teacher_steps=2",
+            'run.validation_prompts=["a red bird", "a boat"]',
+        )
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["teacher"]) for r in records)
+    assert (out / "samples" / "validation-K4-step00000002.png").is_file()
+    assert (out / "export" / "transformer" / "config.json").is_file()
