@@ -1,6 +1,9 @@
 """``[sampler]``: the noise schedule and few-step sampler (diffusers' LCM / DDIM fields,
 ``FlowMatchEulerDiscreteScheduler``'s for flow matching: SD3 / SD3.5 / Sana, and
-``SCMScheduler``'s for TrigFlow consistency sampling: SANA-Sprint)."""
+``SCMScheduler``'s for TrigFlow consistency sampling: SANA-Sprint).
+
+Size: one typed config per component; the fields of four sampler kinds, the checks that keep
+each kind's fields apart and the diffusers round trip belong to that one dataclass."""
 
 from __future__ import annotations
 

@@ -320,8 +320,16 @@ def build_autoencoder(
     if config.vae_path is None:
         return IdentityAutoencoder()
     folder = resolve_model_folder(config.vae_path, "vae", "model.vae_path")
-    from diffusers import AutoencoderKL
+    import json
 
+    import diffusers
+
+    # AutoencoderKL, or Sana's deep-compression AutoencoderDC (decode(z).sample alike).
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        name = json.load(f).get("_class_name", "AutoencoderKL")
+    if name not in ("AutoencoderKL", "AutoencoderDC"):
+        raise ValueError(f"model.vae_path={config.vae_path!r} holds a {name}, not an autoencoder")
+    cls = getattr(diffusers, name)
     if not load_weights:
-        return FrozenVAE(AutoencoderKL.from_config(AutoencoderKL.load_config(folder)))
-    return FrozenVAE(AutoencoderKL.from_pretrained(folder, use_safetensors=True))
+        return FrozenVAE(cls.from_config(cls.load_config(folder)))
+    return FrozenVAE(cls.from_pretrained(folder, use_safetensors=True))

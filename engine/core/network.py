@@ -6,6 +6,9 @@ raw prediction. :func:`denoise` hides the differences between diffusers models (
 ``timestep_scale`` and SANA-Sprint's ``guidance`` input, UNet's positional ``timestep``,
 learned-sigma outputs with 2C channels, ``return_dict``) so the sampler and trajectory can treat
 every denoiser the same. It asks the model's forward signature and config, never its class.
+
+Size: one call convention over every family's forward (PixArt, SD3, Sana / SANA-Sprint) and the
+Conditioning record it consumes; they change together, so they stay in one module.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ Equations (``a_t`` = alphas_cumprod[t], ``t`` the current and ``s`` the next tim
   sigma_d = 0.5 (SANA-Sprint) the rescalings are exact and every step is bit-equal to
   SCMScheduler.step. The network call and the velocity (:meth:`SamplerSchedule.model_output`)
   belong to the sampler here, not to core/network.py: they are SCM's parameterisation.
+
+Size: four samplers' steps and schedule builders side by side, each checked against its
+diffusers scheduler; one SamplerSchedule type serves the trajectory for all of them.
 """
 
 from __future__ import annotations

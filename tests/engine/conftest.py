@@ -236,3 +236,23 @@ def sana_sprint_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SANA-Sprint-structured SanaSprintPipeline folder (guidance-embedded transformer,
     SCMScheduler; DC-AE and Gemma-2 as Sana's)."""
     return _real_models().save_sana_pipeline(tmp_path_factory.mktemp("Sana-Sprint"), sprint=True)
+
+
+@pytest.fixture(scope="session")
+def shards_sana(sana_folder, mixed_image_folder, tmp_path_factory) -> Path:
+    """``mixed_image_folder`` precomputed with the Sana folder's DC-AE and Gemma-2 (128 px: 4 x 4
+    latents through the 32x DC-AE; 16 text tokens)."""
+    from e2ed2.engine.data.precompute import precompute
+
+    out = tmp_path_factory.mktemp("shards-sana")
+    precompute(
+        mixed_image_folder,
+        out,
+        vae_path=sana_folder,
+        text_encoder_path=sana_folder,
+        resolution=128,
+        caption_max_tokens=16,
+        batch_size=4,
+        progress=False,
+    )
+    return out

@@ -467,7 +467,7 @@ def save_bucket_image_folder(folder: Path) -> Path:
     return folder
 
 
-# --- Sana / SANA-Sprint (configs/sana_sprint_1024.toml) ----------------------------------------
+# --- Sana / SANA-Sprint (configs/sana_1024.toml) ---------------------------------------------
 # Sana_1600M_1024px_diffusers' structure at tiny width: the linear-attention transformer (patch 1,
 # no positional embedding, 32 latent channels), the DC-AE AutoencoderDC (six stages: 32x
 # downsampling, 32 latent channels, EfficientViT blocks in the last three, scaling 0.41407), a
