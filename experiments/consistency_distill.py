@@ -125,6 +125,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--export-at",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also export the target network after these steps (OUT/export_stepN): one run "
+        "gives several budgets, identical to shorter runs (constant LR, same seed)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -144,9 +152,13 @@ def main() -> None:
         loss = distiller.step(batch["latents"].float(), batch_conditioning(batch), g)
         if not math.isfinite(loss):
             raise SystemExit(f"step {step}: non-finite loss {loss}")
-        if step % 50 == 0 or step == args.steps:
+        if step % 50 == 0 or step == args.steps or step in args.export_at:
             log.append({"step": step, "loss": loss, "cpu_s": time.process_time() - cpu0})
             print(json.dumps(log[-1]), flush=True)
+        if step in args.export_at and step != args.steps:
+            started, target = time.process_time(), distiller.target
+            write_export(args.out / f"export_step{step}", config, target, target.state_dict())
+            cpu0 += time.process_time() - started  # the export is not training
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(log, indent=2) + "\n")
     target = distiller.target

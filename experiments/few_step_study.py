@@ -50,6 +50,8 @@ ENGINE_RUNS: dict[str, list[str]] = {
         "sampler.kind=lcm",
         "gan.enabled=true",
     ],
+    # The main job before issue 25 + the same GAN.
+    "start_ddim_gan": ["objective.teacher_path=start", "sampler.kind=ddim", "gan.enabled=true"],
     # + the energy score against the data, m = 2 samples per prompt.
     "path_lcm_energy": [
         "objective.teacher_path=student",
@@ -62,7 +64,9 @@ ENGINE_RUNS: dict[str, list[str]] = {
 #: the main job's 300; ``cd_compute`` is set from the measured CPU seconds (see the README).
 CD_RUNS: dict[str, list[str]] = {
     "cd_steps": ["--steps", "300"],
-    "cd_compute": ["--steps", "1500"],
+    # 300 x the side-by-side CPU ratio (cost.json): path_lcm / cd = 7.04 -> 2112 steps;
+    # start_ddim / cd = 5.46 -> 1638 steps, exported on the way (identical to a shorter run).
+    "cd_compute": ["--steps", "2112", "--export-at", "1638"],
 }
 
 
@@ -157,6 +161,24 @@ def run(name: str, seed: int) -> None:
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: record[k] for k in ("name", "seed", "train_cpu_s", "fd")}))
+    for extra in sorted(folder.glob("export_step*")):
+        # An intermediate export of the same run: CPU = the run's minus the training after it.
+        step = int(extra.name.removeprefix("export_step"))
+        log = {e["step"]: e["cpu_s"] for e in json.loads((folder / "metrics.json").read_text())}
+        scores = _evaluate(
+            extra,
+            folder.parent / f"{name}_s{seed}_step{step}.eval.json",
+            folder.parent / f"{name}_s{seed}_step{step}.eval.log",
+        )
+        sub = dict(record, name=f"{name}@{step}", settings=[*settings, f"exported at {step}"])
+        sub["train_cpu_s"] = round(cpu_s - (log[max(log)] - log[step]), 1)
+        sub["train_wall_s"] = None
+        sub["fd"] = {k: [s["fd"] for s in v["per_seed"]] for k, v in scores["num_steps"].items()}
+        sub["accuracy"] = {
+            k: [s["accuracy"] for s in v["per_seed"]] for k, v in scores["num_steps"].items()
+        }
+        (OUT / "runs" / f"{name}@{step}_s{seed}.json").write_text(json.dumps(sub, indent=2) + "\n")
+        print(json.dumps({k: sub[k] for k in ("name", "seed", "train_cpu_s", "fd")}))
 
 
 def teacher() -> None:
@@ -208,10 +230,17 @@ def _write_base_export(export: Path, kind: str) -> None:
     """The shipped base as an export folder sampled with ``kind`` (no training)."""
     from e2ed2.engine.config import load_config
     from e2ed2.engine.core.models import build_denoiser
+    from e2ed2.engine.data import build_dataloader
     from e2ed2.engine.train.export import write_export
 
     config = load_config("embedded", [f"sampler.kind={kind}"])
-    net = build_denoiser(config.model, latent_channels=1, latent_size=16, text_dim=32)
+    dataset = build_dataloader(config.data, 1)[0].dataset
+    net = build_denoiser(
+        config.model,
+        latent_channels=dataset.latent_shape[0],
+        latent_size=dataset.base_latent_size,
+        text_dim=dataset.text_shape[1],
+    )
     write_export(export, config, net, net.state_dict())
 
 
@@ -296,7 +325,11 @@ def table() -> None:
         lines.append(
             "| base, LCM | — | " + " | ".join(_fmt(fd[f"lcm:{k}"]) for k in NUM_STEPS) + " | — |"
         )
-    names = sorted({r["name"] for r in records.values()}, key=[*ENGINE_RUNS, *CD_RUNS].index)
+    order = [*ENGINE_RUNS, *CD_RUNS]
+    names = sorted(
+        {r["name"] for r in records.values()},
+        key=lambda n: (order.index(n.split("@")[0]), n),
+    )
     for name in names:
         group = [r for r in records.values() if r["name"] == name]
         cells = []
