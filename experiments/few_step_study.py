@@ -313,17 +313,25 @@ def _fmt(values: list[float]) -> str:
 
 
 def table() -> None:
+    """``results.md``: every method at K = 1, 2, 4, mean ± std over fine-tune x sampling seeds,
+    and each run's train CPU and wall seconds."""
     records = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))}
     lines = [
-        "| method | fine-tune seeds | FD K=1 | FD K=2 | FD K=4 | train CPU s / run |",
-        "|---|---|---|---|---|---|",
+        "| method | fine-tune seeds | FD K=1 | FD K=2 | FD K=4 | train CPU s per run | wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
     base = records.pop("base", None)
     if base is not None:
         fd = base["fd"]
-        lines.append(f"| teacher: base, 16-step DDIM | — | {_fmt(fd['ddim:16'])} | | | — |")
+        teacher16 = _fmt(fd["ddim:16"])
         lines.append(
-            "| base, LCM | — | " + " | ".join(_fmt(fd[f"lcm:{k}"]) for k in NUM_STEPS) + " | — |"
+            f"| teacher alone (base, 16-step DDIM; every K) | — | {teacher16} | {teacher16} "
+            f"| {teacher16} | — | — |"
+        )
+        lines.append(
+            "| base, LCM | — | "
+            + " | ".join(_fmt(fd[f"lcm:{k}"]) for k in NUM_STEPS)
+            + " | — | — |"
         )
     order = [*ENGINE_RUNS, *CD_RUNS]
     names = sorted(
@@ -331,14 +339,12 @@ def table() -> None:
         key=lambda n: (order.index(n.split("@")[0]), n),
     )
     for name in names:
-        group = [r for r in records.values() if r["name"] == name]
-        cells = []
-        for k in NUM_STEPS:
-            values = [v for r in group for v in r["fd"][str(k)]]
-            cells.append(_fmt(values))
-        cpu = [r["train_cpu_s"] for r in group]
+        group = sorted((r for r in records.values() if r["name"] == name), key=lambda r: r["seed"])
+        cells = [_fmt([v for r in group for v in r["fd"][str(k)]]) for k in NUM_STEPS]
+        cpu = " / ".join(f"{r['train_cpu_s']:.0f}" for r in group)
+        wall = " / ".join(f"{r['train_wall_s']:.0f}" for r in group if r.get("train_wall_s"))
         seeds = ", ".join(str(r["seed"]) for r in group)
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {_fmt(cpu)} |")
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {cpu} | {wall or '—'} |")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
