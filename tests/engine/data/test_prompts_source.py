@@ -191,3 +191,45 @@ def test_prompt_only_teacher_run_on_two_launcher_ranks(
     assert all(np.isfinite(r["teacher"]) for r in records)
     assert (out / "samples" / "validation-K4-step00000002.png").is_file()
     assert (out / "export" / "transformer" / "config.json").is_file()
+
+
+def test_sd3_prompt_folder_and_validation_prompts_match_the_shards(
+    sd3_folder: Path, shards_sd3: Path, tmp_path: Path
+) -> None:
+    """SD3-structured: ``encode-prompts`` stores the pipeline's joint states and pooled
+    projections (no mask) as precompute does, and validation prompts are encoded the same way
+    from the encoders the shards' index.json records."""
+    from e2ed2.engine.train.validation import ValidationPrompts
+
+    shards = LatentShardDataset(DataConfig(source="shards", shard_dir=str(shards_sd3)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(shards.captions) + "\n")
+    assert _encode(sd3_folder, prompts, tmp_path / "encoded") == 0
+    encoded = PromptDataset(
+        DataConfig(source="prompts", prompt_dir=str(tmp_path / "encoded"), resolution=64)
+    )
+    assert encoded.latent_shape == (16, 8, 8) and encoded.pooled_dim == shards.pooled_dim
+    for i in (0, len(shards) - 1):
+        ours, theirs = encoded[i], shards[i]
+        assert "encoder_attention_mask" not in ours
+        for key in ("encoder_hidden_states", "pooled_projections"):
+            assert torch.equal(ours[key], theirs[key])
+    for key in ("encoder_hidden_states", "pooled_projections"):
+        assert torch.equal(encoded.null_condition[key], shards.null_condition[key])
+
+    config = load_config(None, [f'run.validation_prompts=["{shards.captions[1]}"]'])
+    validation = ValidationPrompts(config, shards, torch.device("cpu"), torch.float32)
+    # Computed in float32, the shards stored float16: equal to float16's rounding.
+    torch.testing.assert_close(
+        validation.cond.encoder_hidden_states[0],
+        shards[1]["encoder_hidden_states"],
+        atol=2e-3,
+        rtol=2e-3,
+    )
+    torch.testing.assert_close(
+        validation.cond.pooled_projections[0],
+        shards[1]["pooled_projections"],
+        atol=2e-3,
+        rtol=2e-3,
+    )
+    assert validation.cond.encoder_attention_mask is None
