@@ -44,6 +44,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .reshard import UNIVERSAL_PREFIX, reshard_ema, universal_folder
 from .write_errors import as_os_error, attempt_write, injected_save_fault
 
 __all__ = [
@@ -340,7 +341,13 @@ class CheckpointStore:
             error = attempt_write(error, lambda: write_extra(staging), always=self.world_size > 1)
         if self.rank == 0:
             error = attempt_write(
-                error, lambda: self._write_trainer_state(staging, tag, trainer_state)
+                error,
+                lambda: self._write_trainer_state(
+                    # The global batch: a resume on another number of ranks keeps it (reshard.py).
+                    staging,
+                    tag,
+                    {**trainer_state, "train_batch_size": engine.train_batch_size()},
+                ),
             )
         if not self._all_ranks_ok(error is None):
             self._failed_save(staging, step, error)
@@ -385,8 +392,10 @@ class CheckpointStore:
         (staging / "latest").write_text(tag)
 
     def remove_leftovers(self) -> None:
-        """Rank 0: removes what interrupted saves and deletions left (never a checkpoint)."""
-        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:
+        """Rank 0: removes what interrupted saves and deletions left, and converted forms of a
+        checkpoint resumed on another number of ranks (never a checkpoint)."""
+        leftovers = [".tmp-*", ".old-*", f"{UNIVERSAL_PREFIX}*"]
+        for stale in [p for pattern in leftovers for p in self.root.glob(pattern)]:
             shutil.rmtree(stale, ignore_errors=True)
 
     @staticmethod
@@ -409,29 +418,41 @@ class CheckpointStore:
         bytes) raises :class:`CheckpointError` naming the checkpoint and the failure.
         """
         trainer_state = self.read_state(path)
-        if trainer_state["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"checkpoint {path} was written by {trainer_state['world_size']} ranks; this run "
-                f"has {self.world_size} (ZeRO partitions and the EMA shards are per rank)"
-            )
+        # Another number of ranks (allowed by run_dir.plan_start at the same global batch):
+        # the ZeRO state from its universal form, the EMA resharded (see reshard.py).
+        saved_ranks = trainer_state["world_size"]
+        universal = universal_folder(self.root, path)
+        source = universal if saved_ranks != self.world_size and universal.is_dir() else path
         try:
-            loaded, _ = engine.load_checkpoint(str(path), tag=path.name)
+            loaded, _ = engine.load_checkpoint(str(source), tag=path.name)
             if loaded is None:
                 raise FileNotFoundError(
-                    f"DeepSpeed found no model checkpoint in {path / path.name}"
+                    f"DeepSpeed found no model checkpoint in {source / path.name}"
                 )
             if disc_engine is not None:
                 loaded, _ = disc_engine.load_checkpoint(str(path), tag="discriminator")
                 if loaded is None:
                     raise FileNotFoundError(f"no discriminator checkpoint in {path}/discriminator")
             ema_file = path / f"rank{self.rank:05d}.safetensors"
-            ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
-            rng = torch.load(path / f"rank{self.rank:05d}.state.pt", weights_only=True)
+            if saved_ranks == self.world_size:
+                ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
+            elif (path / "rank00000.safetensors").is_file():
+                every = [
+                    load_file(str(path / f"rank{r:05d}.safetensors")) for r in range(saved_ranks)
+                ]
+                ema_state = reshard_ema(every, list(engine.module.parameters()), self.rank)
+            else:
+                ema_state = None
+            rng_file = path / f"rank{self.rank:05d}.state.pt"
+            rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+            if rng is None and saved_ranks == self.world_size:
+                raise FileNotFoundError(f"{rng_file} is missing")
         except Exception as err:  # noqa: BLE001 (torch, DeepSpeed and safetensors raise many)
             raise CheckpointError(
                 f"checkpoint {path} could not be loaded ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}); choose an older one with "
                 "run.resume_from=STEP or start over with run.overwrite=true"
             ) from err
-        restore_rng_state(rng)
+        if rng is not None:  # a rank the checkpoint did not have keeps its fresh seed
+            restore_rng_state(rng)
         return trainer_state, ema_state

@@ -23,6 +23,7 @@ from ..config import ConfigError, TrainConfig, load_config
 from .checkpoint import CheckpointStore, checkpoint_step, verify_checkpoint
 from .fingerprint import CheckpointMismatchError, check_fingerprint, fingerprint_differences
 from .metrics import METRICS_FILE
+from .reshard import to_universal, universal_folder
 from .run_lock import LOCK_FILE, FolderInUseError
 
 __all__ = ["StartPlan", "apply_start", "plan_start"]
@@ -38,6 +39,9 @@ class StartPlan:
     """Where a run starts: a checkpoint (or None = step 0) and the moves that come first."""
 
     checkpoint: Path | None = None
+    # Set for a checkpoint of another number of ranks under ZeRO: its universal form's folder,
+    # written by apply_start, loaded with DeepSpeed's "load_universal" (see reshard.py).
+    universal: Path | None = None
     moves: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
     copies: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -57,15 +61,43 @@ def _resolve_resume_from(value: int | str, checkpoints: Path) -> Path:
     return Path(value)
 
 
-def _check_resumable(path: Path, fingerprint: dict[str, Any], world_size: int) -> None:
+def _check_resumable(
+    path: Path, fingerprint: dict[str, Any], config: TrainConfig, world_size: int
+) -> bool:
+    """Raises where ``path`` cannot be resumed by this run; True if it was written by another
+    number of ranks (then resharded, see reshard.py): allowed at the same global batch only,
+    which the data position counts in."""
     state = CheckpointStore.read_state(path)
-    if state["world_size"] != world_size:
-        raise ConfigError(
-            f"checkpoint {path} was written by {state['world_size']} ranks; this run has "
-            f"{world_size} (ZeRO partitions and EMA shards are per rank): launch "
-            f"{state['world_size']} ranks, or start a new run.output_dir"
-        )
     check_fingerprint(path, fingerprint, state["fingerprint"])
+    if state["world_size"] == world_size:
+        return False
+    run = config.run
+    ours = run.batch_per_rank * world_size * run.grad_accum_steps
+    theirs = state.get("train_batch_size")
+    if theirs != ours:
+        written = (
+            f"a global batch of {theirs}"
+            if theirs is not None
+            else "no recorded global batch (an older checkpoint)"
+        )
+        raise ConfigError(
+            f"checkpoint {path} was written by {state['world_size']} ranks with {written}; this "
+            f"run has {world_size} ranks x run.batch_per_rank={run.batch_per_rank} x "
+            f"run.grad_accum_steps={run.grad_accum_steps} = {ours}: resume at the same global "
+            f"batch (its data position counts global batches), launch {state['world_size']} "
+            "ranks, or start a new run.output_dir"
+        )
+    return True
+
+
+def _reshard(plan: StartPlan, checkpoints: Path, fingerprint: dict[str, Any]) -> None:
+    """A checkpoint of another number of ranks: ZeRO state goes through its universal form."""
+    if fingerprint["zero_optimization.stage"] > 0 and plan.checkpoint is not None:
+        plan.universal = universal_folder(checkpoints, plan.checkpoint)
+        plan.warnings.append(
+            f"checkpoint {plan.checkpoint} was written by another number of ranks: its ZeRO "
+            f"state is converted into {plan.universal} and resharded"
+        )
 
 
 def plan_start(config: TrainConfig, fingerprint: dict[str, Any], world_size: int) -> StartPlan:
@@ -107,8 +139,10 @@ def plan_start(config: TrainConfig, fingerprint: dict[str, Any], world_size: int
         problem = verify_checkpoint(chosen)
         if problem is not None:
             raise ConfigError(f"run.resume_from={run.resume_from!r}: {problem}")
-        _check_resumable(chosen, fingerprint, world_size)
+        reshard = _check_resumable(chosen, fingerprint, config, world_size)
         plan.checkpoint = chosen
+        if reshard:
+            _reshard(plan, checkpoints, fingerprint)
         step = CheckpointStore.read_state(chosen)["step"]
         newer = [p for p in store.named() if checkpoint_step(p) > step]
         if newer and not run.overwrite:
@@ -137,8 +171,10 @@ def plan_start(config: TrainConfig, fingerprint: dict[str, Any], world_size: int
     for candidate in reversed(store.named()):
         problem = verify_checkpoint(candidate)
         if problem is None:
-            _check_resumable(candidate, fingerprint, world_size)
+            reshard = _check_resumable(candidate, fingerprint, config, world_size)
             plan.checkpoint = candidate
+            if reshard:
+                _reshard(plan, checkpoints, fingerprint)
             if problems:
                 plan.warnings.append(f"resuming from the older complete checkpoint {candidate}")
             return plan
@@ -192,6 +228,8 @@ def apply_start(plan: StartPlan, output_dir: Path) -> None:
         if source == output_dir:
             _keep_lock_file(target, output_dir)
     CheckpointStore(output_dir / "checkpoints", rank=0, world_size=1, keep=1).remove_leftovers()
+    if plan.universal is not None and plan.checkpoint is not None:
+        to_universal(plan.checkpoint, plan.universal)
 
 
 def _keep_lock_file(aside: Path, output_dir: Path) -> None:

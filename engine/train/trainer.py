@@ -118,6 +118,8 @@ class Trainer:
         zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.fingerprint = run_fingerprint(config, zero_stage)
         self.start = plan_start(config, self.fingerprint, self.world_size)
+        if self.start.universal is not None:  # written by other ranks (train/reshard.py)
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         if dist.is_initialized():
             dist.barrier()  # every rank has decided before rank 0 moves anything
         if self.is_main:

@@ -62,6 +62,9 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 class _FakeEngine:
+    def train_batch_size(self) -> int:
+        return 2
+
     def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
         (Path(root) / tag).mkdir()
         (Path(root) / tag / "model_states.pt").write_bytes(b"weights")
@@ -90,7 +93,11 @@ def test_checkpoints_are_published_whole_and_the_last_n_kept(tmp_path: Path) -> 
         save(step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000004", "step00000006"]
     assert store.latest() == tmp_path / "step00000006"
-    assert CheckpointStore.read_state(store.latest()) == {"step": 6, "world_size": 1}
+    assert CheckpointStore.read_state(store.latest()) == {
+        "step": 6,
+        "train_batch_size": 2,
+        "world_size": 1,
+    }
 
     def killed(staging: Path) -> None:  # dies after the engine and EMA files are written
         raise KeyboardInterrupt

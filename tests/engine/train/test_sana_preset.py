@@ -101,3 +101,45 @@ def test_sana_preset_trains_exports_and_generates(
         output_type="np",
     ).images
     assert images.shape == (1, 128, 128, 3) and np.isfinite(images).all()
+
+
+def test_sana_sprint_preset_trains_and_exports_a_sprint_pipeline(
+    sana_sprint_folder: Path, shards_sana: Path, tmp_path: Path, capsys
+) -> None:
+    """SANA-Sprint's preset (SCM K = 4, bf16, ZeRO-3) on shards of the same Gemma and DC-AE:
+    the export is a SanaSprintPipeline with an SCMScheduler that generates in 2 steps."""
+    from diffusers import DiffusionPipeline, SanaSprintPipeline
+
+    out = tmp_path / "run"
+    args = [
+        "--config",
+        "sana_sprint_1024",
+        f"model.pretrained_path={sana_sprint_folder}",
+        f"model.vae_path={sana_sprint_folder}",
+        f"data.shard_dir={shards_sana}",
+        f"run.output_dir={out}",
+        "run.max_steps=2",
+        "run.batch_per_rank=2",
+        "run.num_sample_images=2",
+        "data.num_workers=0",
+    ]
+    assert train_main(args) == 0, capsys.readouterr().err[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(np.isfinite(m["l2"]) for m in metrics)
+    export = out / "export"
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["_class_name"] == "SanaSprintPipeline"
+    pipe = DiffusionPipeline.from_pretrained(export)
+    assert isinstance(pipe, SanaSprintPipeline)
+    assert type(pipe.scheduler).__name__ == "SCMScheduler"
+    assert pipe.transformer.config.guidance_embeds
+    images = pipe(
+        "a photo of a cat sitting on a red sofa",
+        num_inference_steps=2,
+        height=128,
+        width=128,
+        max_sequence_length=TEXT_TOKENS,
+        use_resolution_binning=False,
+        output_type="np",
+    ).images
+    assert images.shape == (1, 128, 128, 3) and np.isfinite(images).all()
