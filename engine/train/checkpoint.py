@@ -24,6 +24,10 @@ marker count; :func:`verify_checkpoint` re-checks sizes, JSON and safetensors he
 Loading never unpickles arbitrary objects: the EMA is safetensors, the RNG state is read with
 ``torch.load(weights_only=True)``, and DeepSpeed's own loader (``torch.load(weights_only=False)``
 in DeepSpeed 0.19) is replaced on each engine by :func:`use_weights_only_loading`.
+
+Size: over 400 lines because the layout above is read and written in one place (the save's
+agreed phases, the load, the checks); what a failed write means lives in write_errors.py and
+how another number of ranks resumes in reshard.py.
 """
 
 from __future__ import annotations
