@@ -272,8 +272,9 @@ def test_a_full_disk_inside_torchs_writer_is_a_full_disk_stop_then_and_on_the_re
 def test_a_full_disk_outside_a_save_ends_as_a_full_disk_stop(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ):
-    """The command boundary: torch's short-write error anywhere (an export, a sample) is the
-    full-disk stop too; another RuntimeError stays an internal error."""
+    """The command boundary: torch's short-write error and safetensors' full-disk error
+    anywhere (an export, a sample) are the full-disk stop too; another RuntimeError stays an
+    internal error."""
     from e2ed2.engine.cli.boundary import run_command
 
     error = _torch_short_write_error(tmp_path / "probe.pt")
@@ -283,6 +284,16 @@ def test_a_full_disk_outside_a_save_ends_as_a_full_disk_stop(
 
     assert run_command("e2ed2 sample", fail, []) == 1
     assert capsys.readouterr().err.startswith("e2ed2 sample: stopped: the disk is full (ENOSPC)")
+
+    from safetensors import SafetensorError
+
+    def safetensors_full(args: list[str]) -> int:  # its message on a full tmpfs, verbatim
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    assert run_command("e2ed2 sample", safetensors_full, []) == 1
+    assert "stopped: the disk is full (ENOSPC)" in capsys.readouterr().err
 
     def bug(args: list[str]) -> int:
         raise RuntimeError("something else")
