@@ -46,6 +46,7 @@ import functools
 import json
 import logging
 import os
+import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -332,12 +333,13 @@ class E2ED2Loss(nn.Module):
         self,
         rows: int,
         latent_size: tuple[int, int],
-        generator: torch.Generator,
+        seed: int,
         samples_per_prompt: int = 1,
-    ) -> torch.Tensor | None:
-        """``pixel_crop``'s top-left corners in latent cells, (rows, 2) int64 on the CPU, one per
-        prompt (a prompt's m rows share it); None without a crop. Draws from ``generator`` (a
-        CPU generator: the trainer's seeded one, so a resumed run draws the same crops)."""
+    ) -> list[tuple[int, int]] | None:
+        """``pixel_crop``'s top-left corners in latent cells, one ``(top, left)`` per row and
+        the same for a prompt's m rows; None without a crop. Drawn from ``seed`` alone (the
+        trainer derives it from the run seed, step, micro-step and rank, so a resumed run draws
+        the same crops), in Python: plain integers also under ``FakeTensorMode``."""
         if not self.config.pixel_crop:
             return None
         cells = self.config.pixel_crop // self.pixels_per_latent
@@ -348,24 +350,26 @@ class E2ED2Loss(nn.Module):
                 f"{height * self.pixels_per_latent}x{width * self.pixels_per_latent} px image "
                 f"({self.pixels_per_latent} px per latent cell)"
             )
-        prompts = rows // samples_per_prompt
-        top = torch.randint(0, height - cells + 1, (prompts,), generator=generator)
-        left = torch.randint(0, width - cells + 1, (prompts,), generator=generator)
-        return torch.stack([top, left], dim=1).repeat_interleave(samples_per_prompt, dim=0)
+        rng = random.Random(seed)
+        corners = []
+        for _ in range(rows // samples_per_prompt):
+            corner = (rng.randrange(height - cells + 1), rng.randrange(width - cells + 1))
+            corners.extend([corner] * samples_per_prompt)
+        return corners
 
-    def crop(self, latents: torch.Tensor, corners: torch.Tensor | None) -> torch.Tensor:
+    def crop(
+        self, latents: torch.Tensor, corners: Sequence[tuple[int, int]] | None
+    ) -> torch.Tensor:
         """Each row's ``pixel_crop`` square of latents (differentiable); ``corners`` None: all."""
         if corners is None:
             return latents
-        if corners.shape != (latents.shape[0], 2):
-            raise ValueError(
-                f"crop corners {tuple(corners.shape)} do not match {latents.shape[0]} rows"
-            )
+        if len(corners) != latents.shape[0]:
+            raise ValueError(f"{len(corners)} crop corners for {latents.shape[0]} rows")
         cells = self.config.pixel_crop // self.pixels_per_latent
         return torch.stack(
             [
                 row[:, top : top + cells, left : left + cells]
-                for row, (top, left) in zip(latents, corners.tolist(), strict=True)
+                for row, (top, left) in zip(latents, corners, strict=True)
             ]
         )
 
@@ -419,7 +423,7 @@ class E2ED2Loss(nn.Module):
         teacher_sample: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         captions: Sequence[str] | None = None,
-        crops: torch.Tensor | None = None,
+        crops: Sequence[tuple[int, int]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The enabled terms (``l1``, ``l2``, ``lpips``, ``energy``, ``teacher``, ``reward``) and
         their weighted sum ``"total"``, each the unweighted batch mean (float32).
@@ -550,7 +554,7 @@ class E2ED2Loss(nn.Module):
         teacher_sample: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         captions: Sequence[str] | None = None,
-        crops: torch.Tensor | None = None,
+        crops: Sequence[tuple[int, int]] | None = None,
         adversarial: Callable[[torch.Tensor], torch.Tensor] | None = None,
         adversarial_weight: float = 0.0,
         keep_pixels: bool = False,

@@ -402,8 +402,7 @@ class Trainer:
         crops = None
         if needs_pixels:  # objective.pixel_crop: seeded per step / micro-step / rank (resumable)
             seed = derive_seed(config.run.seed, "pixel-crop", self.step, micro_step, self.rank)
-            g = torch.Generator().manual_seed(seed)
-            crops = self.loss_fn.draw_crops(len(latents), latents.shape[-2:], g, m)
+            crops = self.loss_fn.draw_crops(len(latents), latents.shape[-2:], seed, m)
         if needs_pixels and config.objective.pixel_rows_per_pass:
             # objective.pixel_rows_per_pass: the pixel terms (GAN generator term included) a
             # pass of rows at a time, each backpropagated to the cut final latent (losses.py).
