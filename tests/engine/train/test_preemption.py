@@ -143,3 +143,15 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_a_failed_save_ends_t
     assert sorted(got) == sorted(ref) == list(range(1, step + 3))
     for at in ref:
         assert got[at]["total"] == pytest.approx(ref[at]["total"], rel=1e-5), at
+
+
+def test_launch_refuses_what_it_cannot_run_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    """No `--` between the launcher's and train's arguments, or an option e2ed2 launch sets
+    itself: exit 2 and one line, before any process starts."""
+    from e2ed2.engine.cli.main import main
+
+    assert main(["launch", "--num_gpus", "2", "--config", "scratch"]) == 2
+    assert "no `--` between the launcher's and train's arguments" in capsys.readouterr().err
+    assert main(["launch", "--module", "x", "--", "--config", "scratch"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "e2ed2 launch: error: --module is set by e2ed2 launch; remove it"
