@@ -3,8 +3,8 @@ encoder, sampled every ``run.sample_every_steps`` at each K of ``run.validation_
 (default: the run's K) with the same seeds every time, written as captioned PNG grids
 (``samples/validation-K<k>-step<N>.png``) and logged to every tracker as ``validation/K<k>``.
 
-Every rank encodes the prompts (they are few; ZeRO-3's gathers need every rank in the sampling
-forward, so every rank needs the conditioning) and only rank 0 writes. The encoder: the digits'
+Rank 0 encodes the prompts and broadcasts their tensors (they are few; ZeRO-3's gathers need
+every rank in the sampling forward, so every rank needs the conditioning); only rank 0 writes. The encoder: the digits'
 own tiny T5 (``DigitsDataset.encode``), else the one a shard or prompt folder's ``index.json``
 records (:class:`~e2ed2.engine.data.prompt_encoder.PromptEncoder`), freed after encoding.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
@@ -37,14 +38,24 @@ class ValidationPrompts:
         self, config: TrainConfig, dataset: Any, device: torch.device, dtype: torch.dtype
     ) -> None:
         run = config.run
-        try:
-            self.prompts = resolve_prompts(run.validation_prompts, "run.validation_prompts")
-            self.cond = _encode(self.prompts, dataset, device, dtype)
-        except (ValueError, FileNotFoundError, OSError) as error:
-            message = str(error)
-            if "run.validation_prompts" not in message:
-                message = f"run.validation_prompts: {message}"
-            raise ConfigError(message) from None
+        # Rank 0 encodes and sends the few prompts' tensors to the others: one text encoder
+        # loaded per node's rank 0 instead of per rank (PixArt's T5-XXL: 9.5 GB in bf16).
+        encoded: tuple[list[str], Conditioning] | str
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            try:
+                prompts = resolve_prompts(run.validation_prompts, "run.validation_prompts")
+                encoded = (prompts, _encode(prompts, dataset, device, dtype))
+            except (ValueError, FileNotFoundError, OSError) as error:
+                encoded = str(error)
+                if "run.validation_prompts" not in encoded:
+                    encoded = f"run.validation_prompts: {encoded}"
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [encoded if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+            encoded = box[0]
+        if isinstance(encoded, str):  # every rank stops with rank 0's message
+            raise ConfigError(encoded)
+        self.prompts, self.cond = encoded
         self.num_steps = tuple(run.validation_num_steps) or (config.trajectory.num_steps,)
         self.schedules = {k: build_schedule(config.sampler, k) for k in self.num_steps}
         self.latent_shape = tuple(dataset.latent_shape)
