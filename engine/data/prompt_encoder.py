@@ -1,5 +1,5 @@
-"""Prompts encoded as a folder's captions were: the text encoder (T5, or an SD3 pipeline's three
-encoders) and tokenizer that ``index.json`` records, at its token length, giving the same tensors
+"""Prompts encoded as a folder's captions were: the text encoder (T5, an SD3 pipeline's three
+encoders, or a Sana pipeline's Gemma-2) and tokenizer that ``index.json`` records, at its token length, giving the same tensors
 the shards store (``encoder_hidden_states``, ``encoder_attention_mask`` or SD3's
 ``pooled_projections``). Used for validation prompts and by ``e2ed2 encode-prompts``."""
 
@@ -11,6 +11,13 @@ from typing import Any
 
 import torch
 
+from .gemma_text import (
+    encode_gemma_null,
+    encode_gemma_text,
+    is_gemma_pipeline,
+    load_gemma_text_encoder,
+)
+from .null_condition import NULL_PROMPT
 from .text import (
     encode_sd3_text,
     encode_text,
@@ -39,6 +46,12 @@ class PromptEncoder:
         self.max_tokens = max_tokens
         self.device = torch.device(device)
         self.sd3 = is_sd3_pipeline(self.encoder_dir)
+        self.gemma = is_gemma_pipeline(self.encoder_dir)
+        if self.gemma:  # Sana / SANA-Sprint: the pipeline's own Gemma-2 encode_prompt
+            self.tokenizer_dir = self.encoder_dir
+            self.encoder = load_gemma_text_encoder(self.encoder_dir, self.device, dtype)
+            self.tokenizer = None
+            return
         if self.sd3:
             self.tokenizer_dir = self.encoder_dir  # the pipeline brings its three tokenizers
             self.encoder: Any = load_sd3_text_encoders(self.encoder_dir, self.device, dtype)
@@ -95,6 +108,11 @@ class PromptEncoder:
         """``{"encoder_hidden_states": (N, L, D), "encoder_attention_mask": (N, L) bool}`` (T5)
         or ``{"encoder_hidden_states", "pooled_projections": (N, D_p)}`` (SD3), on the encoder's
         device in its dtype."""
+        if self.gemma:
+            states, mask = encode_gemma_text(
+                self.encoder, prompts, self.max_tokens, device=self.device
+            )
+            return {"encoder_hidden_states": states, "encoder_attention_mask": mask.bool()}
         if self.sd3:
             states, pooled = encode_sd3_text(
                 self.encoder, prompts, self.max_tokens, device=self.device
@@ -104,3 +122,12 @@ class PromptEncoder:
             self.tokenizer, self.encoder, prompts, self.max_tokens, device=self.device
         )
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask.bool()}
+
+    @torch.no_grad()
+    def encode_null(self) -> dict[str, torch.Tensor]:
+        """Classifier-free guidance's empty prompt, as the pipeline encodes its negative prompt
+        (Sana: without the instruction; data/gemma_text.py), else as any prompt."""
+        if self.gemma:
+            states, mask = encode_gemma_null(self.encoder, self.max_tokens, device=self.device)
+            return {"encoder_hidden_states": states, "encoder_attention_mask": mask.bool()}
+        return self.encode([NULL_PROMPT])

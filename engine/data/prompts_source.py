@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config.data import DataConfig
-from .null_condition import NULL_PROMPT, read_null_condition, write_null_condition
+from .null_condition import read_null_condition, write_null_condition
 from .prompt_encoder import PromptEncoder
 from .prompt_file import read_prompts
 from .seeding import unpack_key
@@ -73,6 +73,7 @@ def encode_prompt_folder(
     ``vae/`` (only its config.json is read). Raises ValueError / FileNotFoundError naming the
     bad input before anything is written."""
     from ..core.models import resolve_model_folder
+    from .gemma_text import is_gemma_pipeline
     from .text import is_sd3_pipeline
 
     prompts = read_prompts(prompts_file)
@@ -85,13 +86,19 @@ def encode_prompt_folder(
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     vae_dir = resolve_model_folder(os.fspath(vae_path), "vae", "--vae")
     vae_config = json.loads((Path(vae_dir) / "config.json").read_text())
-    if is_sd3_pipeline(text_encoder_path):
+    stages = vae_config.get("block_out_channels") or vae_config.get("encoder_block_out_channels")
+    if not stages or "latent_channels" not in vae_config:
+        raise ValueError(f"{vae_dir}/config.json names no latent_channels / block_out_channels")
+    if is_sd3_pipeline(text_encoder_path) or is_gemma_pipeline(text_encoder_path):
+        # The pipeline folder itself: its encode_prompt runs (SD3: three encoders; Sana: Gemma).
         encoder_dir = os.fspath(text_encoder_path)
     else:
         encoder_dir = resolve_model_folder(
             os.fspath(text_encoder_path), "text_encoder", "--text-encoder"
         )
-    if tokenizer_path is None and not is_sd3_pipeline(encoder_dir):
+    if tokenizer_path is None and not (
+        is_sd3_pipeline(encoder_dir) or is_gemma_pipeline(encoder_dir)
+    ):
         parent = Path(os.fspath(text_encoder_path)) / "tokenizer"
         tokenizer_path = parent if parent.is_dir() else encoder_dir
     out = Path(out_dir)
@@ -130,7 +137,7 @@ def encode_prompt_folder(
         name = f"prompts-{number:05d}.safetensors"
         write_atomic(out / name, save(tensors, metadata={"captions": json.dumps(chunk)}))
         shards.append({"file": name, "num_samples": len(chunk)})
-    null = encoder.encode([NULL_PROMPT])
+    null = encoder.encode_null()
     write_null_condition(
         out,
         null["encoder_hidden_states"],
@@ -154,7 +161,8 @@ def encode_prompt_folder(
         "text": text,
         "latent": {
             "channels": int(vae_config["latent_channels"]),
-            "downsample": 2 ** (len(vae_config["block_out_channels"]) - 1),
+            # AutoencoderKL: block_out_channels; Sana's AutoencoderDC: encoder_block_out_channels.
+            "downsample": 2 ** (len(stages) - 1),
         },
         "vae": {
             "path": os.path.abspath(vae_dir),

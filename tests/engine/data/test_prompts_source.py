@@ -233,3 +233,28 @@ def test_sd3_prompt_folder_and_validation_prompts_match_the_shards(
         rtol=2e-3,
     )
     assert validation.cond.encoder_attention_mask is None
+
+
+def test_sana_prompt_folder_matches_the_shards(
+    sana_folder: Path, shards_sana: Path, tmp_path: Path
+) -> None:
+    """Sana-structured: Gemma-2 behind the complex human instruction, the empty prompt as the
+    pipeline's negative prompt, the DC-AE's 32x downsampling: as precompute stores them."""
+    shards = LatentShardDataset(DataConfig(source="shards", shard_dir=str(shards_sana)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(shards.captions[:3]) + "\n")
+    assert _encode(sana_folder, prompts, tmp_path / "encoded") == 0
+    encoded = PromptDataset(
+        DataConfig(source="prompts", prompt_dir=str(tmp_path / "encoded"), resolution=128)
+    )
+    assert encoded.latent_shape == shards.latent_shape and encoded.text_shape == shards.text_shape
+    for i in range(3):
+        ours, theirs = encoded[i], shards[i]
+        mask = theirs["encoder_attention_mask"].bool()
+        assert torch.equal(ours["encoder_attention_mask"].bool(), mask)
+        assert torch.equal(
+            ours["encoder_hidden_states"][mask], theirs["encoder_hidden_states"][mask]
+        )
+    for key in ("encoder_hidden_states", "encoder_attention_mask"):
+        assert torch.equal(encoded.null_condition[key], shards.null_condition[key])
+    load_config("sana_1024_prompts").check_prompt_only()  # the preset passes its own check
