@@ -36,6 +36,7 @@ def _smoke(script: str, tmp_path: Path, timeout: int) -> dict:
         "bench_selective_checkpointing.py",
         "bench_memory_estimate.py",
         "bench_throughput.py",
+        "bench_sana_estimate.py",
     ],
 )
 def test_benchmark_smoke(script: str, tmp_path: Path) -> None:
