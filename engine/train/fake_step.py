@@ -302,7 +302,11 @@ def build_fake_step(config: TrainConfig, resolution_px: int | None) -> FakeStep:
                 teacher = NoisePairedTeacher(nn.Module(), config.objective, config.sampler)
             teacher.network = denoiser_from_config().requires_grad_(False).eval()
         if config.model.lora_rank:
-            network: nn.Module = add_lora(denoiser, config.model, k)
+            # peft moves each new adapter (and layer) to its base layer's device and dtype with
+            # Module.to, which cannot swap fake parameters; everything is on the CPU in the
+            # compute dtype already, so the moves are skipped while the adapters are built.
+            with mock.patch.object(nn.Module, "to", lambda module, *a, **k: module):
+                network: nn.Module = add_lora(denoiser, config.model, k)
         elif config.model.share_across_steps:
             network = denoiser
         else:
