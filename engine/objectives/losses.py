@@ -267,7 +267,12 @@ class E2ED2Loss(nn.Module):
             reward = load_reward_model(config.reward_path)
         object.__setattr__(self, "_reward", reward)
         loss_decoder = None
-        if config.loss_decoder_path is not None and decode is not None:
+        if config.loss_decoder_path is not None and decode is None:
+            raise ValueError(
+                "objective.loss_decoder_path is set but the run is in pixel space (no decoder "
+                "to replace); unset it"
+            )
+        if config.loss_decoder_path is not None:
             loss_decoder = load_loss_decoder(config.loss_decoder_path, reward_dtype)
             decode = loss_decoder.decode
             decoder = None

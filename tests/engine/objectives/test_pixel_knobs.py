@@ -90,6 +90,8 @@ def test_loss_decoder_decodes_for_the_loss_only(tmp_path, real_models) -> None:
     missing = ObjectiveConfig(l2_weight=1.0, loss_decoder_path=str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="objective.loss_decoder_path"):
         E2ED2Loss(missing, full.decode)
+    with pytest.raises(ValueError, match="objective.loss_decoder_path is set but the run is in"):
+        E2ED2Loss(config)  # pixel space
 
 
 def test_pixel_crop_is_seeded_shared_per_prompt_and_decodes_the_crop(real_models) -> None:
