@@ -32,6 +32,7 @@ how another number of ranks resumes in reshard.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -39,7 +40,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -61,6 +63,7 @@ __all__ = [
     "restore_rng_state",
     "use_weights_only_loading",
     "verify_checkpoint",
+    "weights_only_torch_load",
 ]
 
 log = logging.getLogger("e2ed2.checkpoint")
@@ -161,6 +164,30 @@ def _deepspeed_safe_globals() -> list[Any]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """While inside, every ``torch.load`` reads with ``weights_only=True`` (DeepSpeed's few
+    plain-data classes allowed), whatever its caller asks for.
+
+    For DeepSpeed's universal-checkpoint conversion and loading (reshard.py), which call
+    ``torch.load(..., weights_only=False)`` directly rather than through the engine's checkpoint
+    engine; used on the main thread, around those calls only.
+    """
+    allowed = _deepspeed_safe_globals()
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def use_weights_only_loading(engine: Any) -> bool:
@@ -427,8 +454,10 @@ class CheckpointStore:
         saved_ranks = trainer_state["world_size"]
         universal = universal_folder(self.root, path)
         source = universal if saved_ranks != self.world_size and universal.is_dir() else path
+        universal_load = weights_only_torch_load() if source == universal else nullcontext()
         try:
-            loaded, _ = engine.load_checkpoint(str(source), tag=path.name)
+            with universal_load:
+                loaded, _ = engine.load_checkpoint(str(source), tag=path.name)
             if loaded is None:
                 raise FileNotFoundError(
                     f"DeepSpeed found no model checkpoint in {source / path.name}"

@@ -46,19 +46,23 @@ def to_universal(checkpoint: Path, target: Path) -> None:
     ``target/stepN`` (rank 0, before the engines load). The checkpoint itself is only read."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+    from .checkpoint import weights_only_torch_load
+
     shutil.rmtree(target, ignore_errors=True)
-    ds_to_universal(
-        argparse.Namespace(
-            input_folder=str(checkpoint / checkpoint.name),
-            output_folder=str(target / checkpoint.name),
-            num_extract_workers=1,
-            num_merge_workers=1,
-            keep_temp_folder=False,
-            strict=True,
-            # e2ed2 writes no Megatron-style universal_checkpoint_info (no tensor parallelism).
-            inject_missing_state=True,
+    # DeepSpeed's converter reads the checkpoint with torch.load(weights_only=False).
+    with weights_only_torch_load():
+        ds_to_universal(
+            argparse.Namespace(
+                input_folder=str(checkpoint / checkpoint.name),
+                output_folder=str(target / checkpoint.name),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                # e2ed2 writes no Megatron-style universal_checkpoint_info (no tensor parallelism).
+                inject_missing_state=True,
+            )
         )
-    )
 
 
 def _ema_params(params: Sequence[torch.nn.Parameter], count: int) -> list[torch.nn.Parameter]:

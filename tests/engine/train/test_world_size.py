@@ -1,7 +1,8 @@
-"""Resuming on another number of ranks (ZeRO-2, the real ``deepspeed`` launcher on 2 CPU ranks):
-a checkpoint of 2 ranks x batch 2 resumes on 1 rank x batch 4 and one of 1 x 4 on 2 x 2, and
-both runs log exactly the losses of an uninterrupted run at that global batch (the optimizer
-state and the data position carried over)."""
+"""Resuming on another number of ranks (ZeRO-3 with every parameter partitioned, the real
+``deepspeed`` launcher on 2 CPU ranks): a checkpoint of 2 ranks x batch 2 resumes on 1 rank x
+batch 4 and one of 1 x 4 on 2 x 2; both runs log exactly the losses of an uninterrupted run at
+that global batch (the optimizer state and the data position carried over) and end with its EMA
+(the ZeRO-3 EMA partitions resharded)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +41,19 @@ def _losses(output_dir: Path) -> dict[int, float]:
 
 
 def test_a_checkpoint_resumes_on_another_number_of_ranks_at_the_same_global_batch(
-    tmp_path: Path, run_checked: Callable[..., str], deepspeed_command: Callable[..., list[str]]
+    tmp_path: Path,
+    run_checked: Callable[..., str],
+    deepspeed_command: Callable[..., list[str]],
+    zero3_partition_everything: str,
 ) -> None:
+    zero3 = f"run.deepspeed_config={zero3_partition_everything}"
+
     def one_rank(out: Path, *overrides: str) -> str:
-        args = [f"run.output_dir={out}", *TINY, "run.batch_per_rank=4", *overrides]
+        args = [f"run.output_dir={out}", *TINY, zero3, "run.batch_per_rank=4", *overrides]
         return run_checked([str(BIN / "e2ed2"), "train", *args])
 
     def two_ranks(out: Path, *overrides: str) -> str:
-        args = [f"run.output_dir={out}", *TINY, "run.batch_per_rank=2", *overrides]
+        args = [f"run.output_dir={out}", *TINY, zero3, "run.batch_per_rank=2", *overrides]
         return run_checked(deepspeed_command("--module", "e2ed2.engine.cli.train", *args))
 
     straight = tmp_path / "straight"
@@ -69,6 +77,14 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks_at_the_same_global_batc
             assert got[step] == pytest.approx(loss, rel=1e-5), (step, got, reference)
     # The losses move (not a comparison of constants).
     assert len({round(v, 6) for v in reference.values()}) == 4
+    # The EMA (decay 0.95: it lags the weights) of step 4, as each checkpoint's export holds it.
+    ema = "checkpoints/step00000004/export/transformer/diffusion_pytorch_model.safetensors"
+    want = load_file(straight / ema)
+    for run in (down, up):
+        got = load_file(run / ema)
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-6)
 
 
 def test_another_global_batch_on_another_number_of_ranks_is_refused(tmp_path: Path) -> None:
