@@ -87,6 +87,14 @@ def _main(argv: Sequence[str]) -> int:
         help="image column (imagefolder default: file_name; dataset default: image) or tar "
         "member extension (default: the first image member)",
     )
+    parser.add_argument(
+        "--num-processes",
+        type=int_at_least(1),
+        default=1,
+        help="worker processes on this machine, each encoding its own chunks of --shard-size "
+        "inputs (with --device cuda: one GPU each); under torchrun / deepspeed each rank is one "
+        "instead. A rerun of an interrupted run resumes it",
+    )
     parser.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float16", help="storage")
     parser.add_argument("--compute-dtype", choices=list(STORAGE_DTYPES), default="float32")
@@ -94,11 +102,16 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ..data.precompute_parallel import ChunkFailed, launcher_rank
     from ..train.run_lock import FolderInUseError, lock_folder
 
+    launcher = launcher_rank()
     try:
-        # One writer per shard folder, held until this process ends (train/run_lock.py).
-        lock = lock_folder(args.out_dir, "OUT_DIR", parser.prog)
+        # One run per shard folder, held until this process ends (train/run_lock.py); under a
+        # launcher rank 0 holds it for all ranks (they share the folder by chunks).
+        lock = (
+            None if launcher and launcher[0] else lock_folder(args.out_dir, "OUT_DIR", parser.prog)
+        )
     except (FolderInUseError, NotADirectoryError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
@@ -122,12 +135,17 @@ def _main(argv: Sequence[str]) -> int:
             source=args.source,
             caption_column=args.caption_column,
             image_column=args.image_column,
+            num_processes=args.num_processes,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
+    except ChunkFailed as error:  # a worker died: what is finished is kept for a rerun
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     print(
         f"wrote {index['num_samples']} samples in {len(index['shards'])} shards to "
         f"{args.out_dir} ({len(index['buckets'])} of {args.buckets!r} buckets used, "

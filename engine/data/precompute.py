@@ -43,18 +43,16 @@ data/readers/ and data/images.py.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
-import posixpath
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from . import precompute_parallel as parallel
 from .buckets import BUCKET_TABLES, bucket_table
 from .gemma_text import (
     encode_gemma_null,
@@ -64,6 +62,7 @@ from .gemma_text import (
 )
 from .images import IMAGE_EXTENSIONS, UnreadableImage, load_image, load_image_and_size
 from .null_condition import NULL_PROMPT, encode_null_condition, write_null_condition
+from .precompute_parallel import launcher_rank
 from .readers import SOURCES, Skipped, open_reader
 from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_atomic
 from .text import (
@@ -116,6 +115,7 @@ def precompute(
     source: str = "auto",
     caption_column: str | None = None,
     image_column: str | None = None,
+    num_processes: int = 1,
 ) -> dict[str, Any]:
     """Encodes every usable image of ``image_dir`` into shards in ``out_dir``; returns the index.
 
@@ -134,7 +134,12 @@ def precompute(
     ``source``: the reader of ``image_dir`` (data/readers/: "captions", "imagefolder", "hf",
     "webdataset", or "auto" to pick by what the folder holds); ``caption_column`` /
     ``image_column``: the metadata / dataset columns or tar members of image and caption
-    (defaults per reader).
+    (defaults per reader). ``num_processes``: worker processes spawned on this machine (each
+    its own models; under a ``torchrun`` / ``deepspeed`` launcher every rank is one worker
+    instead, and all ranks return the index rank 0 merged). The inputs are encoded in chunks
+    of ``shard_size`` records (data/precompute_parallel.py): a rerun after an interruption
+    with the same arguments keeps the finished chunks, and the folder is the same byte for
+    byte for any number of processes and any interruption.
     """
     for key, value in (
         ("resolution", resolution),
@@ -187,204 +192,403 @@ def precompute(
     reader = open_reader(
         source, image_root, caption_column=caption_column, image_column=image_column
     )
-    records = iter(reader)
-    first = next(records, None)
-    records = itertools.chain([] if first is None else [first], records)
-
-    out = Path(out_dir)
-    _prepare_out_dir(out, overwrite)
-
-    skipped: list[dict[str, str]] = []
-
-    def skip(path: str, reason: str) -> None:
-        logger.warning("skipping %s: %s", path, reason)
-        skipped.append({"path": path, "reason": reason})
-
-    device = torch.device(device)
-    vae, encoder, tokenizer = _load_models(
-        vae_dir, encoder_dir, tokenizer_dir, device, compute_dtype, sd3=sd3, gemma=gemma
-    )
-
-    def encode_captions(captions: list[str]) -> dict[str, torch.Tensor]:
-        """The stored text tensors of ``captions``: T5 states + mask, or SD3's states + pooled."""
-        if sd3:
-            states, pooled = encode_sd3_text(encoder, captions, caption_max_tokens, device=device)
-            return {"encoder_hidden_states": states, "pooled_projections": pooled}
-        if gemma:
-            states, mask = encode_gemma_text(encoder, captions, caption_max_tokens, device=device)
-            return {"encoder_hidden_states": states, "encoder_attention_mask": mask.bool()}
-        states, mask = encode_text(tokenizer, encoder, captions, caption_max_tokens, device=device)
-        return {"encoder_hidden_states": states, "encoder_attention_mask": mask.bool()}
-
-    factor = _downsampling(vae.config)
+    next(iter(reader), None)
+    factor = _downsampling(_read_config(vae_dir))
     if resolution % factor:
         raise ValueError(
             f"resolution={resolution} must be a multiple of the VAE's downsampling factor {factor}"
         )
-
-    table = (
-        None if buckets == "none" else bucket_table(buckets, resolution, factor * BUCKET_PATCH_SIZE)
-    )
-    # Masked text (T5) is stored trimmed to each caption's tokens; SD3 attends to its padding.
-    writer = ShardWriter(out, shard_size, dtype, pack_text=not sd3)
-    # Per bucket (crop (height, width) in pixels): images waiting for the encoders, as
-    # (name, caption, pixels, original (h, w)); a VAE call takes one shape.
-    waiting: dict[tuple[int, int], list[tuple[str, str, torch.Tensor, tuple[int, int]]]] = {}
-    bucket_ids: dict[tuple[int, int], int] = {}  # numbered as their first rows are stored
-
-    def flush(crop: tuple[int, int]) -> None:
-        pending = waiting.get(crop)
-        if not pending:
-            return
-        pixels = torch.stack([p for _, _, p, _ in pending]).to(device, compute_dtype)
-        captions = [c for _, c, _, _ in pending]
-        with torch.no_grad():
-            latent_mean, latent_std = _latent_moments(vae.encode(pixels))
-            text = encode_captions(captions)
-        encoded = {
-            "latent_mean": latent_mean,
-            "latent_std": latent_std,
-            **text,
-            "original_size": torch.tensor([size for *_, size in pending], dtype=torch.int32),
-            "crop_size": torch.tensor([list(pixels.shape[-2:])] * len(pending), dtype=torch.int32),
-        }
-        # Checked as stored: a value finite in compute_dtype can overflow the storage dtype.
-        finite = torch.ones(len(pending), dtype=torch.bool)
-        for name in ("latent_mean", "latent_std", *text.keys() - {"encoder_attention_mask"}):
-            stored = encoded[name].detach().to("cpu", dtype)
-            finite &= torch.isfinite(stored.flatten(1)).all(dim=1)
-        for ok, (name, *_) in zip(finite.tolist(), pending, strict=True):
-            if not ok:
-                skip(name, f"non-finite latent or text embedding (NaN/Inf) when stored as {dtype}")
-        keep = finite.nonzero().flatten()
-        if keep.numel():
-            writer.add(
-                {k: v[keep.to(v.device)] for k, v in encoded.items()},
-                [captions[i] for i in keep.tolist()],
-                [pending[i][0] for i in keep.tolist()],
-                bucket=bucket_ids.setdefault(crop, len(bucket_ids)),
-            )
-        pending.clear()
-
-    found = 0  # images met, usable or not (metadata lines are no images)
-    # images/s and, where the reader knows its length, the ETA
-    bar = tqdm(total=reader.total, desc="precompute", unit="img", disable=not progress)
-    for record in records:
-        if isinstance(record, Skipped):
-            found += record.sample
-            bar.update(int(record.sample))
-            skip(record.name, record.reason)
-            continue
-        found += 1
-        bar.update()
-        try:
-            pixels, size = load_image_and_size(record.image, resolution, table)
-        except UnreadableImage as error:  # truncated, corrupt, a bomb, no display range
-            skip(record.name, str(error))
-            continue
-        crop = (pixels.shape[-2], pixels.shape[-1])
-        waiting.setdefault(crop, []).append((record.name, record.caption, pixels, size))
-        if len(waiting[crop]) == batch_size:
-            flush(crop)
-    for crop in list(waiting):
-        flush(crop)
-    bar.close()
-    writer.close()
-    if writer.num_samples == 0:
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be an integer >= 1, got {num_processes!r}")
+    launcher = launcher_rank()
+    if launcher is not None and num_processes > 1:
         raise ValueError(
-            f"no usable images in {os.fspath(image_dir)!r} ({found} found, "
-            f"{len(skipped)} skipped; see the warnings)"
+            f"num_processes={num_processes} under a launcher (WORLD_SIZE={launcher[1]}): each "
+            "rank is one process already; pass no --num-processes"
         )
+    rank, workers = launcher if launcher is not None else (0, num_processes)
 
-    counts = writer.bucket_counts()
+    out = Path(out_dir)
+    # Everything that decides the folder's bytes; a rerun resumes only with the same (not
+    # the device: a resume may move to another).
+    plan: dict[str, Any] = {
+        "image_dir": os.path.abspath(image_dir),
+        "source": reader.kind,
+        "caption_column": caption_column,
+        "image_column": image_column,
+        "vae_dir": os.path.abspath(vae_dir),
+        "encoder_dir": os.path.abspath(encoder_dir),
+        "tokenizer_dir": os.path.abspath(tokenizer_dir),
+        "sd3": sd3,
+        "gemma": gemma,
+        "resolution": resolution,
+        "buckets": buckets,
+        "caption_max_tokens": caption_max_tokens,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "dtype": _dtype_name(dtype),
+        "compute_dtype": _dtype_name(compute_dtype),
+    }
+    job = {**plan, "out": os.fspath(out), "device": str(device), "factor": factor}
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        done = parallel.prepare(out, plan, overwrite)
+        if done:
+            logger.info("resuming %s: %d chunks finished before are kept", out, done)
+    if launcher is not None:
+        parallel.wait_for_barrier()
+    if rank != 0:
+        _encode_worker(job, rank, workers)
+        return parallel.wait_for_index(out)
+
+    # images/s and, where the reader knows its length, the ETA (workers report, this polls)
+    bar = tqdm(total=reader.total, desc="precompute", unit="img", disable=not progress)
+    try:
+        states = parallel.run_workers(
+            out,
+            workers,
+            _encode_worker,
+            (job,),
+            bar,
+            in_process=launcher is not None or workers == 1,
+            own_rank=rank,
+        )
+    finally:
+        bar.close()
+    index = _merge(out, job, states, reader)
+    if index["num_samples"] == 0:
+        # Finished, with nothing to keep: the folder goes back to holding no run.
+        parallel.clean_up(out, set())
+        (out / "null_condition.safetensors").unlink(missing_ok=True)
+        raise ValueError(
+            f"no usable images in {os.fspath(image_dir)!r} ({index['source']['images_found']} "
+            f"found, {len(index['skipped'])} skipped; see the warnings)"
+        )
+    write_atomic(out / "index.json", json.dumps(index, indent=2).encode())
+    parallel.clean_up(out, {shard["file"] for shard in index["shards"]})
+    return index
+
+
+def _merge(
+    out: Path, job: dict[str, Any], states: list[dict[str, Any]], reader: Any
+) -> dict[str, Any]:
+    """index.json from every chunk's manifest, in chunk order: buckets numbered as their first
+    rows appear (as one process would), shards and skipped inputs listed in that order."""
+    records = int(states[0]["records"])
+    manifests = parallel.finished_manifests(out, records, int(job["shard_size"]))
+    bucket_ids: dict[tuple[int, int], int] = {}
+    bucket_shapes: dict[int, dict[str, list[int]]] = {}
+    counts: dict[int, int] = {}
+    shards: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    found = 0
+    for manifest in manifests:
+        found += int(manifest["images_found"])
+        skipped.extend(manifest["skipped"])
+        local = []
+        for bucket in manifest["buckets"]:
+            crop = (int(bucket["height"]), int(bucket["width"]))
+            number = bucket_ids.setdefault(crop, len(bucket_ids))
+            bucket_shapes.setdefault(number, bucket["shapes"])
+            local.append(number)
+        for shard in manifest["shards"]:
+            number = local[shard["bucket"]]
+            counts[number] = counts.get(number, 0) + int(shard["num_samples"])
+            shards.append({**shard, "bucket": number})
+    dtype = job["dtype"]
     bucket_list = [
         {
             "height": crop[0],
             "width": crop[1],
-            "latent_shape": list(writer.shapes[number]["latent_mean"]),
-            "num_samples": counts[number],
+            "latent_shape": list(bucket_shapes[number]["latent_mean"]),
+            "num_samples": counts.get(number, 0),
         }
-        for crop, number in bucket_ids.items()  # ids in order, each given with its first rows
+        for crop, number in bucket_ids.items()
     ]
-    latent = {"kind": "distribution", "dtype": _dtype_name(dtype)}
+    latent: dict[str, Any] = {"kind": "distribution", "dtype": dtype}
     if len(bucket_list) == 1:  # one latent shape: readable where buckets are not known
         latent["shape"] = bucket_list[0]["latent_shape"]
-    shapes = next(iter(writer.shapes.values()))
-    # Classifier-free guidance's unconditional half: "" as the pipeline encodes it (once).
-    if sd3:  # SD3's negative prompt "" through the same encode_prompt: states and pooled
-        null = encode_captions([NULL_PROMPT])
-        write_null_condition(
-            out, null["encoder_hidden_states"], None, dtype, pooled=null["pooled_projections"]
-        )
-    elif gemma:  # SanaPipeline's negative prompt "": no instruction, caption_max_tokens long
-        null_states, null_mask = encode_gemma_null(encoder, caption_max_tokens, device=device)
-        write_null_condition(out, null_states, null_mask, dtype)
-    else:
-        null_states, null_mask = encode_null_condition(
-            tokenizer, encoder, caption_max_tokens, device
-        )
-        write_null_condition(out, null_states, null_mask, dtype)
+    shapes = bucket_shapes.get(0, {})
     text_index: dict[str, Any] = {
-        "shape": list(shapes["encoder_hidden_states"]),
-        "dtype": _dtype_name(dtype),
-        "max_tokens": caption_max_tokens,
+        "shape": list(shapes.get("encoder_hidden_states", [])),
+        "dtype": dtype,
+        "max_tokens": job["caption_max_tokens"],
     }
-    if sd3:
-        text_index.update(pooled_dim=shapes["pooled_projections"][0], attention_mask=False)
+    if job["sd3"]:
+        text_index.update(pooled_dim=shapes.get("pooled_projections", [0])[0], attention_mask=False)
     else:
         text_index["packed"] = True
-    index = {
+    models = json.loads((parallel.state_dir(out) / "models.json").read_text())
+    # No time stamp: a resumed folder must equal an uninterrupted one byte for byte.
+    return {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
-        "num_samples": writer.num_samples,
-        "shards": writer.shards,
+        "num_samples": sum(counts.values()),
+        "shards": shards,
         "latent": latent,
-        "bucket_table": buckets,
+        "bucket_table": job["buckets"],
         "buckets": bucket_list,
         "text": text_index,
-        "resolution": resolution,
-        "vae": {
-            "class": type(vae).__name__,
-            "path": os.path.abspath(vae_dir),
-            "scaling_factor": vae.config.scaling_factor,
-            "shift_factor": getattr(vae.config, "shift_factor", None),
-        },
+        "resolution": job["resolution"],
+        "vae": models["vae"],
         "text_encoder": {
-            "class": type(encoder).__name__,
-            "path": os.path.abspath(encoder_dir),
-            "tokenizer": os.path.abspath(tokenizer_dir),
+            "class": models["text_encoder_class"],
+            "path": job["encoder_dir"],
+            "tokenizer": job["tokenizer_dir"],
         },
         "source": {
-            "image_dir": os.path.abspath(image_dir),
+            "image_dir": job["image_dir"],
             "reader": reader.kind,
             "images_found": found,
             **reader.describe(),
         },
-        "compute_dtype": _dtype_name(compute_dtype),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "compute_dtype": job["compute_dtype"],
         "skipped": skipped,
     }
-    write_atomic(out / "index.json", json.dumps(index, indent=2).encode())
-    return index
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    index_path = out / "index.json"
-    if index_path.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{os.fspath(out)!r} already holds shards (index.json); pass overwrite=True "
-                "(--overwrite) to replace them"
+def _encode_worker(job: dict[str, Any], worker: int, workers: int) -> None:
+    """Worker ``worker`` of ``workers``: encodes chunks ``c`` with ``c % workers == worker`` that
+    have no manifest yet; worker 0 also writes the null condition and the models' description.
+    Models load only when a chunk needs them (a resumed worker may need none)."""
+    device = _worker_device(job["device"], worker, workers)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # CPU kernels' results depend on their thread count (the tiny test VAE's latents: up
+        # to 2.4e-4 apart between 1 and 2 threads), so every worker computes with one thread,
+        # whatever the number of workers: the bytes stay the same for any N; more cores are
+        # used through more processes.
+        torch.set_num_threads(1)
+    try:
+        _encode_chunks(job, device, worker, workers)
+    finally:
+        torch.set_num_threads(threads)  # an in-process worker: the caller's setting back
+
+
+def _encode_chunks(job: dict[str, Any], device: torch.device, worker: int, workers: int) -> None:
+    out = Path(job["out"])
+    reader = open_reader(
+        job["source"],
+        job["image_dir"],
+        caption_column=job["caption_column"],
+        image_column=job["image_column"],
+    )
+    progress = parallel.ProgressFile(out, worker)
+    encoder: _ChunkEncoder | None = None
+    records = 0
+    for chunk, chunk_records in parallel.chunks(reader, int(job["shard_size"])):
+        records += len(chunk_records)
+        if chunk % workers != worker:
+            continue
+        manifest = parallel.read_manifest(out, chunk)
+        if manifest is None:
+            encoder = encoder or _ChunkEncoder(job, device)
+            manifest = encoder.encode(chunk, chunk_records, progress)
+            parallel.maybe_fail(chunk)  # test hook: shards written, manifest not yet
+            parallel.publish_manifest(out, chunk, manifest)
+            progress.chunks_encoded.append(chunk)
+            logger.info(
+                "chunk %d encoded: %d samples in %d files",
+                chunk,
+                sum(shard["num_samples"] for shard in manifest["shards"]),
+                len(manifest["shards"]),
             )
-        try:
-            old = json.loads(index_path.read_text())
-            old_files = [s["file"] for s in old.get("shards", [])]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            old_files = []
-        index_path.unlink()  # first, so the folder never looks complete with mixed shards
-        for name in old_files:
-            (out / posixpath.basename(name)).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+        else:
+            progress.add(int(manifest["images_found"]))
+    if worker == 0:
+        encoder = encoder or _ChunkEncoder(job, device)
+        encoder.write_null_condition()
+        write_atomic(
+            parallel.state_dir(out) / "models.json", json.dumps(encoder.describe()).encode()
+        )
+    progress.finish(records)
+
+
+def _worker_device(device: str, worker: int, workers: int) -> torch.device:
+    """``cuda`` without an index gives each of several workers its own GPU (by local rank)."""
+    resolved = torch.device(device)
+    if resolved.type != "cuda" or resolved.index is not None or workers == 1:
+        return resolved
+    local = int(os.environ.get("LOCAL_RANK", worker))
+    return torch.device("cuda", local % max(torch.cuda.device_count(), 1))
+
+
+class _ChunkEncoder:
+    """A worker's models and the encoding of one chunk into its shard files."""
+
+    def __init__(self, job: dict[str, Any], device: torch.device) -> None:
+        self.job, self.device = job, device
+        self.out = Path(job["out"])
+        self.dtype = STORAGE_DTYPES[job["dtype"]]
+        self.sd3, self.gemma = bool(job["sd3"]), bool(job["gemma"])
+        self.vae, self.encoder, self.tokenizer = _load_models(
+            job["vae_dir"],
+            job["encoder_dir"],
+            job["tokenizer_dir"],
+            device,
+            STORAGE_DTYPES[job["compute_dtype"]],
+            sd3=self.sd3,
+            gemma=self.gemma,
+        )
+        self.table = (
+            None
+            if job["buckets"] == "none"
+            else bucket_table(job["buckets"], job["resolution"], job["factor"] * BUCKET_PATCH_SIZE)
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "vae": {
+                "class": type(self.vae).__name__,
+                "path": self.job["vae_dir"],
+                "scaling_factor": self.vae.config.scaling_factor,
+                "shift_factor": getattr(self.vae.config, "shift_factor", None),
+            },
+            "text_encoder_class": type(self.encoder).__name__,
+        }
+
+    def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The stored text tensors of ``captions``: T5 states + mask, or SD3's states + pooled."""
+        max_tokens, device = int(self.job["caption_max_tokens"]), self.device
+        if self.sd3:
+            states, pooled = encode_sd3_text(self.encoder, captions, max_tokens, device=device)
+            return {"encoder_hidden_states": states, "pooled_projections": pooled}
+        if self.gemma:
+            states, mask = encode_gemma_text(self.encoder, captions, max_tokens, device=device)
+            return {"encoder_hidden_states": states, "encoder_attention_mask": mask.bool()}
+        states, mask = encode_text(
+            self.tokenizer, self.encoder, captions, max_tokens, device=device
+        )
+        return {"encoder_hidden_states": states, "encoder_attention_mask": mask.bool()}
+
+    def write_null_condition(self) -> None:
+        """Classifier-free guidance's unconditional half: "" as the pipeline encodes it."""
+        max_tokens = int(self.job["caption_max_tokens"])
+        if self.sd3:  # SD3's negative prompt "" through the same encode_prompt: states, pooled
+            null = self.encode_captions([NULL_PROMPT])
+            write_null_condition(
+                self.out,
+                null["encoder_hidden_states"],
+                None,
+                self.dtype,
+                pooled=null["pooled_projections"],
+            )
+        elif self.gemma:  # SanaPipeline's negative prompt "": no instruction, max_tokens long
+            states, mask = encode_gemma_null(self.encoder, max_tokens, device=self.device)
+            write_null_condition(self.out, states, mask, self.dtype)
+        else:
+            states, mask = encode_null_condition(
+                self.tokenizer, self.encoder, max_tokens, self.device
+            )
+            write_null_condition(self.out, states, mask, self.dtype)
+
+    def encode(
+        self, chunk: int, records: list[Any], progress: parallel.ProgressFile
+    ) -> dict[str, Any]:
+        """Encodes one chunk's records into its shard files; returns its manifest."""
+        dtype, device = self.dtype, self.device
+        compute_dtype = STORAGE_DTYPES[self.job["compute_dtype"]]
+        batch_size = int(self.job["batch_size"])
+        skipped: list[dict[str, str]] = []
+
+        def skip(path: str, reason: str) -> None:
+            logger.warning("skipping %s: %s", path, reason)
+            skipped.append({"path": path, "reason": reason})
+
+        # Masked text (T5) is stored trimmed to each caption's tokens; SD3 attends to its padding.
+        writer = ShardWriter(
+            self.out,
+            int(self.job["shard_size"]),
+            dtype,
+            pack_text=not self.sd3,
+            file_name=lambda part: parallel.chunk_file_name(chunk, part),
+        )
+        # Per bucket (crop (height, width) in pixels): images waiting for the encoders, as
+        # (name, caption, pixels, original (h, w)); a VAE call takes one shape.
+        waiting: dict[tuple[int, int], list[tuple[str, str, torch.Tensor, tuple[int, int]]]] = {}
+        bucket_ids: dict[tuple[int, int], int] = {}  # numbered as their first rows are stored
+
+        def flush(crop: tuple[int, int]) -> None:
+            pending = waiting.get(crop)
+            if not pending:
+                return
+            pixels = torch.stack([p for _, _, p, _ in pending]).to(device, compute_dtype)
+            captions = [c for _, c, _, _ in pending]
+            with torch.no_grad():
+                latent_mean, latent_std = _latent_moments(self.vae.encode(pixels))
+                text = self.encode_captions(captions)
+            encoded = {
+                "latent_mean": latent_mean,
+                "latent_std": latent_std,
+                **text,
+                "original_size": torch.tensor([size for *_, size in pending], dtype=torch.int32),
+                "crop_size": torch.tensor(
+                    [list(pixels.shape[-2:])] * len(pending), dtype=torch.int32
+                ),
+            }
+            # Checked as stored: a value finite in compute_dtype can overflow the storage dtype.
+            finite = torch.ones(len(pending), dtype=torch.bool)
+            for name in ("latent_mean", "latent_std", *text.keys() - {"encoder_attention_mask"}):
+                stored = encoded[name].detach().to("cpu", dtype)
+                finite &= torch.isfinite(stored.flatten(1)).all(dim=1)
+            for ok, (name, *_) in zip(finite.tolist(), pending, strict=True):
+                if not ok:
+                    skip(
+                        name,
+                        f"non-finite latent or text embedding (NaN/Inf) when stored as {dtype}",
+                    )
+            keep = finite.nonzero().flatten()
+            if keep.numel():
+                writer.add(
+                    {k: v[keep.to(v.device)] for k, v in encoded.items()},
+                    [captions[i] for i in keep.tolist()],
+                    [pending[i][0] for i in keep.tolist()],
+                    bucket=bucket_ids.setdefault(crop, len(bucket_ids)),
+                )
+            pending.clear()
+
+        found = 0  # images met, usable or not (metadata lines are no images)
+        for record in records:
+            if isinstance(record, Skipped):
+                found += record.sample
+                progress.add(int(record.sample))
+                skip(record.name, record.reason)
+                continue
+            found += 1
+            progress.add(1)
+            try:
+                pixels, size = load_image_and_size(record.image, self.job["resolution"], self.table)
+            except UnreadableImage as error:  # truncated, corrupt, a bomb, no display range
+                skip(record.name, str(error))
+                continue
+            crop = (pixels.shape[-2], pixels.shape[-1])
+            waiting.setdefault(crop, []).append((record.name, record.caption, pixels, size))
+            if len(waiting[crop]) == batch_size:
+                flush(crop)
+        for crop in list(waiting):
+            flush(crop)
+        writer.close()
+        buckets = [
+            {
+                "height": crop[0],
+                "width": crop[1],
+                "shapes": {k: list(v) for k, v in writer.shapes[number].items()},
+            }
+            for crop, number in bucket_ids.items()
+        ]
+        return {
+            "chunk": chunk,
+            "records": len(records),
+            "images_found": found,
+            "shards": writer.shards,
+            "buckets": buckets,
+            "skipped": skipped,
+        }
+
+
+def _read_config(model_dir: str) -> dict[str, Any]:
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _model_folder(path: str | os.PathLike | None, subfolder: str, key: str, expected: str) -> str:

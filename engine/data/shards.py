@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -626,9 +627,18 @@ class ShardWriter:
     """
 
     def __init__(
-        self, out: Path, shard_size: int, dtype: torch.dtype, *, pack_text: bool = False
+        self,
+        out: Path,
+        shard_size: int,
+        dtype: torch.dtype,
+        *,
+        pack_text: bool = False,
+        file_name: Callable[[int], str] | None = None,
     ) -> None:
         self.out, self.shard_size, self.dtype = out, shard_size, dtype
+        #: The n-th written file's name (default ``shard-<n>.safetensors``; precompute names
+        #: its files by chunk, data/precompute_parallel.py).
+        self.file_name = file_name or (lambda number: f"shard-{number:05d}.safetensors")
         #: Store each row's text states trimmed to its mask's tokens (``text.packed``).
         self.pack_text = pack_text
         self.buffers: dict[int, _BucketBuffer] = {}
@@ -685,8 +695,8 @@ class ShardWriter:
         }
         if self.pack_text:
             tensors = _pack_text(tensors)
-        name = f"shard-{len(self.shards):05d}.safetensors"
-        write_atomic(self.out / name, save(tensors, metadata=metadata))
+        name = self.file_name(len(self.shards))
+        write_atomic(self.out / name, _sorted_metadata(save(tensors, metadata=metadata)))
         self.shards.append({"file": name, "num_samples": count, "bucket": bucket})
         self.num_samples += count
         buffer.tensors = rest
@@ -718,6 +728,26 @@ class _BucketBuffer:
         self.tensors: dict[str, list[torch.Tensor]] = {}
         self.captions: list[str] = []
         self.files: list[str] = []
+
+
+def _sorted_metadata(payload: bytes) -> bytes:
+    """A safetensors file's bytes with its header's ``__metadata__`` keys in sorted order.
+
+    safetensors keeps the metadata in a Rust hash map, whose order changes from process to
+    process: the same tensors and captions would give files of different bytes, and a folder
+    written by several processes (or resumed) would not hash equal to one written at once. The
+    header is JSON (8-byte little-endian length, then the header, padded with spaces); the
+    same keys in sorted order have the same length, so the tensor data does not move."""
+    length = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + length])
+    metadata = header.get("__metadata__")
+    if not metadata:
+        return payload
+    header["__metadata__"] = dict(sorted(metadata.items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > length:  # another JSON spelling than safetensors': leave the file as it is
+        return payload
+    return payload[:8] + text.ljust(length, b" ") + payload[8 + length :]
 
 
 def write_atomic(path: Path, payload: bytes) -> None:

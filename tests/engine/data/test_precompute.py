@@ -77,10 +77,11 @@ def test_precompute_end_to_end(workspace, caplog) -> None:
         shard_size=3,
         progress=False,
     )
-    # Four usable images in sorted order, in shards of 3 + 1.
+    # Four usable images in sorted order. Shards hold chunks of shard_size = 3 records (the
+    # reader's 7: 4 usable images, 2 unusable, 1 bad metadata line), one file per chunk.
     expected_files = ["a.png", "c.webp", "d.png", "sub/b.jpg"]
     assert index["num_samples"] == 4
-    assert [s["num_samples"] for s in index["shards"]] == [3, 1]
+    assert [s["num_samples"] for s in index["shards"]] == [1, 2, 1]
     skipped = {entry["path"]: entry["reason"] for entry in index["skipped"]}
     assert set(skipped) == {"broken.png", "nocaption.png", "captions.jsonl:3"}
     assert "unreadable image" in skipped["broken.png"]
@@ -97,6 +98,7 @@ def test_precompute_end_to_end(workspace, caplog) -> None:
         "null_condition.safetensors",  # the empty prompt, for classifier-free guidance
         "shard-00000.safetensors",
         "shard-00001.safetensors",
+        "shard-00002.safetensors",
     ]
 
     dataset = LatentShardDataset(DataConfig(source="shards", shard_dir=str(out)))
@@ -118,7 +120,7 @@ def test_precompute_end_to_end(workspace, caplog) -> None:
     states, _ = encode_text(ByT5Tokenizer(), encoder, [captions["sub/b.jpg"]], MAX_TOKENS)
     from safetensors.torch import load_file
 
-    shard = load_file(str(out / "shard-00001.safetensors"))
+    shard = load_file(str(out / "shard-00002.safetensors"))
     torch.testing.assert_close(
         shard["latent_mean"][0].float(), posterior.mean[0], atol=2e-3, rtol=2e-3
     )
@@ -155,7 +157,8 @@ def test_pipeline_layout_overwrite_and_cli(tmp_path: Path, capsys, save_tiny_mod
         "--no-progress",
     ]
     assert main(argv) == 0
-    assert "wrote 4 samples in 2 shards" in capsys.readouterr().out
+    # One shard per chunk of 2 records (7 records, each chunk with a usable image).
+    assert "wrote 4 samples in 4 shards" in capsys.readouterr().out
     index = json.loads((out / "index.json").read_text())
     assert index["latent"]["shape"] == [4, 4, 4]
     assert index["text_encoder"]["tokenizer"].endswith("tokenizer")
@@ -169,6 +172,11 @@ def test_pipeline_layout_overwrite_and_cli(tmp_path: Path, capsys, save_tiny_mod
         "index.json",
         "null_condition.safetensors",
         "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    assert [s["num_samples"] for s in json.loads((out / "index.json").read_text())["shards"]] == [
+        2,
+        2,
     ]
 
 
