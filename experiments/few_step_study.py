@@ -13,7 +13,7 @@ base as the 16-step DDIM sampler; ``table`` writes ``results/few_step/results.md
     python experiments/few_step_study.py teacher
     python experiments/few_step_study.py table
 
-Everything lands in ``experiments/results/few_step/`` (committed: ``runs/*.json`` with the
+Everything lands in ``experiments/results/few_step/`` (committed: ``records/*.json`` with the
 per-seed scores and CPU seconds, ``results.md``); the training folders in ``experiments/runs/``
 (git-ignored).
 """
@@ -109,8 +109,8 @@ def _evaluate(export: Path, out: Path, log: Path, extra: list[str] | None = None
 
 def run(name: str, seed: int) -> None:
     folder = WORK / f"{name}_s{seed}"
-    OUT.joinpath("runs").mkdir(parents=True, exist_ok=True)
-    record_path = OUT / "runs" / f"{name}_s{seed}.json"
+    OUT.joinpath("records").mkdir(parents=True, exist_ok=True)
+    record_path = OUT / "records" / f"{name}_s{seed}.json"
     if name in ENGINE_RUNS:
         command = [
             sys.executable,
@@ -177,7 +177,9 @@ def run(name: str, seed: int) -> None:
         sub["accuracy"] = {
             k: [s["accuracy"] for s in v["per_seed"]] for k, v in scores["num_steps"].items()
         }
-        (OUT / "runs" / f"{name}@{step}_s{seed}.json").write_text(json.dumps(sub, indent=2) + "\n")
+        (OUT / "records" / f"{name}@{step}_s{seed}.json").write_text(
+            json.dumps(sub, indent=2) + "\n"
+        )
         print(json.dumps({k: sub[k] for k in ("name", "seed", "train_cpu_s", "fd")}))
 
 
@@ -221,8 +223,8 @@ def teacher() -> None:
         for k, v in result["num_steps"].items()
     }
     record["noise_floor"] = scores["ddim"].get("noise_floor")
-    OUT.joinpath("runs").mkdir(parents=True, exist_ok=True)
-    (OUT / "runs" / "base.json").write_text(json.dumps(record, indent=2) + "\n")
+    OUT.joinpath("records").mkdir(parents=True, exist_ok=True)
+    (OUT / "records" / "base.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["fd"]))
 
 
@@ -315,7 +317,7 @@ def _fmt(values: list[float]) -> str:
 def table() -> None:
     """``results.md``: every method at K = 1, 2, 4, mean ± std over fine-tune x sampling seeds,
     and each run's train CPU and wall seconds."""
-    records = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))}
+    records = {p.stem: json.loads(p.read_text()) for p in sorted((OUT / "records").glob("*.json"))}
     lines = [
         "| method | fine-tune seeds | FD K=1 | FD K=2 | FD K=4 | train CPU s per run | wall s |",
         "|---|---|---|---|---|---|---|",
