@@ -95,6 +95,8 @@ def _main(argv: Sequence[str]) -> int:
         "inputs (with --device cuda: one GPU each); under torchrun / deepspeed each rank is one "
         "instead. A rerun of an interrupted run resumes it",
     )
+    # The deepspeed launcher passes --local_rank to every rank (LOCAL_RANK says the same).
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", type=device_arg, default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float16", help="storage")
     parser.add_argument("--compute-dtype", choices=list(STORAGE_DTYPES), default="float32")

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 
 from ..config.data import DataConfig
 from .null_condition import read_null_condition, write_null_condition
+from .paths import ConfinedRoot, PathOutsideRoot
 from .prompt_encoder import PromptEncoder
 from .prompt_file import read_prompts
 from .seeding import unpack_key
@@ -189,7 +190,11 @@ def read_prompt_index(root: str | os.PathLike) -> dict[str, Any]:
             "it with `e2ed2 encode-prompts PROMPTS.txt DIR --text-encoder ... --vae ...`"
         )
     try:
-        index = json.loads(path.read_text())
+        # index.json itself may not be a link out of the folder (data/paths.py).
+        confined = ConfinedRoot(root, "data.prompt_dir")
+        index = json.loads(confined.resolve("index.json").read_text())
+    except PathOutsideRoot as error:
+        raise ValueError(f"{path}: {error}") from None
     except ValueError as error:
         raise ValueError(f"{path} is not JSON: {error}") from None
     if index.get("format") != PROMPTS_FORMAT or index.get("version") != PROMPTS_VERSION:
@@ -229,7 +234,14 @@ class PromptDataset(Dataset):
         self.text_shape = tuple(int(s) for s in text["shape"])
         self.pooled_dim = None if text.get("pooled_dim") is None else int(text["pooled_dim"])
         self._masked = bool(text.get("attention_mask", True))
-        self.shard_files = [os.path.join(self.root, s["file"]) for s in self.index["shards"]]
+        # A file the index names is read: it must lie inside the folder (data/paths.py).
+        confined = ConfinedRoot(self.root, "data.prompt_dir")
+        self.shard_files = []
+        for number, shard in enumerate(self.index["shards"]):
+            try:
+                self.shard_files.append(os.fspath(confined.resolve(shard["file"])))
+            except PathOutsideRoot as error:
+                raise ValueError(f"{self.root}/index.json: shards[{number}].file {error}") from None
         self._starts = [0]
         for shard in self.index["shards"]:
             self._starts.append(self._starts[-1] + int(shard["num_samples"]))

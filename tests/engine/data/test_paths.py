@@ -143,3 +143,40 @@ def test_a_shard_folder_reads_only_its_own_files(tmp_path: Path, tiny_models) ->
         read_null_condition(linked, tuple(index["text"]["shape"]))
     # Nothing of the good folder changed.
     assert {p.name: p.read_bytes() for p in good.iterdir()} == original
+
+
+def test_a_prompt_folder_reads_only_its_own_files(tmp_path: Path) -> None:
+    """data/prompts_source.py: the shard files a prompt folder's index names, and the index
+    itself, stay inside data.prompt_dir (refused before any shard is opened)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from e2ed2.engine.data.prompts_source import PROMPTS_FORMAT, PromptDataset
+
+    outside = tmp_path / "other"
+    outside.mkdir()
+    save_file({"encoder_hidden_states": torch.zeros(1, 4, 8)}, outside / "p.safetensors")
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    index = {
+        "format": PROMPTS_FORMAT,
+        "version": 1,
+        "num_samples": 1,
+        "shards": [{"file": "../other/p.safetensors", "num_samples": 1}],
+        "text": {"shape": [4, 8], "dtype": "float16"},
+        "latent": {"channels": 4, "downsample": 8},
+    }
+    (folder / "index.json").write_text(json.dumps(index))
+    config = DataConfig(source="prompts", prompt_dir=str(folder), resolution=64)
+    with pytest.raises(ValueError, match=r"shards\[0\]\.file '\.\./other/p\.safetensors' resolves"):
+        PromptDataset(config)
+    index["shards"][0]["file"] = str(outside / "p.safetensors")  # absolute: the same
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"shards\[0\]\.file .*outside data\.prompt_dir"):
+        PromptDataset(config)
+    # index.json as a link out of the folder.
+    shutil.copy(folder / "index.json", outside / "index.json")
+    (folder / "index.json").unlink()
+    os.symlink(outside / "index.json", folder / "index.json")
+    with pytest.raises(ValueError, match=r"'index\.json' resolves to .*outside data\.prompt_dir"):
+        PromptDataset(config)
