@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from e2ed2.engine.cli.train import main as train_main
@@ -135,6 +136,44 @@ def test_sana_sprint_preset_trains_and_exports_a_sprint_pipeline(
     assert pipe.transformer.config.guidance_embeds
     images = pipe(
         "a photo of a cat sitting on a red sofa",
+        num_inference_steps=2,
+        height=128,
+        width=128,
+        max_sequence_length=TEXT_TOKENS,
+        use_resolution_binning=False,
+        output_type="np",
+    ).images
+    assert images.shape == (1, 128, 128, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.slow
+def test_sana_sprint_preset_on_two_launcher_ranks(
+    sana_sprint_folder, shards_sana, tmp_path, run_checked, deepspeed_command
+) -> None:
+    """SANA-Sprint's preset on 2 ranks of the real deepspeed launcher (bf16, ZeRO-3 partitions
+    the transformer over both): it trains and its export generates."""
+    from diffusers import SanaSprintPipeline
+
+    out = tmp_path / "run"
+    run_checked(
+        deepspeed_command(
+            "--module",
+            "e2ed2.engine.cli.train",
+            "--config",
+            "sana_sprint_1024",
+            f"model.pretrained_path={sana_sprint_folder}",
+            f"model.vae_path={sana_sprint_folder}",
+            f"data.shard_dir={shards_sana}",
+            f"run.output_dir={out}",
+            "run.max_steps=2",
+            "run.batch_per_rank=1",
+            "run.num_sample_images=2",
+            "data.num_workers=0",
+        )
+    )
+    pipe = SanaSprintPipeline.from_pretrained(out / "export")
+    images = pipe(
+        "a small boat on a calm blue lake",
         num_inference_steps=2,
         height=128,
         width=128,
