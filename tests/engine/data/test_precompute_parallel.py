@@ -111,3 +111,31 @@ def test_a_run_killed_mid_chunk_resumes_into_the_same_folder(
     for name, stamp in kept.items():  # finished chunks' files untouched, chunk 3's rewritten
         now = ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns)
         assert (now == stamp) == (name != "shard-00003.safetensors"), name
+
+
+@pytest.mark.slow
+def test_two_launcher_ranks_write_the_folder_of_one(
+    reference, tmp_path, tiny_models, run_checked, deepspeed_command
+) -> None:
+    """The real deepspeed launcher, 2 ranks on CPU: each rank encodes its chunks, rank 0
+    merges; the folder equals one process's."""
+    images, one = reference
+    vae, t5 = tiny_models
+    out = tmp_path / "ranks"
+    output = run_checked(
+        deepspeed_command(
+            "--module",
+            "e2ed2.engine.cli.precompute",
+            str(images),
+            str(out),
+            *("--vae", str(vae), "--text-encoder", str(t5), "--resolution", str(RESOLUTION)),
+            *("--max-tokens", "16", "--batch-size", "2", "--shard-size", str(SHARD_SIZE)),
+        )
+    )
+    hashes = _hashes(out)
+    hashes.pop(".e2ed2.lock")  # the CLI's one-run lock (its holder's pid and start time)
+    assert hashes == _hashes(one)
+    # Rank 1 encoded the odd chunks, rank 0 the even ones.
+    for chunk in range(5):
+        assert f"chunk {chunk} encoded" in output
+    assert output.count("wrote 8 samples in 5 shards") == 2  # both ranks return the index
