@@ -141,3 +141,41 @@ def test_path_teacher_needs_a_ddim_solver_and_a_sampler_with_x0_predictions() ->
         dataclasses.replace(_objective(16), teacher_sampler="lcm")
     with pytest.raises(ValueError, match="teacher_path="):
         dataclasses.replace(_objective(16), teacher_path="noise")
+
+
+_PATH_RUN = [
+    "run.max_steps=1",
+    "run.batch_per_rank=2",
+    "run.num_sample_images=0",
+    "run.export_at_end=false",
+    "run.deepspeed_config=none",
+    "model.num_layers=1",
+    "data.resolution=8",
+    "sampler.kind=lcm",
+    "sampler.prediction_type=v_prediction",
+    "trajectory.num_steps=4",
+    "objective.l2_weight=0",
+    "objective.teacher_weight=1",
+    "objective.teacher_sampler=ddim",
+    "objective.teacher_path=student",
+]
+
+
+def test_the_trainer_hands_the_student_noises_to_the_path_teacher(tmp_path) -> None:
+    """Through the trainer (its seeded per-sample start and LCM noises): one solve step per
+    state gives a first-step teacher loss of 0; 16 solve steps a positive one."""
+    from e2ed2.engine.config import load_config
+    from e2ed2.engine.train.trainer import Trainer
+
+    same = Trainer(
+        load_config(
+            None, [f"run.output_dir={tmp_path / 'a'}", *_PATH_RUN, "objective.teacher_steps=1"]
+        )
+    )
+    assert same.train_step(iter(same.loader))["teacher"] < 1e-10
+    more = Trainer(
+        load_config(
+            None, [f"run.output_dir={tmp_path / 'b'}", *_PATH_RUN, "objective.teacher_steps=16"]
+        )
+    )
+    assert more.train_step(iter(more.loader))["teacher"] > 1e-6
