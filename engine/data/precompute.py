@@ -35,9 +35,13 @@ are logged with their path (``file:line`` for a metadata line), listed under ``s
 ``index.json`` is written last, so a folder with an index is complete. The format is described
 in :class:`LatentShardDataset`.
 
+Scale (data/precompute_parallel.py): the records are encoded in chunks of ``shard_size``, each
+into its own shard files, by one process, N spawned workers or the ranks of a launcher; a
+rerun resumes an interrupted run, and the folder is the same byte for byte either way.
+
 Size: over 400 lines because one pass owns the whole conversion (checks of every argument and
-model folder before anything is loaded, the per-bucket encode loop with its finite checks, the
-index), plus the model-folder helpers only precompute uses; inputs and decoding live in
+model folder before anything is loaded, a worker's per-chunk, per-bucket encode loop with its
+finite checks, the index merged from the chunks), plus the model-folder helpers only precompute uses; inputs and decoding live in
 data/readers/ and data/images.py.
 """
 
