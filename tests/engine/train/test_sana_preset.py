@@ -61,7 +61,7 @@ def test_precompute_stores_sanas_own_conditioning(sana_folder, shards_sana) -> N
 
 
 def test_sana_preset_trains_exports_and_generates(
-    sana_folder: Path, shards_sana: Path, tmp_path: Path, capsys
+    sana_folder: Path, shards_sana: Path, tmp_path: Path, capsys, world_of_one
 ) -> None:
     from diffusers import DiffusionPipeline, SanaPipeline
 
@@ -105,7 +105,7 @@ def test_sana_preset_trains_exports_and_generates(
 
 
 def test_sana_sprint_preset_trains_and_exports_a_sprint_pipeline(
-    sana_sprint_folder: Path, shards_sana: Path, tmp_path: Path, capsys
+    sana_sprint_folder: Path, shards_sana: Path, tmp_path: Path, capsys, world_of_one
 ) -> None:
     """SANA-Sprint's preset (SCM K = 4, bf16, ZeRO-3) on shards of the same Gemma and DC-AE:
     the export is a SanaSprintPipeline with an SCMScheduler that generates in 2 steps."""
