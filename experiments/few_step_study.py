@@ -343,7 +343,9 @@ def table() -> None:
     for name in names:
         group = sorted((r for r in records.values() if r["name"] == name), key=lambda r: r["seed"])
         cells = [_fmt([v for r in group for v in r["fd"][str(k)]]) for k in NUM_STEPS]
-        cpu = " / ".join(f"{r['train_cpu_s']:.0f}" for r in group)
+        cpu = " / ".join(
+            "—" if r["train_cpu_s"] is None else f"{r['train_cpu_s']:.0f}" for r in group
+        )
         wall = " / ".join(f"{r['train_wall_s']:.0f}" for r in group if r.get("train_wall_s"))
         seeds = ", ".join(str(r["seed"]) for r in group)
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {cpu} | {wall or '—'} |")
