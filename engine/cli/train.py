@@ -4,7 +4,7 @@
     deepspeed --num_gpus 8 --module e2ed2.engine.cli.train --config configs/pixart_alpha_512.toml
 
 Thin on purpose: it resolves the config (failing before any model is built), then hands over to
-the :class:`~e2ed2.engine.trainer.Trainer`.
+the :class:`~e2ed2.engine.train.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -106,15 +106,6 @@ def _main(argv: Sequence[str], prog: str) -> int:
         if refusal is not None:
             print(f"{prog}: config error: {refusal}", file=sys.stderr)
             return 2
-        # The whole step's memory per rank (train/step_estimate.py); with run.device_memory_gib
-        # a peak over 92% of it is refused here, before any weight is downloaded or read.
-        from ..train.dry_run import dry_run_estimate
-
-        table, refusal = dry_run_estimate(config, int(os.environ.get("WORLD_SIZE", "1")))
-        print(table)
-        if refusal is not None:
-            print(f"{prog}: config error: {refusal}", file=sys.stderr)
-            return 2
         return 0
 
     rank = int(os.environ.get("RANK", "0"))
@@ -188,7 +179,7 @@ def _train(config: TrainConfig, prog: str, rank: int) -> int:
 
 
 if __name__ == "__main__":
-    # The deepspeed launcher's entry (`--module e2ed2.engine.train`): see exit_process.
+    # The deepspeed launcher's entry (`--module e2ed2.engine.cli.train`): see exit_process.
     from ..train.distributed import exit_process
 
     exit_process(main())

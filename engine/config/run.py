@@ -79,10 +79,6 @@ class RunConfig:
     """Memory of one accelerator in GiB (e.g. 80 for an 80 GB H100): ``e2ed2 train --dry-run``
     and ``e2ed2 estimate`` refuse the config (exit 2) when the estimated whole-step peak per rank
     exceeds 92% of it (train/step_estimate.py). None = no check."""
-    device_memory_gib: float | None = None
-    """Memory of one accelerator in GiB (e.g. 80 for an 80 GB H100): ``e2ed2 train --dry-run``
-    and ``e2ed2 estimate`` refuse the config (exit 2) when the estimated whole-step peak per rank
-    exceeds 92% of it (train/step_estimate.py). None = no check."""
     compare_with_base: bool = False
     """After training (digits data with model.pretrained_path): sample the export and the base
     at K = 1, 2, 4 on the same seeds and prompts, write compare_base_vs_finetuned.png / .json
@@ -127,11 +123,6 @@ class RunConfig:
                 raise ValueError(f"run.{key} must be >= 1, got {getattr(self, key)}")
         if self.cpu_threads < 0:
             raise ValueError(f"run.cpu_threads must be >= 0, got {self.cpu_threads}")
-        gib = self.device_memory_gib
-        if gib is not None and (
-            isinstance(gib, bool) or not isinstance(gib, int | float) or gib <= 0
-        ):
-            raise ValueError(f"run.device_memory_gib must be a number > 0, got {gib!r}")
         gib = self.device_memory_gib
         if gib is not None and (
             isinstance(gib, bool) or not isinstance(gib, int | float) or gib <= 0
