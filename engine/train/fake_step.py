@@ -40,9 +40,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import TrainConfig
 from ..core.estimate import UpperBoundShapes
+from ..core.families import resolve_family
 from ..core.memory import LiveTensorTracker
 from ..core.models import build_autoencoder, build_denoiser
-from ..core.network import Conditioning, repeat_conditioning
+from ..core.network import Conditioning, repeat_conditioning, uses_size_conditions
 from ..core.sampler import build_schedule
 from ..core.trajectory import Trajectory, TrajectoryPlan
 
@@ -61,8 +62,6 @@ __all__ = [
 ]
 
 _COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Text tokens when no data folder says: PixArt's T5 captions, SD3's CLIP (77) + T5 (256) tokens.
-_TEXT_TOKENS = {"PixArtTransformer2DModel": 120, "SD3Transformer2DModel": 333}
 
 
 @contextlib.contextmanager
@@ -217,7 +216,10 @@ def _shapes(config: TrainConfig, denoiser_folder_config: dict[str, Any] | None) 
     cfg = denoiser_folder_config
     side = int(cfg["sample_size"])
     text_dim = int(cfg.get("caption_channels") or cfg.get("joint_attention_dim"))
-    tokens = _TEXT_TOKENS.get(cfg.get("_class_name", ""), 120)
+    # Text tokens when no data folder says: the family's (PixArt-α 120, Σ and Sana 300, SD3's
+    # CLIP 77 + T5 256).
+    family = resolve_family(config.model.family, config.model.pretrained_path, cfg["_class_name"])
+    tokens = family.denoiser_text_tokens
     return {
         "channels": int(cfg["in_channels"]),
         "hw": (side, side),
@@ -241,11 +243,7 @@ def _fake_cond(
     mask = torch.ones(batch, tokens, dtype=torch.long)
     added = pooled = None
     cfg = denoiser.config
-    if getattr(cfg, "use_additional_conditions", None) or (
-        getattr(cfg, "_class_name", "") == "PixArtTransformer2DModel"
-        and getattr(cfg, "use_additional_conditions", None) is None
-        and cfg.sample_size == 128
-    ):
+    if uses_size_conditions(denoiser):  # PixArt-MS (diffusers derives it from sample_size 128)
         added = {
             "resolution": torch.full((batch, 2), 8.0 * hw[0], dtype=torch.float32),
             "aspect_ratio": torch.ones(batch, 1, dtype=torch.float32),
