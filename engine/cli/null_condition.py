@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str]) -> int:
-    from ..data.null_condition import add_null_condition
+    from ..data.null_condition_add import add_null_condition
     from ..data.precompute import STORAGE_DTYPES
 
     parser = argparse.ArgumentParser(

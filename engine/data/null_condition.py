@@ -8,7 +8,8 @@ same T5 with that attention mask, keeping the states at padded positions.
 ``caption_max_tokens`` it gives the pipeline's ``negative_prompt_embeds`` / mask.
 
 File ``null_condition.safetensors`` next to ``index.json`` (``e2ed2 precompute`` writes it before
-the index; :func:`add_null_condition` adds it to a folder written before)::
+the index; ``e2ed2 null-condition`` (data/null_condition_add.py) adds it to a folder written
+before)::
 
     encoder_hidden_states   (1, L, D)  in the shards' text storage dtype (rounded as the captions)
     encoder_attention_mask  (1, L)     bool (absent for SD3, which has no text mask)
@@ -29,19 +30,14 @@ from typing import Any
 import torch
 
 from .paths import ConfinedRoot
-from .shards import read_index, write_atomic
+from .storage import write_atomic
 from .text import (
-    encode_sd3_text,
     encode_text,
-    is_sd3_pipeline,
-    load_sd3_text_encoders,
-    load_tokenizer,
 )
 
 __all__ = [
     "NULL_CONDITION_FILE",
     "NULL_PROMPT",
-    "add_null_condition",
     "encode_null_condition",
     "read_null_condition",
     "write_null_condition",
@@ -50,8 +46,6 @@ __all__ = [
 NULL_CONDITION_FILE = "null_condition.safetensors"
 #: PixArt-α's negative prompt (``PixArtAlphaPipeline``'s default): no prompt at all.
 NULL_PROMPT = ""
-
-_STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def encode_null_condition(
@@ -141,58 +135,3 @@ def read_null_condition(
     if not masked:
         del null["encoder_attention_mask"]
     return null
-
-
-def add_null_condition(
-    shard_dir: str | os.PathLike,
-    *,
-    text_encoder_path: str | os.PathLike | None = None,
-    tokenizer_path: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-    compute_dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Encodes the empty prompt for an existing shard folder and writes its null condition.
-
-    The text encoder and tokenizer default to the folders ``index.json`` records (those the
-    captions were encoded with); the length and storage dtype are the captions'.
-    """
-    import transformers
-    from transformers import T5EncoderModel
-
-    index = read_index(os.fspath(shard_dir))
-    recorded = index.get("text_encoder") or {}
-    encoder_dir = os.fspath(text_encoder_path or recorded.get("path") or "")
-    tokenizer_dir = os.fspath(tokenizer_path or recorded.get("tokenizer") or encoder_dir)
-    for key, folder in (("text encoder", encoder_dir), ("tokenizer", tokenizer_dir)):
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(
-                f"{os.fspath(shard_dir)}: the {key} folder {folder!r} (index.json's, else "
-                "given) does not exist; pass the folder the captions were encoded with"
-            )
-    text = index["text"]
-    length, width = (int(s) for s in text["shape"])
-    max_tokens = int(text.get("max_tokens") or length)
-    dtype = _STORAGE_DTYPES.get(str(text.get("dtype")), torch.float16)
-    if is_sd3_pipeline(encoder_dir):
-        pipeline = load_sd3_text_encoders(encoder_dir, device, compute_dtype)
-        states, pooled = encode_sd3_text(pipeline, [NULL_PROMPT], max_tokens)
-        if tuple(states.shape) != (1, length, width):
-            raise ValueError(
-                f"{encoder_dir!r} encodes to {tuple(states.shape[1:])}, but the captions of "
-                f"{os.fspath(shard_dir)} are {(length, width)}: not the pipeline they were made "
-                "with"
-            )
-        return write_null_condition(shard_dir, states, None, dtype, pooled=pooled)
-    # transformers 5 renamed torch_dtype to dtype.
-    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    encoder = T5EncoderModel.from_pretrained(
-        encoder_dir, use_safetensors=True, **{dtype_key: compute_dtype}
-    )
-    encoder.to(device).eval().requires_grad_(False)
-    states, mask = encode_null_condition(load_tokenizer(tokenizer_dir), encoder, max_tokens)
-    if tuple(states.shape) != (1, length, width):
-        raise ValueError(
-            f"{encoder_dir!r} encodes to {tuple(states.shape[1:])}, but the captions of "
-            f"{os.fspath(shard_dir)} are {(length, width)}: not the encoder they were made with"
-        )
-    return write_null_condition(shard_dir, states, mask, dtype)

@@ -68,7 +68,8 @@ from .images import IMAGE_EXTENSIONS, UnreadableImage, load_image, load_image_an
 from .null_condition import NULL_PROMPT, encode_null_condition, write_null_condition
 from .precompute_parallel import launcher_rank
 from .readers import SOURCES, Skipped, open_reader
-from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter, write_atomic
+from .shards import INDEX_FORMAT, INDEX_VERSION, ShardWriter
+from .storage import STORAGE_DTYPES, write_atomic
 from .text import (
     encode_sd3_text,
     encode_text,
@@ -91,12 +92,6 @@ logger = logging.getLogger(__name__)
 #: Bucket sides are multiples of the VAE's downsampling times this latent patch size
 #: (PixArt / DiT patchify latents 2 x 2), so every bucket's latent splits into whole patches.
 BUCKET_PATCH_SIZE = 2
-#: ``--dtype`` / ``--compute-dtype`` names.
-STORAGE_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
 
 
 def precompute(

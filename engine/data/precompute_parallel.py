@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .shards import write_atomic
+from .storage import write_atomic
 
 __all__ = [
     "FAIL_AFTER_CHUNK_ENV",

@@ -44,7 +44,7 @@ from .paths import ConfinedRoot, PathOutsideRoot
 from .prompt_encoder import PromptEncoder
 from .prompt_file import read_prompts
 from .seeding import unpack_key
-from .shards import write_atomic
+from .storage import write_atomic
 
 __all__ = ["PROMPTS_FORMAT", "PromptDataset", "encode_prompt_folder", "read_prompt_index"]
 

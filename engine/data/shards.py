@@ -21,8 +21,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config.data import DataConfig
+from .null_condition import read_null_condition
 from .paths import ConfinedRoot, PathOutsideRoot
 from .seeding import SampleKey, seeded_generator, unpack_key
+from .storage import write_atomic
 
 __all__ = [
     "INDEX_FORMAT",
@@ -263,8 +265,6 @@ class LatentShardDataset(Dataset):
         """The empty prompt's ``encoder_hidden_states`` (1, L, D) float32 and
         ``encoder_attention_mask`` (1, L) long (classifier-free guidance), or None where the
         folder has no ``null_condition.safetensors``."""
-        from .null_condition import read_null_condition  # it imports this module
-
         return read_null_condition(
             self.root, self.text_shape, pooled_dim=self._pooled_dim, masked=self._masked
         )
@@ -748,13 +748,3 @@ def _sorted_metadata(payload: bytes) -> bytes:
     if len(text) > length:  # another JSON spelling than safetensors': leave the file as it is
         return payload
     return payload[:8] + text.ljust(length, b" ") + payload[8 + length :]
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Writes ``payload`` to a temporary file beside ``path`` and renames it into place."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)

@@ -147,7 +147,7 @@ def build_discriminator_engine(config: TrainConfig, pixel_channels: int, world_s
     import deepspeed
 
     from ..objectives.gan import build_discriminator
-    from .checkpoint import use_weights_only_loading
+    from .deepspeed_compat import use_weights_only_loading
 
     run = config.run
     disc = build_discriminator(config.gan, pixel_channels)

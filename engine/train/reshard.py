@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .deepspeed_compat import weights_only_torch_load
+
 __all__ = ["UNIVERSAL_PREFIX", "reshard_ema", "to_universal", "universal_folder"]
 
 #: A converted checkpoint's folder name prefix (a leftover like ``.tmp-``: see remove_leftovers).
@@ -45,8 +47,6 @@ def to_universal(checkpoint: Path, target: Path) -> None:
     """Converts the DeepSpeed state of ``checkpoint`` (its ``stepN/`` tag folder) into
     ``target/stepN`` (rank 0, before the engines load). The checkpoint itself is only read."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    from .checkpoint import weights_only_torch_load
 
     shutil.rmtree(target, ignore_errors=True)
     # DeepSpeed's converter reads the checkpoint with torch.load(weights_only=False).

@@ -96,3 +96,67 @@ def test_running_a_command_as_a_module_from_the_checkout_does_not_shadow_pypi_ke
     assert done.returncode == 0, done.stderr
     origin = done.stdout.strip()
     assert not origin.startswith(str(ROOT / "kernels")), origin
+
+
+def _module_imports(path: Path, name: str, modules: set[str]) -> set[str]:
+    """The project modules ``path`` (module ``name``) imports anywhere in its code, function-local
+    imports included; imports only a type checker runs (``if TYPE_CHECKING:``) are left out."""
+    tree = ast.parse(path.read_text())
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                target = package[: len(package) - node.level + 1]
+                target += node.module.split(".") if node.module else []
+            elif node.module and node.module.startswith("e2ed2."):
+                target = node.module.split(".")[1:]
+            else:
+                continue
+            candidates = [".".join(target)] + [".".join([*target, a.name]) for a in node.names]
+            found.update(c for c in candidates if c in modules and c != name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("e2ed2."):
+                    candidate = alias.name.split(".", 1)[1]
+                    if candidate in modules and candidate != name:
+                        found.add(candidate)
+    return found
+
+
+def _import_cycles() -> list[list[str]]:
+    paths = {}
+    for path in [*ENGINE.rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: _module_imports(path, name, set(paths)) for name, path in paths.items()}
+    # A module is on a cycle when it reaches itself; the cycle is its strongly connected set.
+    reach: dict[str, set[str]] = {}
+    for start in graph:
+        seen, stack = set(), list(graph[start])
+        while stack:
+            current = stack.pop()
+            if current not in seen:
+                seen.add(current)
+                stack.extend(graph[current])
+        reach[start] = seen
+    cycles = {
+        tuple(sorted(other for other in reach[name] if name in reach[other]))
+        for name in graph
+        if name in reach[name]
+    }
+    return [list(cycle) for cycle in sorted(cycles)]
+
+
+def test_no_import_cycles() -> None:
+    """Function-local imports hide cycles from Python's import system, not from this check."""
+    assert _import_cycles() == []
