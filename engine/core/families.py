@@ -14,6 +14,7 @@ the transformer's ``config.json`` class (a bare PixArt transformer is taken as P
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -83,6 +84,24 @@ _SANA_ATTENTION = (
     "GLU with a depthwise conv; e2ed2.kernels fuses softmax attention only"
 )
 
+# Sana (1600M / 600M): linear-attention DiT with 32x DC-AE latents (32 channels, patch 1),
+# Gemma-2-2B text (2304 wide) behind the complex human instruction, 300 tokens, flow matching
+# (the checkpoints ship flow DPM-Solver; the engine samples flow Euler at Sana's flow_shift 3.0:
+# core/sampler.py).
+_SANA = ModelFamily(
+    name="sana",
+    denoiser_class="SanaTransformer2DModel",
+    pipeline_class="SanaPipeline",
+    text_encoding="gemma",
+    caption_max_tokens=300,
+    denoiser_text_tokens=300,
+    fused_kernels=False,
+    frozen_text_parts=_PIXART_TEXT,
+    vae_class="AutoencoderDC",
+    sampler_kind="flow_euler",
+    fused_kernels_note=_SANA_ATTENTION,
+)
+
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
@@ -122,37 +141,11 @@ FAMILIES: dict[str, ModelFamily] = {
                 f"{kind}{n}" for kind in ("text_encoder", "tokenizer") for n in ("", "_2", "_3")
             ),
         ),
-        # Sana (1600M / 600M): linear-attention DiT with 32x DC-AE latents (32 channels, patch
-        # 1), Gemma-2-2B text (2304 wide) behind the complex human instruction, 300 tokens,
-        # flow matching (the checkpoints ship flow DPM-Solver; the engine samples flow Euler at
-        # Sana's flow_shift 3.0: core/sampler.py).
-        ModelFamily(
-            name="sana",
-            denoiser_class="SanaTransformer2DModel",
-            pipeline_class="SanaPipeline",
-            text_encoding="gemma",
-            caption_max_tokens=300,
-            denoiser_text_tokens=300,
-            fused_kernels=False,
-            frozen_text_parts=_PIXART_TEXT,
-            vae_class="AutoencoderDC",
-            sampler_kind="flow_euler",
-            fused_kernels_note=_SANA_ATTENTION,
-        ),
+        _SANA,
         # SANA-Sprint: Sana's transformer with a guidance embedding (guidance_embeds), sampled
         # in 1-4 TrigFlow steps (SCMScheduler): the engine's scm sampler; same text and DC-AE.
-        ModelFamily(
-            name="sana_sprint",
-            denoiser_class="SanaTransformer2DModel",
-            pipeline_class="SanaSprintPipeline",
-            text_encoding="gemma",
-            caption_max_tokens=300,
-            denoiser_text_tokens=300,
-            fused_kernels=False,
-            frozen_text_parts=_PIXART_TEXT,
-            vae_class="AutoencoderDC",
-            sampler_kind="scm",
-            fused_kernels_note=_SANA_ATTENTION,
+        dataclasses.replace(
+            _SANA, name="sana_sprint", pipeline_class="SanaSprintPipeline", sampler_kind="scm"
         ),
     )
 }
