@@ -138,3 +138,11 @@ def test_text_storage_smoke(tmp_path: Path) -> None:
     }
     assert pixart[2] < 0.9 and 0.95 < pixart[12] <= 1.0  # a full caption: no padding to drop
     assert [r["ratio_stored_to_padded"] for r in rows if r["format"] == "sd3"] == [1.0]
+
+
+def test_preset_fits_smoke(tmp_path: Path) -> None:
+    """One preset (2-layer models) estimated at its header's world size, checked against it."""
+    result = _smoke("bench_preset_fits.py", tmp_path, timeout=300)
+    (cell,) = result["cells"]
+    assert cell["preset"] == "pixart_sigma_1024" and cell["world_size"] == cell["stated"]["gpus"]
+    assert cell["peak_device_bytes"] > 0 and cell["fits_stated"] is True
