@@ -18,7 +18,11 @@ loader), ``seeding`` (every random draw of the data is seeded by :func:`derive_s
 ``(config.seed, purpose, integers...)``, never the global RNG), ``precompute`` (images ->
 shards) with ``readers`` (its inputs: image folders, imagefolder metadata, ``datasets``,
 webdataset tars), ``images`` (decoding as a viewer shows) and ``paths`` (every file read stays
-inside the roots the user named), ``prompts`` (prompts for sample grids).
+inside the roots the user named), ``precompute_parallel`` (chunks over processes or launcher
+ranks, resume), ``prompts`` (prompts for sample grids), ``prompt_file`` / ``prompt_encoder``
+(validation prompts), ``prompts_source`` (``data.source = "prompts"``: prompt-only folders),
+``null_condition`` / ``null_condition_add`` (the empty prompt of classifier-free guidance),
+``gemma_text`` (Sana's Gemma-2 encoding), ``storage`` (atomic writes, storage dtypes).
 """
 
 from .batching import ResumableBatchSampler, ResumableDataLoader, build_dataloader, build_dataset
