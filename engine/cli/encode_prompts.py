@@ -53,11 +53,9 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an encoded folder")
     args = parser.parse_args(argv)
 
-    import torch
-
     from ..data.prompts_source import encode_prompt_folder
+    from ..data.storage import STORAGE_DTYPES
 
-    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     try:
         index = encode_prompt_folder(
             args.prompts,
@@ -67,8 +65,8 @@ def _main(argv: Sequence[str]) -> int:
             vae_path=args.vae,
             caption_max_tokens=args.max_tokens,
             batch_size=args.batch_size,
-            dtype=dtypes[args.dtype],
-            compute_dtype=dtypes[args.compute_dtype],
+            dtype=STORAGE_DTYPES[args.dtype],
+            compute_dtype=STORAGE_DTYPES[args.compute_dtype],
             device=args.device,
             overwrite=args.overwrite,
         )

@@ -44,13 +44,12 @@ from .paths import ConfinedRoot, PathOutsideRoot
 from .prompt_encoder import PromptEncoder
 from .prompt_file import read_prompts
 from .seeding import unpack_key
-from .storage import write_atomic
+from .storage import STORAGE_DTYPES, write_atomic
 
 __all__ = ["PROMPTS_FORMAT", "PromptDataset", "encode_prompt_folder", "read_prompt_index"]
 
 PROMPTS_FORMAT = "e2ed2-prompts"
 PROMPTS_VERSION = 1
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def encode_prompt_folder(
@@ -148,7 +147,7 @@ def encode_prompt_folder(
     )
     text = {
         "shape": shapes["encoder_hidden_states"],
-        "dtype": next(k for k, v in _DTYPES.items() if v == dtype),
+        "dtype": next(k for k, v in STORAGE_DTYPES.items() if v == dtype),
         "max_tokens": caption_max_tokens,
         "attention_mask": not encoder.sd3,
     }

@@ -25,10 +25,9 @@ from ..core.network import Conditioning, denoise
 from ..core.sampler import build_schedule
 from ..data import LatentShardDataset, build_dataset
 from ..data.prompts import batch_conditioning, null_conditioning, stack_items
+from ..data.storage import COMPUTE_DTYPES
 
 __all__ = ["COMPUTE_DTYPES", "dry_run_estimate", "dry_run_forward"]
-
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @contextlib.contextmanager

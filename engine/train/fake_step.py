@@ -46,6 +46,7 @@ from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import Conditioning, repeat_conditioning, uses_size_conditions
 from ..core.sampler import build_schedule
 from ..core.trajectory import Trajectory, TrajectoryPlan
+from ..data.storage import COMPUTE_DTYPES
 
 __all__ = [
     "FakeStep",
@@ -60,8 +61,6 @@ __all__ = [
     "run_trainer_step",
     "stand_in_trainer",
 ]
-
-_COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @contextlib.contextmanager
@@ -268,7 +267,7 @@ def build_fake_step(config: TrainConfig, resolution_px: int | None) -> FakeStep:
     from ..objectives.gan import build_discriminator
     from ..objectives.teacher import NoisePairedTeacher
 
-    dtype = _COMPUTE_DTYPES[config.run.precision]
+    dtype = COMPUTE_DTYPES[config.run.precision]
     shapes = _shapes(config, _denoiser_config(config))
     hw = shapes["hw"]
     if resolution_px is not None:

@@ -53,6 +53,7 @@ from ..data import (
     null_conditioning,
     sample_conditioning,
 )
+from ..data.storage import COMPUTE_DTYPES
 from ..objectives.gan import (
     discriminator_loss,
     discriminator_pieces,
@@ -152,11 +153,7 @@ class Trainer:
         # Frozen modules are built plainly (never under zero.Init) and never wrapped. The VAE
         # runs in the compute dtype: the bf16/fp16 sample is decoded (LPIPS, GAN, sample grids)
         # at half the activation memory of fp32 (FrozenVAE.decode casts whatever it is given).
-        self.compute_dtype = {
-            "fp32": torch.float32,
-            "bf16": torch.bfloat16,
-            "fp16": torch.float16,
-        }[run.precision]
+        self.compute_dtype = COMPUTE_DTYPES[run.precision]
         # run.validation_prompts: encoded once now, before the denoiser takes the device memory
         # (train/validation.py; the text encoder is freed again).
         self.validation = None
