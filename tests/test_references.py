@@ -30,8 +30,9 @@ GENERATED = ("results", "runs")
 _DOTTED = re.compile(r"\be2ed2\.(?:engine|kernels|configs|ds_configs)(?:\.[A-Za-z_]\w*)*")
 _RUN_MODULE = re.compile(r"(?:\s-m|--module)\s+(e2ed2(?:\.\w+)+)")
 _PATH = re.compile(r"(?<![\w./-])((?:[A-Za-z_][\w-]*/)+[\w-]+\.(?:py|toml|json|md|txt|sh))\b")
-# A markdown link or image: [text](target) / ![alt](target); the target has no spaces here.
-_LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
+# A markdown link or image: [text](target) / ![alt](target); the text may wrap onto the next line
+# (not across a blank one), the target has no spaces here.
+_LINK = re.compile(r"\[(?:[^\]\n]|\n(?!\s*\n))*\]\(([^)\s]+)\)")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 
@@ -147,13 +148,14 @@ def test_the_link_checker_finds_missing_files_and_anchors(tmp_path: Path) -> Non
         "[ok](docs/page.md#the-block_offload-policy-k--4-issue-15) [ok](docs/page.md#again-1) "
         "[ok](#top) ![img](docs/page.md) [web](https://example.com/x#y)\n"
         "[gone](docs/missing.md) [no anchor](docs/page.md#not-a-heading) [bad](#nowhere) "
-        "[outside](../elsewhere.md)\n"
+        "[outside](../elsewhere.md) [wrapped\nlink](docs/page.md#wrapped)\n"
     )
     assert _broken_links(readme, root=tmp_path) == [
         "#nowhere",
         "../elsewhere.md",
         "docs/missing.md",
         "docs/page.md#not-a-heading",
+        "docs/page.md#wrapped",
     ]
     assert _broken_links(tmp_path / "docs" / "page.md", root=tmp_path) == []
 
