@@ -67,7 +67,7 @@ def is_aligned(x: torch.Tensor, dims: int | None = None) -> bool:
     if any(s % ALIGN_ELEMENTS for s in strides):
         return False
     if x.device.type == "meta":  # no address: the view's offset is what a real one would add
-        return (x.storage_offset() * x.element_size()) % ALIGN_BYTES == 0
+        return bool((x.storage_offset() * x.element_size()) % ALIGN_BYTES == 0)
     return x.data_ptr() % ALIGN_BYTES == 0
 
 

@@ -24,7 +24,7 @@ uniform attention over the padding, the kernel gives zeros.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -32,6 +32,11 @@ from torch import nn
 from ._triton import BACKENDS, Backend
 from .attention import SUPPORTED_HEAD_DIMS, flash_attention
 from .embedding import FusedTimestepEmbedding
+
+if TYPE_CHECKING:
+    from diffusers.models.attention import AttentionMixin
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.embeddings import PixArtAlphaCombinedTimestepSizeEmbeddings
 
 __all__ = [
     "FlashAttnProcessor",
@@ -68,7 +73,7 @@ def key_padding_mask_from_attention_mask(
     return mask if mask.dtype == torch.bool else mask == 0
 
 
-def _check_attention_module(attn: nn.Module, backend: str) -> None:
+def _check_attention_module(attn: Attention, backend: str) -> None:
     """Refuse ``Attention`` configurations the processor does not implement (PixArt uses none)."""
     name = type(attn).__name__
     for feature in ("spatial_norm", "group_norm"):
@@ -97,7 +102,7 @@ class FlashAttnProcessor:
 
     def __call__(
         self,
-        attn: nn.Module,
+        attn: Attention,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -153,7 +158,9 @@ class FusedPixArtTimestepEmbeddings(nn.Module):
     ``aspect_ratio_embedder``, each with ``linear_1`` / ``linear_2``), same forward signature.
     """
 
-    def __init__(self, emb: nn.Module, *, backend: Backend = "auto") -> None:
+    def __init__(
+        self, emb: PixArtAlphaCombinedTimestepSizeEmbeddings, *, backend: Backend = "auto"
+    ) -> None:
         super().__init__()
         self.outdim = emb.outdim
         self.use_additional_conditions = bool(emb.use_additional_conditions)
@@ -222,8 +229,11 @@ def install_fused_kernels(
             )
         attn_modules = [m for m in model.modules() if hasattr(m, "set_processor")]
         for attn in attn_modules:
-            _check_attention_module(attn, backend)
-        model.set_attn_processor(FlashAttnProcessor(backend))
+            # Modules with set_processor are diffusers Attention modules.
+            _check_attention_module(cast("Attention", attn), backend)
+        # diffusers types the processor as a union of its own processor classes; any object with
+        # their __call__ signature is what it calls.
+        cast("AttentionMixin", model).set_attn_processor(FlashAttnProcessor(backend))  # type: ignore[arg-type]
         installed["attention"] = len(attn_modules)
     if timestep_embedding:
         adaln = getattr(model, "adaln_single", None)

@@ -53,8 +53,11 @@ from typing import Any
 
 import torch
 import triton
+from triton import knobs
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner, Heuristics
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, native_specialize_impl
 
 __all__ = [
     "GPU_LIMITS",
@@ -212,9 +215,6 @@ def _innermost_jit(kernel: Any) -> JITFunction:
 
 def _specialize(fn: JITFunction, bound: dict[str, Any]) -> tuple[dict, dict, dict]:
     """``(signature, constexprs, attrs)`` exactly as ``JITFunction.run`` would derive them."""
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
     signature: dict[str, str] = {}
     constexprs: dict[str, Any] = {}
     attrs: dict[int, list] = {}
@@ -261,7 +261,7 @@ def _bind(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict[str, Any], d
     return bound, options
 
 
-def alignment_contract(fn: JITFunction) -> dict[str, int] | None:
+def alignment_contract(fn: JITFunction) -> dict[str, Any] | None:
     """The alignment a kernel assumes of its arguments (``ALIGNMENT`` in its module), or None.
 
     ``{"pointer_bytes": 16, "stride_elements": 8, "pointers": (...)}``: the named pointer
@@ -435,10 +435,6 @@ def default_cache_dir() -> Path:
 
 def compile_job(job: CompileJob, arch: int, cache_dir: Path | None = None) -> dict[str, Any]:
     """Compile one job for ``sm_<arch>`` (or read it from the disk cache): the recorded stats."""
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     key = job.key(arch)
     path = cache_dir / f"{key}.json"
@@ -684,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET"):
         print("static_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
         return 2
-    cases = ATTENTION_CASES
+    cases: tuple[tuple[str, int, int, bool], ...] = ATTENTION_CASES
     if args.cases:
         cases = tuple(c for c in ATTENTION_CASES if c[0] in args.cases)
     jobs = pixart_jobs(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -21,7 +23,7 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,  # torch's FunctionCtx type lacks the attributes autograd gives ctx
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -36,7 +38,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(
-        ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor
+        ctx: Any, do: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         q, k, v, o, lse, keep = ctx.saved_tensors
         dq, dk, dv = flash_backward(do, q, k, v, o, lse, keep, ctx.softmax_scale)

@@ -32,6 +32,7 @@ raises).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,9 @@ from torch import nn
 
 from .._triton import BACKENDS, INTERPRETED, Backend, resolve_backend, triton_available
 from .function import TimestepEmbeddingFunction
+
+if TYPE_CHECKING:
+    from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
 __all__ = [
     "FusedTimestepEmbedding",
@@ -150,14 +154,15 @@ def timestep_embedding(
         timesteps, linear_1_weight, linear_1_bias, linear_2_weight, linear_2_bias
     )
     num_channels = linear_1_weight.shape[1]
-    kwargs = {
-        "flip_sin_to_cos": flip_sin_to_cos,
-        "downscale_freq_shift": downscale_freq_shift,
-        "scale": scale,
-        "max_period": max_period,
-    }
     if resolve_backend(backend, timesteps) == "torch":
-        emb = sinusoidal_embedding(timesteps, num_channels, **kwargs)
+        emb = sinusoidal_embedding(
+            timesteps,
+            num_channels,
+            flip_sin_to_cos=flip_sin_to_cos,
+            downscale_freq_shift=downscale_freq_shift,
+            scale=scale,
+            max_period=max_period,
+        )
         hidden = F.silu(F.linear(emb.to(linear_1_weight.dtype), linear_1_weight, linear_1_bias))
         return F.linear(hidden.to(linear_2_weight.dtype), linear_2_weight, linear_2_bias)
     reason = triton_available(timesteps)
@@ -192,7 +197,7 @@ def timestep_embedding(
 
 def _register_zero3_external_parameters(module: nn.Module, owners: tuple[nn.Module, ...]) -> None:
     """Tell ZeRO-3 that ``module``'s forward uses the parameters of ``owners`` (a no-op without it)."""
-    try:
+    try:  # lazy: the kernels do not depend on DeepSpeed (absent: nothing to register)
         from deepspeed.runtime.zero import register_external_parameter
     except ImportError:  # DeepSpeed is optional for the kernels themselves
         return
@@ -242,7 +247,11 @@ class FusedTimestepEmbedding(nn.Module):
 
     @classmethod
     def from_diffusers(
-        cls, time_proj: nn.Module, timestep_embedder: nn.Module, *, backend: Backend = "auto"
+        cls,
+        time_proj: Timesteps,
+        timestep_embedder: TimestepEmbedding,
+        *,
+        backend: Backend = "auto",
     ) -> FusedTimestepEmbedding:
         """Fuse a diffusers ``Timesteps`` and the ``TimestepEmbedding`` that follows it."""
         for name in ("num_channels", "flip_sin_to_cos", "downscale_freq_shift", "scale"):
