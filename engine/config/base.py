@@ -51,7 +51,8 @@ def check_fields(section: str, config: Any) -> None:
     """Checks every field whose type says what is allowed: a ``Literal`` value is one of its
     choices, a float is finite (``lr <= 0`` is False for NaN, so range checks alone let NaN in).
     Raises ValueError naming ``section.key``."""
-    hints = _type_hints(type(config))
+    config_type: type = type(config)
+    hints = _type_hints(config_type)
     for item in fields(config):
         value = getattr(config, item.name)
         choices = literal_choices(hints[item.name])
@@ -73,7 +74,8 @@ def field_docs(cls: type) -> dict[str, str]:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
-    body = ast.parse(source).body[0].body
+    # getsource of a class: its (decorated) class statement is the module's first statement.
+    body = typing.cast(ast.ClassDef, ast.parse(source).body[0]).body
     docs: dict[str, str] = {}
     for node, following in zip(body, body[1:], strict=False):
         if (

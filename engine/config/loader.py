@@ -176,7 +176,10 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Train
         raw.setdefault(section, {})[key] = value
 
     built = {
-        f.name: _build_section(f.name, f.default_factory(), raw.get(f.name, {}))
+        # Every section field has a default_factory (its config class).
+        f.name: _build_section(
+            f.name, typing.cast(typing.Callable[[], Any], f.default_factory)(), raw.get(f.name, {})
+        )
         for f in fields(TrainConfig)
     }
     try:
@@ -204,7 +207,8 @@ def config_to_toml(config: TrainConfig, *, docs: bool = True) -> str:
     for section in fields(config):
         lines.append(f"[{section.name}]")
         values = getattr(config, section.name)
-        documented = field_docs(type(values)) if docs else {}
+        section_type: type = type(values)
+        documented = field_docs(section_type) if docs else {}
         for item in fields(values):
             value = getattr(values, item.name)
             for doc_line in documented.get(item.name, "").splitlines():

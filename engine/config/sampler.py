@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal
@@ -321,7 +322,7 @@ class SamplerConfig:
                     f"no diffusers scheduler config at {path!r} (expected scheduler_config.json)"
                 )
             with open(path) as f:
-                config = json.load(f)
+                config = typing.cast(dict[str, Any], json.load(f))
         values = dict(config)
         class_name = values.pop("_class_name", None)
         values = {k: v for k, v in values.items() if not k.startswith("_")}
@@ -392,7 +393,7 @@ class SamplerConfig:
 
     def to_diffusers(self) -> SchedulerMixin:
         """The equivalent diffusers scheduler (for pipelines, export and the reference tests)."""
-        import diffusers
+        import diffusers  # lazy: config/ must not import torch, which diffusers imports
 
         return getattr(diffusers, SCHEDULER_CLASS_NAMES[self.kind])(**self.diffusers_kwargs())
 
