@@ -40,6 +40,7 @@ from torch.utils.checkpoint import CheckpointPolicy as SavePolicy
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from ..config.trajectory import CHECKPOINT_POLICIES, CheckpointPolicy, TrajectoryConfig
+from .deepspeed_compat import linear_mutates_its_matmul_output as _linear_mutates_its_matmul_output
 from .network import Conditioning, step_network, unwrap
 from .offload import HostOffload
 from .sampler import SamplerSchedule
@@ -84,15 +85,6 @@ SELECTIVE_SAVE_OPS: frozenset = frozenset(
 
 def _save_expensive_ops(ctx: object, op: object, *args: object, **kwargs: object) -> SavePolicy:
     return SavePolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else SavePolicy.PREFER_RECOMPUTE
-
-
-def _linear_mutates_its_matmul_output() -> bool:
-    # DeepSpeed's ZeRO-3 ``memory_efficient_linear`` (on by default) replaces
-    # ``torch.nn.functional.linear`` process-wide with an autograd function that adds the bias
-    # *in place* to its matmul output. A selective checkpoint keeps that matmul output by
-    # reference, so the in-place add corrupts what the recompute replays (wrong gradients, no
-    # error). The trainer turns the option off for ``selective``; this catches everyone else.
-    return getattr(torch.nn.functional.linear, "__module__", "").startswith("deepspeed")
 
 
 def selective_context_fn() -> tuple[object, object]:
@@ -210,6 +202,8 @@ def run_steps(
     if checkpoint_policy == "selective":
         if context_fn is not None:
             raise ValueError("checkpoint_policy='selective' brings its own context_fn; pass none")
+        # The trainer turns memory_efficient_linear off for ``selective``; this catches everyone
+        # else (core/deepspeed_compat.py; a module global, so tests can replace it).
         if _linear_mutates_its_matmul_output():
             raise RuntimeError(
                 "checkpoint_policy='selective' cannot run while DeepSpeed's ZeRO-3 "

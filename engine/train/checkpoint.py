@@ -15,6 +15,11 @@ Layout under ``<output_dir>/checkpoints``::
     .tmp-step00000400/                being written; ignored and removed by the next start/save
     .old-step00000000/                being deleted (keep_checkpoints); ignored likewise
 
+What goes in is registered once, by the trainer, as a dict of named entries whose kind says
+where each lives (checkpointed.py): ``model`` and ``discriminator`` are DeepSpeed engines, ``ema``
+and ``rng`` per-rank files, ``data`` and ``counters`` keys of ``trainer.json``; the save and the
+load iterate over it.
+
 All ranks write into the temporary folder and agree that every write succeeded; rank 0 writes
 the ``COMPLETE`` marker, fsyncs the folder and publishes it by an atomic ``os.replace``: a crash
 leaves the old set of checkpoints or the new one. A failed write (a full disk) removes the
@@ -40,7 +45,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -49,7 +54,21 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .deepspeed_compat import use_weights_only_loading, weights_only_torch_load
+from .checkpointed import (
+    MODEL,
+    Checkpointed,
+    DeepSpeedEngineState,
+    RankPrivate,
+    RankTensors,
+    check_entries,
+    json_entries,
+    rank_file,
+)
+from .deepspeed_compat import (
+    failing_checkpoint_writes,
+    use_weights_only_loading,
+    weights_only_torch_load,
+)
 from .reshard import UNIVERSAL_PREFIX, reshard_ema, universal_folder
 from .write_errors import as_os_error, attempt_write, injected_save_fault
 
@@ -58,6 +77,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointSaveError",
     "CheckpointStore",
+    "ProcessRng",
     "checkpoint_step",
     "capture_rng_state",
     "restore_rng_state",
@@ -156,6 +176,22 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class ProcessRng:
+    """This process's torch / Python (/ CUDA) random generators, as a checkpointed entry."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state)
+
+
+def _engines(states: Checkpointed) -> dict[str, Any]:
+    """The DeepSpeed engines of ``states`` by name, the model's first (saved and loaded first)."""
+    engines = {n: e.engine for n, e in states.items() if isinstance(e, DeepSpeedEngineState)}
+    return dict(sorted(engines.items(), key=lambda item: item[0] != MODEL))
+
+
 def _fsync_tree(root: Path) -> None:
     """Flushes every file under ``root`` and the folders themselves: the rename that publishes
     a checkpoint must not reach the disk before its contents (a power loss, not only a crash)."""
@@ -201,11 +237,14 @@ class CheckpointStore:
         world_size: int,
         keep: int,
         device: torch.device | str = "cpu",
+        fingerprint: dict[str, Any] | None = None,
     ) -> None:
         self.root = Path(root)
         self.rank = rank
         self.world_size = world_size
         self.keep = keep
+        # Written into every checkpoint's trainer.json (run_dir.py compares it before a resume).
+        self.fingerprint = fingerprint
         # Where the save's agreement all-reduce runs (the process group's device: NCCL needs CUDA).
         self.device = torch.device(device)
 
@@ -264,14 +303,12 @@ class CheckpointStore:
     def save(
         self,
         step: int,
+        states: Checkpointed,
         *,
-        engine: Any,
-        disc_engine: Any | None,
-        ema_state: dict[str, torch.Tensor] | None,
-        trainer_state: dict[str, Any],
         write_extra: Callable[[Path], object] | None = None,
     ) -> Path:
-        """Writes checkpoint ``step`` (all ranks); ``write_extra(staging)`` runs on all ranks.
+        """Writes checkpoint ``step`` of every entry of ``states`` (all ranks; see
+        checkpointed.py); ``write_extra(staging)`` runs on all ranks.
 
         A failed write (a full disk, a permission) on any rank removes the temporary folder and
         raises :class:`CheckpointSaveError` on every rank; nothing published is touched. Inside
@@ -279,6 +316,8 @@ class CheckpointStore:
         :meth:`_stop_inside_deepspeed`). Every rank still runs every collective (DeepSpeed's
         save, ``write_extra``'s ZeRO-3 gather) after a local failure, so none is left waiting.
         """
+        check_entries(states)
+        engines = _engines(states)
         tag = self.tag(step)
         staging = self.root / f".tmp-{tag}"
         final = self.root / tag
@@ -291,30 +330,37 @@ class CheckpointStore:
             error = err
         if not self._all_ranks_ok(error is None):
             self._failed_save(staging, step, error)
+        fault = injected_save_fault(self.rank)
         try:
-            with injected_save_fault(engine, self.rank):
-                engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
-                if disc_engine is not None:
-                    disc_engine.save_checkpoint(
-                        str(staging), tag="discriminator", save_latest=False
-                    )
+            with ExitStack() as faults:
+                if fault is not None:  # the test hook fails the model engine's writes
+                    faults.enter_context(failing_checkpoint_writes(engines[MODEL], fault))
+                for name, engine in engines.items():
+                    # The model in the tag's folder: DeepSpeed's own layout, zero_to_fp32.py's.
+                    folder = tag if name == MODEL else name
+                    engine.save_checkpoint(str(staging), tag=folder, save_latest=False)
         except Exception as err:
             error = as_os_error(err)
             if error is None:
                 raise
             if self.world_size > 1:
                 self._stop_inside_deepspeed(step, error)
-        error = attempt_write(error, lambda: self._write_rank_files(staging, ema_state))
+        error = attempt_write(error, lambda: self._write_rank_files(staging, states))
         if write_extra is not None:  # collective (the ZeRO-3 gather of an export): always run
             error = attempt_write(error, lambda: write_extra(staging), always=self.world_size > 1)
         if self.rank == 0:
             error = attempt_write(
                 error,
                 lambda: self._write_trainer_state(
-                    # The global batch: a resume on another number of ranks keeps it (reshard.py).
                     staging,
                     tag,
-                    {**trainer_state, "train_batch_size": engine.train_batch_size()},
+                    {
+                        "step": step,
+                        **{name: e.state_dict() for name, e in json_entries(states).items()},
+                        **({} if self.fingerprint is None else {"fingerprint": self.fingerprint}),
+                        # The global batch: a resume on other ranks keeps it (reshard.py).
+                        "train_batch_size": engines[MODEL].train_batch_size(),
+                    },
                 ),
             )
         if not self._all_ranks_ok(error is None):
@@ -344,13 +390,17 @@ class CheckpointStore:
         _barrier()
         return final
 
-    def _write_rank_files(self, staging: Path, ema_state: dict[str, torch.Tensor] | None) -> None:
-        if ema_state is not None:
-            save_file(
-                {k: v.contiguous().cpu() for k, v in ema_state.items()},
-                str(staging / f"rank{self.rank:05d}.safetensors"),
-            )
-        torch.save(capture_rng_state(), staging / f"rank{self.rank:05d}.state.pt")
+    def _write_rank_files(self, staging: Path, states: Checkpointed) -> None:
+        # Tensors first, then the private states (the order of the files before the registry).
+        for name, entry in states.items():
+            if isinstance(entry, RankTensors):
+                save_file(
+                    {k: v.contiguous().cpu() for k, v in entry.state.state_dict().items()},
+                    str(staging / rank_file(name, entry, self.rank)),
+                )
+        for name, entry in states.items():
+            if isinstance(entry, RankPrivate):
+                torch.save(entry.state.state_dict(), staging / rank_file(name, entry, self.rank))
 
     def _write_trainer_state(self, staging: Path, tag: str, trainer_state: dict[str, Any]) -> None:
         with open(staging / TRAINER_STATE, "w") as f:
@@ -373,18 +423,18 @@ class CheckpointStore:
         with open(path / TRAINER_STATE) as f:
             return json.load(f)
 
-    def load(
-        self,
-        path: Path,
-        *,
-        engine: Any,
-        disc_engine: Any | None,
-    ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-        """Restores engines and RNG; returns (trainer_state, this rank's EMA state or None).
+    def load(self, path: Path, states: Checkpointed) -> dict[str, Any]:
+        """Restores every entry of ``states`` from checkpoint ``path``; returns its
+        ``trainer.json`` (step, data position, fingerprint, ...).
 
-        A file that passed :func:`verify_checkpoint` but still cannot be read (same size, bad
-        bytes) raises :class:`CheckpointError` naming the checkpoint and the failure.
+        The engines load first; every other entry's file is read before any of those entries
+        changes (per-rank files, then ``trainer.json``'s keys). A file that passed
+        :func:`verify_checkpoint` but still cannot be read (same size, bad bytes) raises
+        :class:`CheckpointError` naming the checkpoint and the failure; a per-rank tensor entry
+        without this rank's file raises FileNotFoundError.
         """
+        check_entries(states)
+        engines = _engines(states)
         trainer_state = self.read_state(path)
         # Another number of ranks (allowed by run_dir.plan_start at the same global batch):
         # the ZeRO state from its universal form, the EMA resharded (see reshard.py).
@@ -392,37 +442,59 @@ class CheckpointStore:
         universal = universal_folder(self.root, path)
         source = universal if saved_ranks != self.world_size and universal.is_dir() else path
         universal_load = weights_only_torch_load() if source == universal else nullcontext()
+        tensors: list[tuple[RankTensors, dict[str, torch.Tensor] | None]] = []
+        private: list[tuple[RankPrivate, Any]] = []
         try:
-            with universal_load:
-                loaded, _ = engine.load_checkpoint(str(source), tag=path.name)
-            if loaded is None:
-                raise FileNotFoundError(
-                    f"DeepSpeed found no model checkpoint in {source / path.name}"
-                )
-            if disc_engine is not None:
-                loaded, _ = disc_engine.load_checkpoint(str(path), tag="discriminator")
-                if loaded is None:
-                    raise FileNotFoundError(f"no discriminator checkpoint in {path}/discriminator")
-            ema_file = path / f"rank{self.rank:05d}.safetensors"
-            if saved_ranks == self.world_size:
-                ema_state = load_file(str(ema_file)) if ema_file.is_file() else None
-            elif (path / "rank00000.safetensors").is_file():
-                every = [
-                    load_file(str(path / f"rank{r:05d}.safetensors")) for r in range(saved_ranks)
-                ]
-                ema_state = reshard_ema(every, list(engine.module.parameters()), self.rank)
-            else:
-                ema_state = None
-            rng_file = path / f"rank{self.rank:05d}.state.pt"
-            rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
-            if rng is None and saved_ranks == self.world_size:
-                raise FileNotFoundError(f"{rng_file} is missing")
+            for name, engine in engines.items():
+                if name == MODEL:
+                    with universal_load:
+                        loaded, _ = engine.load_checkpoint(str(source), tag=path.name)
+                    if loaded is None:
+                        raise FileNotFoundError(
+                            f"DeepSpeed found no model checkpoint in {source / path.name}"
+                        )
+                else:
+                    loaded, _ = engine.load_checkpoint(str(path), tag=name)
+                    if loaded is None:
+                        raise FileNotFoundError(f"no {name} checkpoint in {path}/{name}")
+            for name, entry in states.items():
+                if isinstance(entry, RankTensors):
+                    tensors.append((entry, self._read_rank_tensors(path, name, entry, saved_ranks)))
+            for name, entry in states.items():
+                if isinstance(entry, RankPrivate):
+                    file = path / rank_file(name, entry, self.rank)
+                    state = torch.load(file, weights_only=True) if file.is_file() else None
+                    if state is None and saved_ranks == self.world_size:
+                        raise FileNotFoundError(f"{file} is missing")
+                    private.append((entry, state))
         except Exception as err:  # noqa: BLE001 (torch, DeepSpeed and safetensors raise many)
             raise CheckpointError(
                 f"checkpoint {path} could not be loaded ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}); choose an older one with "
                 "run.resume_from=STEP or start over with run.overwrite=true"
             ) from err
-        if rng is not None:  # a rank the checkpoint did not have keeps its fresh seed
-            restore_rng_state(rng)
-        return trainer_state, ema_state
+        for rank_entry, state in private:
+            if state is not None:  # a rank the checkpoint did not have keeps its fresh seed
+                rank_entry.state.load_state_dict(state)
+        for entry, tensor_state in tensors:
+            if tensor_state is None:
+                raise FileNotFoundError(
+                    f"checkpoint {path} has no {entry.label} for rank {self.rank}"
+                )
+            entry.state.load_state_dict(tensor_state)
+        for name, stateful in json_entries(states).items():
+            stateful.load_state_dict(trainer_state.get(name, {}))
+        return trainer_state
+
+    def _read_rank_tensors(
+        self, path: Path, name: str, entry: RankTensors, saved_ranks: int
+    ) -> dict[str, torch.Tensor] | None:
+        """This rank's tensors of ``entry`` in checkpoint ``path``, resharded from every saved
+        rank's file if it was written by another number of ranks; None if it has none."""
+        if saved_ranks == self.world_size:
+            file = path / rank_file(name, entry, self.rank)
+            return load_file(str(file)) if file.is_file() else None
+        if not (path / rank_file(name, entry, 0)).is_file():
+            return None
+        every = [load_file(str(path / rank_file(name, entry, r))) for r in range(saved_ranks)]
+        return reshard_ema(every, list(entry.partitioned_like.parameters()), self.rank)

@@ -1,20 +1,47 @@
 """Every place the engine relies on DeepSpeed behaviour that its public API does not promise.
 
+The public API the rest of the engine uses directly: ``deepspeed.initialize``,
+``init_distributed``, ``zero.Init`` / ``zero.GatheredParameters``, the accelerator, and the
+engine's ``forward`` / ``backward`` / ``step`` / ``save_checkpoint`` / ``load_checkpoint`` and
+config getters. Anything beyond that (a module under ``deepspeed.runtime`` / ``utils`` /
+``checkpoint``, a ZeRO-3 parameter's ``ds_*`` attributes, an engine's or optimizer's attribute)
+lives here or, for the core wing (below train/ in the import ranks), in
+``core/deepspeed_compat.py``; tests/engine/train/test_deepspeed_compat.py fails on one elsewhere.
+
 Each function names the DeepSpeed version it was written against (0.19; setup.py bounds the
 install to 0.19.x and tests/test_versions.py fails on another release). A DeepSpeed upgrade starts
 here: re-check each note below against the new release's source.
+
+DeepSpeed's own modules are imported inside the functions that use them: importing DeepSpeed
+takes seconds and probes the accelerator, and checkpoint.py (so this module) is also imported
+where no engine is built (run_dir.py's start decision, the command boundary's error types).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["use_weights_only_loading", "weights_only_torch_load"]
+__all__ = [
+    "close_micro_step",
+    "convert_to_universal",
+    "failing_checkpoint_writes",
+    "keep_zero3_params_gathered",
+    "local_partition",
+    "skipped_steps",
+    "skips_nonfinite_steps",
+    "step_without_update",
+    "use_weights_only_loading",
+    "weights_only_torch_load",
+    "zero3_numel",
+]
 
 log = logging.getLogger("e2ed2.checkpoint")
 
@@ -80,3 +107,151 @@ def use_weights_only_loading(engine: Any) -> bool:
 
     checkpoint_engine.load = load
     return True
+
+
+@contextlib.contextmanager
+def failing_checkpoint_writes(engine: Any, fault: Callable[[str], OSError]) -> Iterator[None]:
+    """While inside, every file ``engine.save_checkpoint`` writes raises ``fault(path)``.
+
+    DeepSpeed 0.19 writes every checkpoint file through ``engine.checkpoint_engine.save(state,
+    path)`` (model, ZeRO optimizer partitions, scheduler); an instance attribute shadows that
+    method for the block. For the checkpoint save's injected write failure (write_errors.py).
+    """
+    checkpoint_engine = engine.checkpoint_engine
+
+    def fail(state_dict: Any, path: str) -> None:
+        raise fault(path)
+
+    checkpoint_engine.save = fail  # an instance attribute over the class's method
+    try:
+        yield
+    finally:
+        del checkpoint_engine.save
+
+
+def close_micro_step(engine: Any) -> None:
+    """What ``engine.forward`` does first: a ZeRO optimizer closes the previous micro-step.
+
+    DeepSpeed 0.19's forward calls ``optimizer.clear_backward_seen_flag()`` on a
+    ``deepspeed.runtime.base_optimizer.ZeROOptimizer`` (ZeRO-3 then starts a micro-step's gradient
+    partitions by copying instead of adding, ZeRO-1/2 clear their accumulation attributes); the
+    engine has no public call for it (train/step_backward.py needs it between backward pieces).
+    """
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        engine.optimizer.clear_backward_seen_flag()
+
+
+def skipped_steps(engine: Any) -> int:
+    """Optimizer steps the engine skipped for a NaN/Inf gradient norm so far.
+
+    DeepSpeed 0.19 counts them in the engine attribute ``skipped_steps`` (incremented in
+    ``_take_model_step`` when the optimizer reports an ``overflow``); there is no getter.
+    """
+    return engine.skipped_steps
+
+
+def skips_nonfinite_steps(engine: Any) -> bool:
+    """True if the engine's optimizer skips a step whose gradient norm is NaN/Inf by itself.
+
+    DeepSpeed 0.19: the ZeRO 1-3 optimizers and the bf16 / fp16 optimizers check the all-reduced
+    gradient norm and set ``overflow`` (the engine then skips the update and the LR schedule);
+    plain fp32 without ZeRO steps the torch optimizer whatever the gradients hold.
+    """
+    return (
+        engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+    )
+
+
+@contextlib.contextmanager
+def step_without_update(engine: Any) -> Iterator[None]:
+    """Inside the block, ``engine.step()`` runs its bookkeeping but updates no weight.
+
+    DeepSpeed 0.19's ``engine.step`` (``_take_model_step``) calls ``engine.optimizer.step()`` and
+    ``engine.lr_scheduler.step()`` and then its own counters and ``zero_grad``; an instance
+    attribute shadows each of the two ``step`` methods for the block, so micro-step counters and
+    gradient clearing stay consistent. DeepSpeed offers no public "skip this step".
+    """
+    patched = [obj for obj in (engine.optimizer, engine.lr_scheduler) if obj is not None]
+    for obj in patched:
+        obj.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for obj in patched:
+            del obj.step
+
+
+def local_partition(param: torch.Tensor) -> torch.Tensor:
+    """The part of ``param`` this rank owns: its ZeRO-3 partition, or the whole tensor.
+
+    DeepSpeed 0.19's ZeRO-3 keeps a partitioned parameter's own flat, zero-padded 1/N slice in
+    ``param.ds_tensor`` (``param.data`` is then an empty placeholder outside a gather).
+    """
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+
+def zero3_numel(param: torch.Tensor) -> int | None:
+    """The whole size of a ZeRO-3 partitioned ``param`` (None: not partitioned).
+
+    DeepSpeed 0.19 records it in ``param.ds_numel``; rank r's partition (``ds_tensor``) holds
+    elements ``[r*p, (r+1)*p)`` of the flattened parameter, zero-padded at the end.
+    """
+    return param.ds_numel if hasattr(param, "ds_numel") else None
+
+
+@contextlib.contextmanager
+def keep_zero3_params_gathered(module: nn.Module) -> Iterator[None]:
+    """Within the block, each ZeRO-3 parameter of ``module`` is gathered at most once.
+
+    DeepSpeed 0.19's per-module release after a forward / backward skips a parameter marked
+    ``ds_persist`` or ``is_external_param`` (with or without a complete module trace), so both are
+    set on every partitioned, non-persistent parameter; on exit they are restored and the
+    parameters still gathered (``ds_status == ZeroParamStatus.AVAILABLE``) are partitioned again
+    with ``param.partition(param_list=...)``. Without ZeRO-3 parameters nothing is done.
+    """
+    params = [p for p in module.parameters() if hasattr(p, "ds_persist") and not p.ds_persist]
+    if not params:
+        yield
+        return
+    external = [p.is_external_param for p in params]
+    for param in params:
+        param.ds_persist = True
+        param.is_external_param = True
+    try:
+        yield
+    finally:
+        for param, was_external in zip(params, external, strict=True):
+            param.ds_persist = False
+            param.is_external_param = was_external
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        gathered = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if gathered:
+            gathered[0].partition(param_list=gathered)
+
+
+def convert_to_universal(tag_folder: Path, target: Path) -> None:
+    """DeepSpeed's universal checkpoint of the ZeRO state in ``tag_folder``, written to ``target``.
+
+    Calls the ``main`` of DeepSpeed 0.19's ``deepspeed.checkpoint.ds_to_universal`` (a script
+    without a library entry point) with the namespace its argument parser would build. It reads
+    the checkpoint with ``torch.load(weights_only=False)``, so it runs inside
+    :func:`weights_only_torch_load`.
+    """
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    with weights_only_torch_load():
+        ds_to_universal(
+            argparse.Namespace(
+                input_folder=str(tag_folder),
+                output_folder=str(target),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                # e2ed2 writes no Megatron-style universal_checkpoint_info (no tensor parallelism).
+                inject_missing_state=True,
+            )
+        )

@@ -1,6 +1,7 @@
 """Exponential moving average of the denoiser's weights, sharded like the weights themselves.
 
-Under ZeRO-3 each rank holds only its partition of every parameter (``param.ds_tensor``); the EMA
+Under ZeRO-3 each rank holds only its partition of every parameter (DeepSpeed's ``ds_tensor``,
+read through train/deepspeed_compat.py's ``local_partition``); the EMA
 keeps an fp32 shadow of exactly that partition, so EMA memory per rank is 1/N of the model (the
 paper's EMA, decay 0.95, at no replicated cost). Under ZeRO-0/1/2 parameters are whole on every
 rank and so is the shadow. To use the EMA weights (export, sampling), :meth:`ShardedEMA.swapped`
@@ -16,13 +17,9 @@ from contextlib import contextmanager
 import torch
 
 from ..config.ema import EmaConfig
+from .deepspeed_compat import local_partition
 
 __all__ = ["EmaConfig", "ShardedEMA"]
-
-
-def _local(param: torch.nn.Parameter) -> torch.Tensor:
-    """The part of ``param`` this rank owns: its ZeRO-3 partition, or the whole tensor."""
-    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
 
 
 class ShardedEMA:
@@ -31,12 +28,12 @@ class ShardedEMA:
     def __init__(self, params: Sequence[torch.nn.Parameter], decay: float) -> None:
         self.params = list(params)
         self.decay = decay
-        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        self.shadow = [local_partition(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
         for shadow, param in zip(self.shadow, self.params, strict=True):
-            shadow.lerp_(_local(param).float(), 1.0 - self.decay)
+            shadow.lerp_(local_partition(param).float(), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"shadow.{i}": s for i, s in enumerate(self.shadow)}
@@ -56,13 +53,13 @@ class ShardedEMA:
     @contextmanager
     def swapped(self) -> Iterator[None]:
         """Parameters hold the EMA weights inside the block, the trained weights after it."""
-        backup = [_local(p).detach().clone() for p in self.params]
+        backup = [local_partition(p).detach().clone() for p in self.params]
         try:
             with torch.no_grad():
                 for shadow, param in zip(self.shadow, self.params, strict=True):
-                    _local(param).copy_(shadow)
+                    local_partition(param).copy_(shadow)
             yield
         finally:
             with torch.no_grad():
                 for saved, param in zip(backup, self.params, strict=True):
-                    _local(param).copy_(saved)
+                    local_partition(param).copy_(saved)

@@ -8,7 +8,8 @@ per-module release honours, with or without a complete module trace) for one for
 the first use gathers it, ZeRO-3's release after each module skips it, and on exit every parameter is partitioned again, before the
 optimizer step (which updates the partitions). Gradients are untouched: ZeRO-3's gradient hooks
 reduce-scatter exactly as before. Cost: the full low-precision model stays gathered during the
-iteration (what ``stage3_max_live_parameters`` >= model size already allows).
+iteration (what ``stage3_max_live_parameters`` >= model size already allows). The flags are
+DeepSpeed internals: train/deepspeed_compat.py's ``keep_zero3_params_gathered`` sets them.
 """
 
 from __future__ import annotations
@@ -18,28 +19,17 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from .deepspeed_compat import keep_zero3_params_gathered
+
 __all__ = ["gathered_once"]
 
 
 @contextlib.contextmanager
 def gathered_once(module: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Within the block, each ZeRO-3 parameter of ``module`` is gathered at most once."""
-    params = [p for p in module.parameters() if hasattr(p, "ds_persist") and not p.ds_persist]
-    if not enabled or not params:
+    """Within the block, each ZeRO-3 parameter of ``module`` is gathered at most once
+    (``enabled=False``, or no ZeRO-3 parameter: the block runs as it is)."""
+    if not enabled:
         yield
         return
-    external = [p.is_external_param for p in params]
-    for param in params:
-        param.ds_persist = True
-        param.is_external_param = True
-    try:
+    with keep_zero3_params_gathered(module):
         yield
-    finally:
-        for param, was_external in zip(params, external, strict=True):
-            param.ds_persist = False
-            param.is_external_param = was_external
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        gathered = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
-        if gathered:
-            gathered[0].partition(param_list=gathered)

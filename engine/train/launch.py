@@ -115,8 +115,8 @@ def _keep_linear_for_selective(config: TrainConfig, ds_config: dict[str, Any]) -
 
     With it on (DeepSpeed's default), ZeRO-3 replaces ``torch.nn.functional.linear`` by a version
     whose in-place bias add corrupts the matmul outputs a selective checkpoint keeps (see
-    ``trajectory._linear_mutates_its_matmul_output``). Off, ZeRO-3 keeps torch's linear, which
-    saves the same input and weight for backward, so little is lost.
+    ``e2ed2.engine.core.deepspeed_compat.linear_mutates_its_matmul_output``). Off, ZeRO-3 keeps
+    torch's linear, which saves the same input and weight for backward, so little is lost.
     """
     zero = ds_config.get("zero_optimization", {})
     if config.trajectory.checkpoint != "selective" or zero.get("stage", 0) != 3:

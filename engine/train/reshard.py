@@ -4,7 +4,7 @@ What is per rank in a checkpoint, and how it moves to M ranks from N:
 
 - DeepSpeed's ZeRO (stage 1-3) partitions of the fp32 weights and Adam moments: converted once,
   by rank 0 before any engine loads, into DeepSpeed's universal checkpoint (one file per
-  parameter and state, ``deepspeed.checkpoint.ds_to_universal``) in
+  parameter and state, DeepSpeed's ``ds_to_universal``: deepspeed_compat.py) in
   ``checkpoints/.universal-stepN/`` (removed at the next save), which the engine loads with
   ``"checkpoint": {"load_universal": true}`` on any number of ranks. Without ZeRO (stage 0) the
   model file holds the whole optimizer state and loads as it is.
@@ -23,14 +23,13 @@ for the global batch and are refused on another number of ranks.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .deepspeed_compat import weights_only_torch_load
+from .deepspeed_compat import convert_to_universal, local_partition, zero3_numel
 
 __all__ = ["UNIVERSAL_PREFIX", "reshard_ema", "to_universal", "universal_folder"]
 
@@ -46,23 +45,8 @@ def universal_folder(checkpoints: Path, checkpoint: Path) -> Path:
 def to_universal(checkpoint: Path, target: Path) -> None:
     """Converts the DeepSpeed state of ``checkpoint`` (its ``stepN/`` tag folder) into
     ``target/stepN`` (rank 0, before the engines load). The checkpoint itself is only read."""
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
     shutil.rmtree(target, ignore_errors=True)
-    # DeepSpeed's converter reads the checkpoint with torch.load(weights_only=False).
-    with weights_only_torch_load():
-        ds_to_universal(
-            argparse.Namespace(
-                input_folder=str(checkpoint / checkpoint.name),
-                output_folder=str(target / checkpoint.name),
-                num_extract_workers=1,
-                num_merge_workers=1,
-                keep_temp_folder=False,
-                strict=True,
-                # e2ed2 writes no Megatron-style universal_checkpoint_info (no tensor parallelism).
-                inject_missing_state=True,
-            )
-        )
+    convert_to_universal(checkpoint / checkpoint.name, target / checkpoint.name)
 
 
 def _ema_params(params: Sequence[torch.nn.Parameter], count: int) -> list[torch.nn.Parameter]:
@@ -89,12 +73,13 @@ def reshard_ema(
     state = {}
     for i, param in enumerate(shadows):
         key = f"shadow.{i}"
-        if not hasattr(param, "ds_numel"):  # whole on every rank
+        numel = zero3_numel(param)
+        if numel is None:  # whole on every rank
             state[key] = saved[0][key]
             continue
         # ZeRO-3: rank r owns elements [r*p, (r+1)*p) of the flattened, zero-padded parameter.
-        whole = torch.cat([s[key].flatten() for s in saved])[: param.ds_numel]
-        size = param.ds_tensor.numel()
+        whole = torch.cat([s[key].flatten() for s in saved])[:numel]
+        size = local_partition(param).numel()
         part = whole[rank * size : (rank + 1) * size]
         state[key] = torch.cat([part, part.new_zeros(size - part.numel())])
     return state

@@ -22,7 +22,8 @@ unroll's forward calls instead of each following its own forward:
 * The micro-step counter. A ZeRO optimizer closes a micro-step at the start of the next
   ``engine.forward`` (``clear_backward_seen_flag``: ZeRO-3 moves from copying a micro-step's
   first gradient partitions to adding, ZeRO-1/2 clear their accumulation attributes). Before
-  each piece after the first the same call is made here, as if a forward had started.
+  each piece after the first the same call is made here, as if a forward had started
+  (:func:`~e2ed2.engine.train.deepspeed_compat.close_micro_step`).
 """
 
 from __future__ import annotations
@@ -33,16 +34,9 @@ from typing import Any
 import torch
 
 from ..core.step_cuts import CutUnroll
+from .deepspeed_compat import close_micro_step
 
 __all__ = ["backward_each", "backward_in_pieces"]
-
-
-def _close_micro_step(engine: Any) -> None:
-    """What ``engine.forward`` does first: a ZeRO optimizer closes the previous micro-step."""
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
-    if isinstance(engine.optimizer, ZeROOptimizer):
-        engine.optimizer.clear_backward_seen_flag()
 
 
 def backward_each(
@@ -60,7 +54,7 @@ def backward_each(
     last = num_pieces - 1
     for index, piece in enumerate(pieces):
         if index:
-            _close_micro_step(engine)
+            close_micro_step(engine)
         engine.set_gradient_accumulation_boundary(last_micro_batch and index == last)
         engine.backward(piece, scale_wrt_gas=False)
         values.append(piece.detach())

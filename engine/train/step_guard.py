@@ -11,18 +11,21 @@ replicas never diverge. Who skips depends on the engine:
   disabled for that one call, so DeepSpeed's own bookkeeping (micro-step counters, zero_grad)
   stays consistent. Clearing the gradients instead would still apply weight decay and momentum,
   and DeepSpeed's clipping fails on no gradients; DeepSpeed offers no public "skip this step".
+
+Both rely on DeepSpeed internals, kept in train/deepspeed_compat.py (``skips_nonfinite_steps``,
+``step_without_update``).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .deepspeed_compat import skips_nonfinite_steps, step_without_update
 
 __all__ = ["ReliabilityCounters", "StepGuard", "any_rank", "grads_finite"]
 
@@ -45,10 +48,11 @@ class ReliabilityCounters:
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
 
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> ReliabilityCounters:
-        # Checkpoints from before a counter existed load it as 0.
-        return cls(**{item.name: int(state.get(item.name, 0)) for item in fields(cls)})
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """In place (the checkpointed entry is this object); checkpoints from before a counter
+        existed load it as 0."""
+        for item in fields(self):
+            setattr(self, item.name, int(state.get(item.name, 0)))
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -64,19 +68,6 @@ def grads_finite(module: nn.Module) -> bool:
     return all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
 
 
-@contextlib.contextmanager
-def _step_disabled(*objects: Any) -> Iterator[None]:
-    """``obj.step()`` does nothing inside the block (an instance attribute shadows the method)."""
-    patched = [obj for obj in objects if obj is not None]
-    for obj in patched:
-        obj.step = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        for obj in patched:
-            del obj.step
-
-
 class StepGuard:
     """Runs ``engine.step()`` for one DeepSpeed engine, skipping it on every rank when its
     gradients are non-finite on any rank and DeepSpeed would not skip it by itself."""
@@ -85,11 +76,7 @@ class StepGuard:
         self.engine = engine
         self.device = device
         # DeepSpeed skips by itself under ZeRO 1-3 and in bf16/fp16 (see the module docstring).
-        self.checks_gradients = not (
-            engine.zero_optimization_stage() > 0
-            or engine.bfloat16_enabled()
-            or engine.fp16_enabled()
-        )
+        self.checks_gradients = not skips_nonfinite_steps(engine)
 
     def step(self) -> bool:
         """``engine.step()``; True if this guard skipped the optimizer step (at a gradient
@@ -100,7 +87,7 @@ class StepGuard:
             and engine.is_gradient_accumulation_boundary()
             and any_rank(not grads_finite(engine.module), self.device)
         ):
-            with _step_disabled(engine.optimizer, engine.lr_scheduler):
+            with step_without_update(engine):
                 engine.step()
             return True
         engine.step()

@@ -61,7 +61,9 @@ from ..objectives.gan import (
 )
 from ..objectives.losses import E2ED2Loss, diffusion_loss
 from ..objectives.teacher import NoisePairedTeacher
-from .checkpoint import CheckpointStore, use_weights_only_loading
+from .checkpoint import CheckpointStore, ProcessRng, use_weights_only_loading
+from .checkpointed import MODEL, Checkpointed, DeepSpeedEngineState, RankPrivate, RankTensors
+from .deepspeed_compat import skipped_steps
 from .distributed import build_discriminator_engine, init_distributed
 from .ema import ShardedEMA
 from .export import gathered_state_dict, write_export
@@ -240,9 +242,20 @@ class Trainer:
             world_size=self.world_size,
             keep=run.keep_checkpoints,
             device=self.device,
+            fingerprint=self.fingerprint,
         )
         self.step = 0
         self.counters = ReliabilityCounters()
+        # Everything a checkpoint holds, registered once; the store saves and restores each
+        # entry by its kind (train/checkpointed.py). The step is the checkpoint's own.
+        self.checkpointed: Checkpointed = {MODEL: DeepSpeedEngineState(self.engine)}
+        if self.disc_engine is not None:
+            self.checkpointed["discriminator"] = DeepSpeedEngineState(self.disc_engine)
+        if self.ema is not None:
+            self.checkpointed["ema"] = RankTensors(self.ema, self.engine.module, label="EMA")
+        self.checkpointed["rng"] = RankPrivate(ProcessRng())
+        self.checkpointed["data"] = self.sampler_state
+        self.checkpointed["counters"] = self.counters
         self.history: list[dict[str, float]] = []
         if self.start.checkpoint is not None:
             self._resume(self.start.checkpoint)
@@ -260,14 +273,8 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         # The fingerprint was checked by plan_start, before any model was built: loading a
         # differently shaped model would fail deep inside DeepSpeed instead of naming the key.
-        state, ema_state = self.store.load(path, engine=self.engine, disc_engine=self.disc_engine)
-        if self.ema is not None:
-            if ema_state is None:
-                raise FileNotFoundError(f"checkpoint {path} has no EMA for rank {self.rank}")
-            self.ema.load_state_dict(ema_state)
-        self.sampler_state.load_state_dict(state["data"])
+        state = self.store.load(path, self.checkpointed)
         self.step = state["step"]
-        self.counters = ReliabilityCounters.from_state_dict(state.get("counters", {}))
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.step)
 
@@ -275,15 +282,7 @@ class Trainer:
         self._last_checkpoint_step = self.step
         return self.store.save(
             self.step,
-            engine=self.engine,
-            disc_engine=self.disc_engine,
-            ema_state=self.ema.state_dict() if self.ema is not None else None,
-            trainer_state={
-                "step": self.step,
-                "data": self.sampler_state.state_dict(),
-                "fingerprint": self.fingerprint,
-                "counters": self.counters.state_dict(),
-            },
+            self.checkpointed,
             # Each checkpoint carries its EMA as a diffusers export, so `e2ed2 sample` and
             # `from_pretrained` work on any checkpoint without DeepSpeed.
             write_extra=lambda staging: self.export(staging / "export"),
@@ -514,7 +513,7 @@ class Trainer:
         terms: dict[str, float] = {}
         run = self.config.run
         accum = run.grad_accum_steps
-        skipped_before = self.engine.skipped_steps
+        skipped_before = skipped_steps(self.engine)
         cleared = local_nonfinite = False
         bad = drawn = 0
         for micro_step in range(accum):
@@ -553,7 +552,7 @@ class Trainer:
                 logged.update(self._discriminator_updates(real, fake))
             for name, value in logged.items():
                 terms[name] = terms.get(name, 0.0) + value / accum
-        skipped = cleared or self.engine.skipped_steps > skipped_before
+        skipped = cleared or skipped_steps(self.engine) > skipped_before
         # One small all-reduce per step: every rank must agree on the skip (a disagreement
         # would be a DeepSpeed bug that silently desynchronises the replicas) and the data
         # counters are global.

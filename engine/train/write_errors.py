@@ -15,11 +15,9 @@ No torch at import: the command boundary uses it on any escaping error.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 __all__ = ["FAIL_SAVE_ENV", "as_os_error", "attempt_write", "injected_save_fault"]
 
@@ -64,19 +62,13 @@ def attempt_write(
     return error
 
 
-@contextlib.contextmanager
-def injected_save_fault(engine: Any, rank: int) -> Iterator[None]:
-    """While inside: this rank's DeepSpeed file writes fail if :data:`FAIL_SAVE_ENV` names it."""
+def injected_save_fault(rank: int) -> Callable[[str], OSError] | None:
+    """The failure of this rank's DeepSpeed file writes if :data:`FAIL_SAVE_ENV` names it, else
+    None (checkpoint.py raises it from each write: deepspeed_compat.failing_checkpoint_writes)."""
     if os.environ.get(FAIL_SAVE_ENV) != str(rank):
-        yield
-        return
-    checkpoint_engine = engine.checkpoint_engine
+        return None
 
-    def fail(state_dict: Any, path: str) -> None:
-        raise OSError(errno.EIO, f"injected write failure ({FAIL_SAVE_ENV}={rank})", path)
+    def fault(path: str) -> OSError:
+        return OSError(errno.EIO, f"injected write failure ({FAIL_SAVE_ENV}={rank})", path)
 
-    checkpoint_engine.save = fail  # an instance attribute over the class's method
-    try:
-        yield
-    finally:
-        del checkpoint_engine.save
+    return fault

@@ -70,8 +70,17 @@ class _FakeEngine:
         (Path(root) / tag / "model_states.pt").write_bytes(b"weights")
 
 
+class _Tensors:
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"w": torch.full((2,), self.value)}
+
+
 def test_checkpoints_are_published_whole_and_the_last_n_kept(tmp_path: Path) -> None:
-    from e2ed2.engine.train.checkpoint import CheckpointStore
+    from e2ed2.engine.train.checkpoint import CheckpointStore, ProcessRng
+    from e2ed2.engine.train.checkpointed import DeepSpeedEngineState, RankPrivate, RankTensors
 
     store = CheckpointStore(tmp_path, rank=0, world_size=1, keep=2)
     # What crashes leave behind (a save, a deletion) carries no complete name: never resumed.
@@ -82,10 +91,11 @@ def test_checkpoints_are_published_whole_and_the_last_n_kept(tmp_path: Path) -> 
     def save(step: int, **kwargs: object) -> Path:
         return store.save(
             step,
-            engine=_FakeEngine(),
-            disc_engine=None,
-            ema_state={"w": torch.full((2,), float(step))},
-            trainer_state={"step": step},
+            {
+                "model": DeepSpeedEngineState(_FakeEngine()),
+                "ema": RankTensors(_Tensors(float(step)), torch.nn.Module(), label="EMA"),
+                "rng": RankPrivate(ProcessRng()),
+            },
             **kwargs,
         )
 
