@@ -1,16 +1,28 @@
 """Training data: the embedded digits default, precomputed latent shards, and resumable batching.
 
-Every dataset item is a dict that torch's default collate stacks::
+Every dataset item is a dict of one sample's fields; the loader's collate
+(:meth:`~e2ed2.engine.core.batch.Batch.collate`) stacks them into a
+:class:`~e2ed2.engine.core.batch.Batch`, the typed record the trainer, the dry run and the
+evaluation read by attribute (its fields carry the shapes). Per item::
 
     "latents"                (C, h, w) float32   what the trajectory starts from / is scored against
     "encoder_hidden_states"  (L, D) float32      text-encoder output
-    "encoder_attention_mask" (L,) long           1 = token, 0 = padding
+    "encoder_attention_mask" (L,) long           1 = token, 0 = padding (absent for SD3)
+    "pooled_projections"     (D_p,) float32      SD3 only: the pooled text embedding
     "index"                  int                 position of the sample in the dataset (global,
                                                  the same on every rank)
     "label"                  int                 digits only: the digit 0..9
-    "resolution"             (2,) float32        shards only: the source image's (height, width)
-    "aspect_ratio"           (1,) float32        shards only: the stored crop's height / width
-                                                 (both PixArt-MS's added_cond_kwargs)
+    "resolution"             (2,) float32        shards / prompt folders: the source image's
+                                                 (height, width)
+    "aspect_ratio"           (1,) float32        shards / prompt folders: the stored crop's
+                                                 height / width (both PixArt-MS's
+                                                 added_cond_kwargs)
+    "bad_count"              int                 shards only: 1 if the drawn sample was bad and
+                                                 this is its replacement, else 0
+    "bad_sample"             str                 shards only: where the bad sample lives and why
+                                                 ("" if good)
+
+A key the ``Batch`` has no field for is refused when collating; an absent optional key is None.
 
 Modules: ``digits`` (the embedded default), ``shards`` (the latent-shard format, read and
 written), ``text`` (caption encoding), ``batching`` (the resumable distributed sampler and

@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config.base import check_int
 from ..config.data import DataConfig
+from ..core.batch import Batch
 from .digits import SPLITS, DigitsDataset, Split
+from .prompts_source import PromptDataset
 from .seeding import SampleKey, seeded_generator
 from .shards import LatentShardDataset, check_bucket_table
 
@@ -227,7 +229,8 @@ class BucketBatchSampler(ResumableBatchSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` over a :class:`ResumableBatchSampler` whose state follows consumption.
+    """A ``DataLoader`` over a :class:`ResumableBatchSampler` whose state follows consumption;
+    it yields :class:`~e2ed2.engine.core.batch.Batch` es (its collate is :meth:`Batch.collate`).
 
     Workers prefetch index batches ahead of the consumer, which moves the sampler's position
     ahead; after every batch this loader hands out, it resets the position to "batches handed out
@@ -239,9 +242,10 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, dataset: Dataset, batch_sampler: ResumableBatchSampler, **kwargs: Any):
         if not isinstance(batch_sampler, ResumableBatchSampler):
             raise TypeError("ResumableDataLoader needs a ResumableBatchSampler")
+        kwargs.setdefault("collate_fn", Batch.collate)
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
 
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
         sampler = self.batch_sampler
         start = sampler._position
         for delivered, batch in enumerate(super().__iter__(), start=1):
@@ -256,8 +260,6 @@ def build_dataset(config: DataConfig, split: Split = "train") -> Dataset:
     if config.source == "digits":
         return DigitsDataset(config, split)
     if config.source == "prompts":
-        from .prompts_source import PromptDataset
-
         return PromptDataset(config)
     if split != "train":
         raise ValueError(
@@ -277,7 +279,8 @@ def build_dataloader(
     shuffle: bool = True,
     pin_memory: bool = False,
 ) -> tuple[ResumableDataLoader, ResumableBatchSampler]:
-    """An endless loader of this rank's micro-batches and its sampler (for state_dict/resume).
+    """An endless loader of this rank's micro-batches (:class:`~e2ed2.engine.core.batch.Batch`)
+    and its sampler (for state_dict/resume).
 
     Iterate it with ``next(iterator)`` (it never ends); call ``sampler.load_state_dict`` before
     creating the iterator to resume. With ``data.buckets`` other than "none" the sampler is a

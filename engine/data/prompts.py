@@ -10,38 +10,25 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
+from ..core.batch import Batch
 from ..core.network import Conditioning
 from .digits import DigitsDataset, digit_prompt
 from .shards import LatentShardDataset
 
 __all__ = ["batch_conditioning", "null_conditioning", "sample_conditioning", "stack_items"]
 
-#: Per-sample keys of a batch that become ``Conditioning.added_cond_kwargs`` (PixArt-MS).
-SIZE_CONDITION_KEYS = ("resolution", "aspect_ratio")
+
+def batch_conditioning(batch: Batch) -> Conditioning:
+    """The conditioning of a collated batch (:meth:`Batch.conditioning`): text states, mask and,
+    where the data carries them, PixArt-MS's size conditions (``resolution``, ``aspect_ratio``)
+    and SD3's pooled projections (SD3's shards carry no mask: its transformer attends to all
+    tokens)."""
+    return batch.conditioning()
 
 
-def batch_conditioning(batch: Mapping[str, Any]) -> Conditioning:
-    """The conditioning of a collated batch: text states, mask and, where the data carries them
-    (latent shards), the size conditions PixArt-MS embeds (``resolution``, ``aspect_ratio``)."""
-    added = {k: batch[k] for k in SIZE_CONDITION_KEYS if k in batch}
-    # SD3's shards carry pooled projections and no mask (its transformer attends to all tokens).
-    return Conditioning(
-        batch["encoder_hidden_states"],
-        batch.get("encoder_attention_mask"),
-        added or None,
-        pooled_projections=batch.get("pooled_projections"),
-    )
-
-
-def stack_items(items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """Dataset items -> a batch of their tensors (as the DataLoader's collate would)."""
-    return {
-        key: torch.stack([item[key] for item in items])
-        for key, value in items[0].items()
-        if isinstance(value, torch.Tensor)
-    }
+def stack_items(items: Sequence[Mapping[str, Any]]) -> Batch:
+    """Dataset items -> a batch, as the data loader collates them (:meth:`Batch.collate`)."""
+    return Batch.collate(items)
 
 
 def sample_conditioning(dataset, count: int) -> tuple[Conditioning, list[str]]:

@@ -203,7 +203,7 @@ def _shard_batches(dataset: Any, count: int, batch_size: int):
             # without.
             cond = batch_conditioning(batch)
             captions = [dataset.captions[int(it["index"])] for it in items]
-            yield cond, batch["latents"], captions
+            yield cond, batch.latents, captions
 
 
 def evaluate_shard_export(

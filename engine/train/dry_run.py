@@ -92,7 +92,7 @@ def dry_run_forward(config: TrainConfig) -> str:
                 pooled_projections=None if null_pooled is None else fake(null_pooled),
             )
         )
-    latents = fake(batch["latents"].to(dtype))
+    latents = fake(batch.latents.to(dtype))
     with mode, torch.no_grad():
         scale = config.sampler.guidance_scale
         prediction = denoise(denoiser, latents, schedule.timestep(0), cond, guidance_scale=scale)

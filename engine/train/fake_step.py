@@ -39,6 +39,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import TrainConfig
+from ..core.batch import Batch
 from ..core.estimate import UpperBoundShapes
 from ..core.families import resolve_family
 from ..core.memory import LiveTensorTracker
@@ -475,20 +476,22 @@ class _Metrics:
         pass
 
 
-def _batch(step: FakeStep) -> dict[str, torch.Tensor]:
-    """The fake micro-batch as the data loader collates it (prompts.batch_conditioning reads
-    it back)."""
+def _batch(step: FakeStep) -> Batch:
+    """The fake micro-batch as the data loader collates it (``Batch.conditioning`` reads it
+    back)."""
     cond = step.cond
-    batch = {"latents": step.latents, "encoder_hidden_states": cond.encoder_hidden_states}
-    if cond.encoder_attention_mask is not None:
-        batch["encoder_attention_mask"] = cond.encoder_attention_mask
-    if cond.pooled_projections is not None:
-        batch["pooled_projections"] = cond.pooled_projections
-    batch.update(cond.added_cond_kwargs or {})
+    added = cond.added_cond_kwargs or {}
     rows = step.latents.shape[0]
-    batch["index"] = torch.arange(rows)
-    batch["label"] = torch.zeros(rows, dtype=torch.long)
-    return batch
+    return Batch(
+        latents=step.latents,
+        encoder_hidden_states=cond.encoder_hidden_states,
+        index=torch.arange(rows),
+        encoder_attention_mask=cond.encoder_attention_mask,
+        pooled_projections=cond.pooled_projections,
+        resolution=added.get("resolution"),
+        aspect_ratio=added.get("aspect_ratio"),
+        label=torch.zeros(rows, dtype=torch.long),
+    )
 
 
 def stand_in_trainer(step: FakeStep, config: TrainConfig, loss_fn: Any) -> Any:

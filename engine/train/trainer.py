@@ -31,7 +31,6 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import deepspeed
 import torch
@@ -39,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, TrainConfig, config_to_toml
+from ..core.batch import Batch
 from ..core.lora import add_lora
 from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import Conditioning, per_step_networks, repeat_conditioning
@@ -290,21 +290,21 @@ class Trainer:
 
     # -- one iteration -------------------------------------------------------------------------
     def _batch_to_device(
-        self, batch: dict[str, Any]
+        self, batch: Batch
     ) -> tuple[torch.Tensor, Conditioning, torch.Tensor | None]:
         """Latents, conditioning and (when the objective scores prompts: the reward) labels."""
-        latents = batch["latents"].to(self.device, self.compute_dtype, non_blocking=True)
+        latents = batch.latents.to(self.device, self.compute_dtype, non_blocking=True)
         # Text in the compute dtype; PixArt-MS's size conditions (shards) ride along in float32.
         cond = batch_conditioning(batch).with_unconditional(self.null_cond)
         cond = cond.to(self.device, self.compute_dtype)
         labels = None
         if self.loss_fn is not None and self.loss_fn.needs_labels:
-            if "label" not in batch:
+            if batch.label is None:
                 raise ValueError(
                     "objective.reward_weight > 0 needs a prompt label per sample (the digits "
                     "data); this batch has none"
                 )
-            labels = batch["label"].to(self.device, torch.long, non_blocking=True)
+            labels = batch.label.to(self.device, torch.long, non_blocking=True)
         return latents, cond, labels
 
     def _plan(self) -> tuple[Trajectory, TrajectoryPlan]:
@@ -496,14 +496,14 @@ class Trainer:
             return None
         return CutUnroll(per_step=traj.per_step_backward, rows_per_pass=traj.rows_per_pass)
 
-    def _count_bad_samples(self, batch: dict[str, Any]) -> int:
-        for where in batch.get("bad_sample", ()):
+    def _count_bad_samples(self, batch: Batch) -> int:
+        for where in batch.bad_sample or ():
             if where:
                 log.warning("step %d: skipped bad sample %s", self.step + 1, where)
-        counts = batch.get("bad_count")
+        counts = batch.bad_count
         return 0 if counts is None else int(counts.sum())
 
-    def train_step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:
+    def train_step(self, batches: Iterator[Batch]) -> dict[str, float]:
         """One optimizer step (``grad_accum_steps`` micro-batches); returns rank-mean scalars.
 
         A NaN/Inf loss on any rank, or a NaN/Inf gradient, skips the optimizer step on every
@@ -519,7 +519,7 @@ class Trainer:
         for micro_step in range(accum):
             batch = next(batches)
             bad += self._count_bad_samples(batch)
-            drawn += len(batch["latents"])
+            drawn += len(batch)
             latents, cond, labels = self._batch_to_device(batch)
             # Labels go by keyword and only when a term reads them, so wrappers of the
             # three-argument call (the reliability tests patch it) keep working.
@@ -528,7 +528,7 @@ class Trainer:
                 # The CLIP reward scores each sample against its caption string (the dataset's,
                 # by the sample's index: bad samples arrive replaced, with their own index).
                 captions = self.loader.dataset.captions
-                extra["captions"] = [captions[int(i)] for i in batch["index"]]
+                extra["captions"] = [captions[int(i)] for i in batch.index]
             # trajectory.per_step_backward / rows_per_pass: the unroll is cut at every sampler
             # step and / or run in passes of rows, each backward piece a DeepSpeed micro-step
             # of its own (train/step_backward.py).

@@ -304,7 +304,7 @@ def test_the_loader_batches_bucketed_shards(tmp_path: Path) -> None:
     loader, sampler = build_dataloader(config, batch_per_rank=2)
     assert isinstance(sampler, BucketBatchSampler) and sampler.batches_per_epoch == 3
     iterator = iter(loader)
-    shapes = {tuple(next(iterator)["latents"].shape) for _ in range(6)}
+    shapes = {tuple(next(iterator).latents.shape) for _ in range(6)}
     assert shapes == {(2, 2, 4, 6), (2, 2, 6, 4)}
     with pytest.raises(ValueError, match="precomputed with buckets 'pixart'"):
         build_dataloader(DataConfig(source="shards", shard_dir=str(root)), batch_per_rank=2)

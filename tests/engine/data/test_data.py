@@ -259,18 +259,18 @@ def test_dataloader_batches_and_state_do_not_depend_on_num_workers() -> None:
         loader, sampler = build_dataloader(config, batch_per_rank=4, rank=1, world_size=2)
         iterator = iter(loader)
         batches = [next(iterator) for _ in range(5)]
-        return [b["index"].tolist() for b in batches], sampler.state_dict(), batches[-1]
+        return [b.index.tolist() for b in batches], sampler.state_dict(), batches[-1]
 
     indices, state, last = run(0)
     assert state == {"epoch": 0, "batch_in_epoch": 5}
-    assert last["latents"].shape == (4, 1, 8, 8)
-    assert last["encoder_hidden_states"].shape == (4, 32, 16)
-    assert last["encoder_attention_mask"].dtype == torch.long
-    assert last["label"].shape == (4,)
+    assert last.latents.shape == (4, 1, 8, 8)
+    assert last.encoder_hidden_states.shape == (4, 32, 16)
+    assert last.encoder_attention_mask.dtype == torch.long
+    assert last.label.shape == (4,)
     worker_indices, worker_state, worker_last = run(2)
     assert worker_indices == indices
     assert worker_state == state  # prefetching workers do not move the position
-    torch.testing.assert_close(worker_last["latents"], last["latents"])
+    torch.testing.assert_close(worker_last.latents, last.latents)
 
     # The loader yields the sampler's batches for this rank.
     config = DataConfig(resolution=8, text_dim=16)
@@ -354,11 +354,11 @@ def test_shards_with_plain_latents_and_default_collate(tmp_path: Path) -> None:
     config = DataConfig(source="shards", shard_dir=str(tmp_path), seed=3)
     loader, sampler = build_dataloader(config, batch_per_rank=2, rank=0, world_size=2)
     batch = next(iter(loader))
-    assert batch["latents"].shape == (2, 4, 6, 5)
-    assert batch["encoder_hidden_states"].shape == (2, 7, 12)
-    assert batch["encoder_attention_mask"].shape == (2, 7)
-    expected = 0.5 * data["latents"][batch["index"]].float()
-    torch.testing.assert_close(batch["latents"], expected)
+    assert batch.latents.shape == (2, 4, 6, 5)
+    assert batch.encoder_hidden_states.shape == (2, 7, 12)
+    assert batch.encoder_attention_mask.shape == (2, 7)
+    expected = 0.5 * data["latents"][batch.index].float()
+    torch.testing.assert_close(batch.latents, expected)
     assert sampler.state_dict() == {"epoch": 0, "batch_in_epoch": 1}
     with pytest.raises(ValueError, match="only a 'train' split"):
         build_dataset(config, "holdout")

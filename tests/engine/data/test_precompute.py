@@ -134,7 +134,7 @@ def test_precompute_end_to_end(workspace, caplog) -> None:
 
     loader, _ = build_dataloader(DataConfig(source="shards", shard_dir=str(out)), batch_per_rank=2)
     batch = next(iter(loader))
-    assert batch["latents"].shape == (2, 4, 8, 8)
+    assert batch.latents.shape == (2, 4, 8, 8)
 
 
 def test_pipeline_layout_overwrite_and_cli(tmp_path: Path, capsys, save_tiny_models) -> None:

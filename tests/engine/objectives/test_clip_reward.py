@@ -254,9 +254,7 @@ def test_a_trainer_step_on_pixart_shards_scores_each_sample_against_its_caption(
     scorer.text_features = lambda captions: scored.append(list(captions)) or text_features(captions)
     drawn: list[list[int]] = []
     to_device = trainer._batch_to_device
-    trainer._batch_to_device = lambda batch: (
-        drawn.append(batch["index"].tolist()) or to_device(batch)
-    )
+    trainer._batch_to_device = lambda batch: drawn.append(batch.index.tolist()) or to_device(batch)
     before = [p.detach().clone() for p in trainer.engine.module.parameters()]
     history = trainer.train()  # one step, logged
     captions = trainer.loader.dataset.captions

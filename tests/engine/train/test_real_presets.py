@@ -86,7 +86,7 @@ def test_dry_run_catches_missing_size_conditions(
     from e2ed2.engine.train import dry_run
 
     def text_only(batch):
-        return Conditioning(batch["encoder_hidden_states"], batch["encoder_attention_mask"])
+        return Conditioning(batch.encoder_hidden_states, batch.encoder_attention_mask)
 
     monkeypatch.setattr(dry_run, "batch_conditioning", text_only)
     overrides = _overrides(pixart_1024_ms_folder, shards_1024, vgg16_features_path, tmp_path)
