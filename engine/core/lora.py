@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config.model import ModelConfig
@@ -89,6 +91,7 @@ def lora_weight_name(adapter: str) -> str:
 
 def lora_config(config: ModelConfig) -> LoraConfig:
     """``model.lora_*`` as a peft ``LoraConfig`` (peft's default init: A Kaiming, B = 0)."""
+    # lazy: peft (with transformers) adds ~4 s; only LoRA runs (model.lora_rank > 0) need it
     from peft import LoraConfig
 
     if config.lora_rank < 1:
@@ -105,12 +108,14 @@ def lora_config(config: ModelConfig) -> LoraConfig:
 
 def lora_layers(model: nn.Module) -> tuple[nn.Module, ...]:
     """Every peft LoRA layer inside ``model``, in module order."""
+    # lazy: peft (with transformers) adds ~4 s; only LoRA runs (model.lora_rank > 0) need it
     from peft.tuners.lora import LoraLayer
 
     return tuple(m for m in model.modules() if isinstance(m, LoraLayer))
 
 
 def _inject(model: nn.Module, config: LoraConfig, names: Sequence[str]) -> None:
+    # lazy: peft (with transformers) adds ~4 s; only LoRA runs (model.lora_rank > 0) need it
     from peft import inject_adapter_in_model
 
     with warnings.catch_warnings():
@@ -139,6 +144,7 @@ def _check_injected(model: nn.Module, config: ModelConfig) -> None:
         return
     # The fused timestep embedding reads its linear layers' weights directly: an adapter there
     # would be skipped without a word.
+    # lazy: e2ed2.kernels imports triton (absent off Linux); only fused-kernel runs need it
     from e2ed2.kernels import FusedPixArtTimestepEmbeddings
 
     for fused in (m for m in model.modules() if isinstance(m, FusedPixArtTimestepEmbeddings)):
@@ -276,6 +282,7 @@ def lora_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
     """``adapter``'s weights in diffusers' LoRA-file layout (``transformer.<module>.lora_A.weight``;
     peft's ``get_peft_model_state_dict`` without the adapter name, prefixed as a pipeline's
     transformer)."""
+    # lazy: peft (with transformers) adds ~4 s; only LoRA runs (model.lora_rank > 0) need it
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=adapter)
@@ -298,7 +305,6 @@ def save_lora_weights(
 ) -> Path:
     """Writes ``adapter`` of ``model`` (a diffusers model with peft adapters) as a diffusers LoRA
     file ``directory/weight_name`` (default :func:`lora_weight_name`); returns its path."""
-    from safetensors.torch import save_file
 
     path = Path(directory) / (weight_name or lora_weight_name(adapter))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -316,9 +322,8 @@ def load_lora_weights(
     ``LoraConfig`` from the file's metadata, ``inject_adapter_in_model``, then
     ``set_peft_model_state_dict``. Every key of the file must land in the model.
     """
+    # lazy: peft (with transformers) adds ~4 s; only LoRA runs (model.lora_rank > 0) need it
     from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_dir():
@@ -348,6 +353,7 @@ def load_lora_weights(
 def plain_transformer(model: nn.Module, merge: str | None = None) -> nn.Module:
     """A copy of ``model`` without peft layers: the base weights, or with adapter ``merge``
     merged in (peft's ``merge``: ``W + (alpha / r) B A``). ``model`` is left as it is."""
+    # lazy: diffusers adds ~3 s over torch; only plain_transformer's export needs it
     from diffusers.utils import recurse_remove_peft_layers
 
     plain = copy.deepcopy(model)

@@ -11,8 +11,9 @@ never partitions them.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -23,7 +24,13 @@ from .families import ModelFamily, denoiser_class_names, family_of_denoiser, res
 if TYPE_CHECKING:
     # Imported where used: the config (ModelConfig) is read and checked before any model is
     # built, and diffusers' model classes take seconds to import.
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel, SD3Transformer2DModel
+    # From their modules: diffusers' top-level names type as its dummy (torch-less) objects.
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.models.autoencoders.autoencoder_dc import AutoencoderDC
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 __all__ = [
     "DENOISER_CLASSES",
@@ -83,7 +90,8 @@ def pixart_transformer(
     ``use_additional_conditions``: PixArt-MS's resolution / aspect-ratio embeddings (diffusers
     turns them on by itself for ``sample_size == 128``; here it is always explicit).
     """
-    from diffusers import PixArtTransformer2DModel
+    # lazy: diffusers adds ~3 s; the config and launch checks importing this module skip it
+    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
     return PixArtTransformer2DModel(
         num_attention_heads=num_attention_heads,
@@ -122,7 +130,8 @@ def sd3_transformer(
     ``pos_embed_max_size`` to the patch grid of ``sample_size`` (SD3-medium: 192 for 128);
     ``dual_attention_layers`` / ``qk_norm="rms_norm"``: SD3.5's MMDiT-X.
     """
-    from diffusers import SD3Transformer2DModel
+    # lazy: diffusers adds ~3 s; the config and launch checks importing this module skip it
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
     hidden = num_attention_heads * attention_head_dim
     return SD3Transformer2DModel(
@@ -144,8 +153,6 @@ def sd3_transformer(
 
 def _denoiser_class_name(folder: str, key: str) -> str:
     """The diffusers class named by ``folder/config.json``'s ``_class_name``, if supported."""
-    import json
-
     with open(os.path.join(folder, "config.json")) as f:
         name = json.load(f).get("_class_name")
     if name not in DENOISER_CLASSES:
@@ -156,7 +163,8 @@ def _denoiser_class_name(folder: str, key: str) -> str:
     return name
 
 
-def _denoiser_class(folder: str, key: str) -> type:
+def _denoiser_class(folder: str, key: str) -> type[ModelMixin]:
+    # lazy: diffusers adds ~3 s; the config and launch checks importing this module skip it
     import diffusers
 
     return getattr(diffusers, _denoiser_class_name(folder, key))
@@ -175,7 +183,7 @@ def model_family(config: ModelConfig) -> ModelFamily:
 
 
 def _check_fits_data(
-    model: nn.Module,
+    model: ModelMixin,
     key: str,
     *,
     latent_channels: int,
@@ -184,11 +192,12 @@ def _check_fits_data(
 ) -> None:
     """Raises ValueError naming ``key`` unless the pretrained model takes the data's shapes."""
     cfg = model.config
+    has: tuple[int | None, ...]
     if family_of_denoiser(type(model).__name__).pooled_projections:
         wants = {
-            "in_channels": cfg.in_channels,
-            "joint_attention_dim": cfg.joint_attention_dim,
-            "pooled_projection_dim": cfg.pooled_projection_dim,
+            "in_channels": cfg["in_channels"],
+            "joint_attention_dim": cfg["joint_attention_dim"],
+            "pooled_projection_dim": cfg["pooled_projection_dim"],
         }
         has = (latent_channels, text_dim, pooled_dim)
         what = "latent channels, text width and pooled projection width"
@@ -199,7 +208,7 @@ def _check_fits_data(
             else ""
         )
     else:
-        wants = {"in_channels": cfg.in_channels, "caption_channels": cfg.caption_channels}
+        wants = {"in_channels": cfg["in_channels"], "caption_channels": cfg["caption_channels"]}
         has = (latent_channels, text_dim)
         what = "latent channels and text width"
         hint = ""
@@ -216,7 +225,7 @@ def build_denoiser(
     text_dim: int,
     pooled_dim: int | None = None,
     load_weights: bool = True,
-) -> PixArtTransformer2DModel | SD3Transformer2DModel:
+) -> ModelMixin:
     """The trainable denoiser, checked against the data's latent and text shapes.
 
     A pretrained folder's class comes from its config.json ``_class_name`` (PixArt, or SD3 whose
@@ -234,7 +243,11 @@ def build_denoiser(
         if load_weights:
             model = cls.from_pretrained(folder, use_safetensors=True)
         else:
-            model = cls.from_config(cls.load_config(folder))
+            # Every denoiser class is a ConfigMixin as well (diffusers' registered config).
+            config_class = cast("type[ConfigMixin]", cls)
+            # load_config returns the config dict alone (its annotation says a tuple).
+            loaded = config_class.load_config(folder)
+            model = cast("ModelMixin", config_class.from_config(loaded))  # type: ignore[arg-type]
         _check_fits_data(
             model, key, latent_channels=latent_channels, text_dim=text_dim, pooled_dim=pooled_dim
         )
@@ -267,6 +280,7 @@ def build_denoiser(
         for param in matched:
             param.requires_grad_(False)
     if config.fused_kernels:
+        # lazy: e2ed2.kernels imports triton (absent off Linux); only fused-kernel runs need it
         from e2ed2.kernels import install_fused_kernels
 
         install_fused_kernels(model)
@@ -285,13 +299,13 @@ class IdentityAutoencoder(nn.Module):
 class FrozenVAE(nn.Module):
     """A frozen ``AutoencoderKL`` that decodes *scaled* latents (as stored / trained on)."""
 
-    def __init__(self, vae: AutoencoderKL) -> None:
+    def __init__(self, vae: AutoencoderKL | AutoencoderDC) -> None:
         super().__init__()
         self.vae = vae.requires_grad_(False).eval()
-        self.scaling_factor = float(vae.config.scaling_factor)
+        self.scaling_factor = float(vae.config["scaling_factor"])
         # SD3's VAE centres its latents before scaling (latents = (z - shift) * scale, as the
         # shards store them); SD / PixArt's has none (null in its config).
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.shift_factor = float(vae.config.get("shift_factor") or 0.0)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> pixels (B, 3, 8h, 8w) in about [-1, 1], with graph:
@@ -320,8 +334,7 @@ def build_autoencoder(
     if config.vae_path is None:
         return IdentityAutoencoder()
     folder = resolve_model_folder(config.vae_path, "vae", "model.vae_path")
-    import json
-
+    # lazy: diffusers adds ~3 s; the config and launch checks importing this module skip it
     import diffusers
 
     # AutoencoderKL, or Sana's deep-compression AutoencoderDC (decode(z).sample alike).

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from ..config.trajectory import TrajectoryConfig
@@ -57,6 +58,7 @@ def save_grid(
     Images smaller than ``min_side_px`` (the 16-px digits) are upscaled by an integer factor
     with nearest-neighbour first, so the grid shows sharp, readable pixels.
     """
+    # lazy: torchvision adds ~2 s over torch; only image grids need it
     import torchvision
 
     side = min(pixels.shape[-2:])
@@ -88,7 +90,6 @@ def save_captioned_grid(
     width, an ellipsis where it is cut). PIL draws the text; its default font is scalable
     (FreeType) since Pillow 10.1.
     """
-    from PIL import Image, ImageDraw, ImageFont
 
     if len(captions) != len(pixels):
         raise ValueError(f"{len(pixels)} images but {len(captions)} captions")

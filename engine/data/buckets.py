@@ -49,10 +49,12 @@ def pixart_table(resolution: int) -> dict[str, tuple[int, int]]:
             f"PixArt has aspect-ratio tables at {list(PIXART_RESOLUTIONS)} px, not {resolution}"
         )
     if resolution == 2048:
+        # lazy: diffusers adds ~3 s over torch; only PixArt's own bucket tables come from it
         from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import (
             ASPECT_RATIO_2048_BIN as table,
         )
     else:
+        # lazy: diffusers adds ~3 s over torch; only PixArt's own bucket tables come from it
         from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha
 
         table = getattr(pipeline_pixart_alpha, f"ASPECT_RATIO_{resolution}_BIN")

@@ -51,6 +51,7 @@ class DigitsDataset(Dataset):
     """
 
     def __init__(self, config: DataConfig, split: Split = "train") -> None:
+        # lazy: scikit-learn adds ~2 s over torch; only the digits source needs it
         from sklearn.datasets import load_digits
 
         if split not in SPLITS:

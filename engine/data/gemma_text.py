@@ -43,7 +43,8 @@ def load_gemma_text_encoder(
     """The text half of a Sana / SANA-Sprint pipeline folder: its pipeline class (the family
     record's) with the Gemma-2 encoder in ``dtype`` on ``device`` and its tokenizer, without
     transformer or VAE (safetensors only)."""
-    import diffusers  # here: seconds to import, and config checks run before any model loads
+    # lazy: diffusers adds ~3 s over torch, and config checks run before any model loads
+    import diffusers
 
     family = family_of_pipeline_folder(folder)
     if family is None or family.text_encoding != "gemma":

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from .buckets import BucketTable, nearest_bucket
 
@@ -68,7 +69,6 @@ class UnreadableImage(ValueError):
 def open_viewer_rgb(source: str | os.PathLike | bytes | Any) -> Any:
     """A file path, the file's bytes or an opened ``PIL.Image.Image`` -> the RGB ``PIL`` image a
     viewer shows (see the module docstring); raises UnreadableImage."""
-    from PIL import Image
 
     if isinstance(source, Image.Image):
         return viewer_rgb(source)
@@ -92,7 +92,6 @@ def open_viewer_rgb(source: str | os.PathLike | bytes | Any) -> Any:
 
 def viewer_rgb(image: Any) -> Any:
     """A decoded ``PIL`` image of any mode -> RGB as a viewer shows it (orientation applied)."""
-    from PIL import Image, ImageOps
 
     _check_pixels(image)
     try:
@@ -149,7 +148,6 @@ def load_image_and_size(
     resized to cover its nearest bucket and center-cropped to it, (3, height, width), instead of
     the ``resolution`` square. Raises UnreadableImage.
     """
-    from PIL import Image
 
     image = open_viewer_rgb(source)
     width, height = image.size

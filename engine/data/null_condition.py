@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
 
 from .paths import ConfinedRoot
 from .storage import write_atomic
@@ -66,7 +67,6 @@ def write_null_condition(
 ) -> Path:
     """Writes ``shard_dir/null_condition.safetensors`` (states and SD3's ``pooled`` (1, D_p) in
     ``dtype``, mask bool; SD3 has no mask: None)."""
-    from safetensors.torch import save
 
     mask_shape = tuple(states.shape[:2]) if mask is None else tuple(mask.shape)
     if states.dim() != 3 or states.shape[0] != 1 or mask_shape != tuple(states.shape[:2]):
@@ -98,7 +98,6 @@ def read_null_condition(
     (``pooled_dim`` set, ``masked`` False): no mask, ``pooled_projections`` (1, D_p) float32.
     Raises ValueError naming the file when it does not match the captions' ``text_shape``
     (L, D)."""
-    from safetensors.torch import load_file
 
     path = Path(shard_dir) / NULL_CONDITION_FILE
     if not path.is_file():

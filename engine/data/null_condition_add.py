@@ -33,6 +33,7 @@ def add_null_condition(
     The text encoder and tokenizer default to the folders ``index.json`` records (those the
     captions were encoded with); the length and storage dtype are the captions'.
     """
+    # lazy: transformers adds ~1 s over torch; only encoding the empty prompt needs it
     import transformers
     from transformers import T5EncoderModel
 

@@ -641,6 +641,7 @@ def _load_models(
 ) -> tuple[Any, Any, Any]:
     """The VAE, the text encoder and its tokenizer; ``sd3``: the encoder is the SD3 pipeline's
     text half (three encoders and tokenizers) and the tokenizer None."""
+    # lazy: transformers adds ~1 s over torch and diffusers ~3 s; only the encoders' loading needs them
     import transformers
     from diffusers import AutoencoderKL
     from transformers import T5EncoderModel
@@ -668,6 +669,7 @@ def _load_models(
 
 def _autoencoder_class(vae_dir: str, default: type) -> type:
     """The VAE folder's diffusers class: ``AutoencoderKL`` or Sana's ``AutoencoderDC``."""
+    # lazy: diffusers adds ~3 s over torch; only loading the VAE needs it
     import diffusers
 
     with open(os.path.join(vae_dir, "config.json"), encoding="utf-8") as f:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -41,6 +42,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
 
 from .storage import write_atomic
 
@@ -234,8 +237,6 @@ def run_workers(
                     break
                 time.sleep(_POLL_S)
         else:
-            import multiprocessing
-
             context = multiprocessing.get_context("spawn")
             processes = [
                 context.Process(target=_worker_main, args=(target, args, w, workers), daemon=False)
@@ -300,7 +301,6 @@ def _update(bar: Any, out: Path, workers: int) -> None:
 def wait_for_barrier() -> None:
     """Under a launcher: every rank waits here until rank 0 has prepared the folder (gloo, on
     the launcher's MASTER_ADDR / MASTER_PORT); the group is closed again right after."""
-    import torch.distributed as dist
 
     owned = not dist.is_initialized()
     if owned:

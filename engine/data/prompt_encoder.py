@@ -57,6 +57,7 @@ class PromptEncoder:
             self.encoder: Any = load_sd3_text_encoders(self.encoder_dir, self.device, dtype)
             self.tokenizer = None
             return
+        # lazy: transformers adds ~1 s over torch; only loading the T5 encoder needs it
         import transformers
         from transformers import T5EncoderModel
 

@@ -29,6 +29,7 @@ noise and only its shape is read (the config refuses every term that would compa
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
@@ -36,15 +37,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch.utils.data import Dataset
 
 from ..config.data import DataConfig
+from ..core.models import resolve_model_folder
+from .gemma_text import is_gemma_pipeline
 from .null_condition import read_null_condition, write_null_condition
 from .paths import ConfinedRoot, PathOutsideRoot
 from .prompt_encoder import PromptEncoder
 from .prompt_file import read_prompts
 from .seeding import unpack_key
 from .storage import STORAGE_DTYPES, write_atomic
+from .text import is_sd3_pipeline
 
 __all__ = ["PROMPTS_FORMAT", "PromptDataset", "encode_prompt_folder", "read_prompt_index"]
 
@@ -72,9 +78,6 @@ def encode_prompt_folder(
     SD3 pipeline folder); ``vae_path``: an AutoencoderKL folder or a pipeline folder with
     ``vae/`` (only its config.json is read). Raises ValueError / FileNotFoundError naming the
     bad input before anything is written."""
-    from ..core.models import resolve_model_folder
-    from .gemma_text import is_gemma_pipeline
-    from .text import is_sd3_pipeline
 
     prompts = read_prompts(prompts_file)
     for key, value in (
@@ -115,7 +118,6 @@ def encode_prompt_folder(
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)  # an overwritten folder is incomplete until done
-    from safetensors.torch import save
 
     shards, shapes = [], {}
     for number, start in enumerate(range(0, len(prompts), shard_size)):
@@ -247,7 +249,6 @@ class PromptDataset(Dataset):
         if self._starts[-1] != int(self.index["num_samples"]) or not self._starts[-1]:
             raise ValueError(f"{self.root}/index.json: shard counts do not match num_samples")
         self.captions: list[str] = []
-        from safetensors import safe_open
 
         for path in self.shard_files:
             with safe_open(path, framework="pt") as f:
@@ -264,7 +265,6 @@ class PromptDataset(Dataset):
         return self._starts[-1]
 
     def _shard(self, number: int) -> Any:
-        from safetensors import safe_open
 
         if self._open_pid != os.getpid():  # a forked loader worker opens its own handles
             self._open, self._open_pid = {}, os.getpid()
@@ -273,7 +273,6 @@ class PromptDataset(Dataset):
         return self._open[number]
 
     def __getitem__(self, key: Any) -> dict[str, Any]:
-        import bisect
 
         index, _ = unpack_key(key, len(self))
         number = bisect.bisect_right(self._starts, index) - 1

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch.utils.data import Dataset
 
 from ..config.data import DataConfig
@@ -270,7 +272,6 @@ class LatentShardDataset(Dataset):
         )
 
     def _shard(self, shard: int) -> Any:
-        from safetensors import safe_open
 
         if self._open_pid != os.getpid():  # a forked worker: do not share the parent's handles
             self._open = OrderedDict()
@@ -412,7 +413,6 @@ def _check_shard(
     declared: dict[str, str | None],
 ) -> tuple[list[str], list[str | None]]:
     """A shard's captions and source files, after checking its header against the index."""
-    from safetensors import safe_open
 
     if not os.path.isfile(path):
         raise FileNotFoundError("listed in index.json but missing")
@@ -454,7 +454,6 @@ def _check_packed_text(
 ) -> torch.Tensor:
     """The (count + 1,) row offsets of a shard's packed text, after checking its lengths (1..L)
     and the packed states' shape (sum of lengths, D) and dtype."""
-    from safetensors import safe_open
 
     length, width = text_shape
     with safe_open(path, framework="pt") as handle:
@@ -681,7 +680,6 @@ class ShardWriter:
         return counts
 
     def _write(self, bucket: int, count: int) -> None:
-        from safetensors.torch import save
 
         buffer = self.buffers[bucket]
         tensors, rest = {}, {}

@@ -4,6 +4,7 @@ own ``encode_prompt``."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,7 @@ def digits_text_encoder(text_dim: int, seed: int) -> tuple[Any, torch.nn.Module]
     ``T5Config`` with random weights drawn from ``seed`` (inside ``fork_rng``, leaving the global
     RNG untouched), so two constructions give identical embeddings.
     """
+    # lazy: transformers adds ~1 s over torch; only building test encoders needs it
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     tokenizer = ByT5Tokenizer()
@@ -95,6 +97,7 @@ def load_tokenizer(folder: str) -> Any:
     ``sentencepiece`` and ``protobuf`` packages). A missing package is named here: transformers
     itself then reports that "`tiktoken` is required", which points at the wrong package.
     """
+    # lazy: transformers adds ~1 s over torch; only loading a tokenizer needs it
     from transformers import AutoTokenizer, T5Tokenizer
 
     spiece = os.path.join(folder, "spiece.model")
@@ -117,7 +120,6 @@ def load_tokenizer(folder: str) -> Any:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
 
     try:
         return importlib.util.find_spec(module) is not None
@@ -140,6 +142,7 @@ def load_sd3_text_encoders(
     tokenizers and text encoders (CLIP-L, CLIP-G with projections, T5) loaded in ``dtype`` on
     ``device`` and no transformer or VAE, so :func:`encode_sd3_text` runs the pipeline's own
     ``encode_prompt`` (safetensors only)."""
+    # lazy: diffusers adds ~3 s over torch; only SD3 pipeline folders need it
     from diffusers import StableDiffusion3Pipeline
 
     try:

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import webdataset
+
 from ..paths import ConfinedRoot, PathOutsideRoot
 from .base import Record, Sample, Skipped, caption_text
 
@@ -53,7 +55,6 @@ class WebDatasetReader:
         }
 
     def __iter__(self) -> Iterator[Record]:
-        import webdataset
 
         root = Path(self.confined.given)
         shards: list[str] = []
