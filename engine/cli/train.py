@@ -131,6 +131,7 @@ def _main(argv: Sequence[str], prog: str) -> int:
 
 def _train(config: TrainConfig, prog: str, rank: int) -> int:
     from ..config import ConfigError
+    from ..core.loss_terms import total_key
     from ..train.run_lock import FolderInUseError
     from ..train.trainer import CheckpointMismatchError, DataError, NonFiniteError, Trainer
 
@@ -160,7 +161,7 @@ def _train(config: TrainConfig, prog: str, rank: int) -> int:
         return 1
     if rank == 0 and history:
         first, last = history[0], history[-1]
-        key = "total" if "total" in last else "diffusion"
+        key = total_key(config.objective.kind)
         print(
             f"done: {trainer.step} steps; loss {first.get(key, float('nan')):.4f} (step "
             f"{first['step']}) -> {last.get(key, float('nan')):.4f} (step {last['step']}); "

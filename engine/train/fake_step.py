@@ -42,6 +42,7 @@ from ..config import TrainConfig
 from ..core.batch import Batch
 from ..core.estimate import UpperBoundShapes
 from ..core.families import resolve_family
+from ..core.faults import FaultPlan
 from ..core.memory import LiveTensorTracker
 from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import Conditioning, repeat_conditioning, uses_size_conditions
@@ -511,6 +512,7 @@ def stand_in_trainer(step: FakeStep, config: TrainConfig, loss_fn: Any) -> Any:
     trainer.engine = _Engine(step.network, config.run.grad_accum_steps)
     trainer.guard = _Guard(step.network)
     trainer._gather_once = False
+    trainer.faults = FaultPlan()  # none: the estimate is of a healthy step
     trainer.null_cond = step.cond.unconditional
     trainer.teacher = step.teacher if config.objective.teacher_weight > 0 else None
     trainer.teacher_seconds = 0.0

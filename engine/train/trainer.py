@@ -31,6 +31,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import deepspeed
 import torch
@@ -39,7 +40,9 @@ from torch import nn
 
 from ..config import ConfigError, TrainConfig, config_to_toml
 from ..core.batch import Batch
+from ..core.faults import FaultPlan
 from ..core.lora import add_lora
+from ..core.loss_terms import DIFFUSION_KEY, TOTAL_KEY, GeneratorLoss, LossTerms, total_key
 from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import Conditioning, per_step_networks, repeat_conditioning
 from ..core.sampler import build_schedule
@@ -98,6 +101,8 @@ class Trainer:
         run = config.run
         self.rank, self.world_size = init_distributed()
         self.is_main = self.rank == 0
+        # Test-only failures (a NaN loss at a step, ...), E2ED2_FAULTS; empty unless set.
+        self.faults = FaultPlan.from_env()
         # Before any data or model: the DeepSpeed JSON for this world size and local paths.
         ds_config = check_launch(config, self.world_size)
         # run.zero3_gather_once: gather ZeRO-3 parameters once per micro-batch and keep them
@@ -357,7 +362,7 @@ class Trainer:
         labels: torch.Tensor | None = None,
         captions: list[str] | None = None,
         unroll: CutUnroll | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None, torch.Tensor | None]:
+    ) -> GeneratorLoss:
         """Total loss of one micro-batch, its logged terms, and (GAN) real/fake pixels
         (``unroll``: the unroll cut for a backward in pieces, train/step_backward.py)."""
         config = self.config
@@ -365,7 +370,7 @@ class Trainer:
             seed = derive_seed(config.run.seed, "diffusion", self.step, micro_step, self.rank)
             g = torch.Generator(device=self.device).manual_seed(seed)
             loss = diffusion_loss(self._networks(), latents, cond, config.sampler, generator=g)
-            return loss, {"diffusion": loss.item()}, None, None
+            return GeneratorLoss(LossTerms(loss, {DIFFUSION_KEY: loss.item()}, DIFFUSION_KEY))
 
         # m trajectories per prompt: one batch of B·m rows, prompt i in rows i·m .. i·m+m-1,
         # each row with its own seeded start and step noise.
@@ -417,7 +422,9 @@ class Trainer:
             logged = {name: value.item() for name, value in passed.terms.items()}
             if "adversarial" in logged:
                 logged["gan_generator"] = logged.pop("adversarial")
-            return passed.loss, logged, passed.target_pixels, passed.sample_pixels
+            return GeneratorLoss(
+                LossTerms(passed.loss, logged), passed.target_pixels, passed.sample_pixels
+            )
         if needs_pixels:
             fake_pixels = self.loss_fn.decode_sample(self.loss_fn.crop(sample, crops))
             real_pixels = self.loss_fn.decode_target(self.loss_fn.crop(latents, crops))
@@ -431,7 +438,7 @@ class Trainer:
             labels=labels,
             captions=captions,
         )
-        total = terms["total"]
+        total = terms[TOTAL_KEY]
         logged = {name: value.item() for name, value in terms.items()}
         if config.gan.enabled:
             adversarial = generator_adversarial_loss(
@@ -439,8 +446,8 @@ class Trainer:
             )
             total = total + config.gan.weight * adversarial
             logged["gan_generator"] = adversarial.item()
-            logged["total"] = total.item()
-        return total, logged, real_pixels, fake_pixels
+            logged[TOTAL_KEY] = total.item()
+        return GeneratorLoss(LossTerms(total, logged), real_pixels, fake_pixels)
 
     def _adversarial(self, pixels: torch.Tensor) -> torch.Tensor:
         """Eq. 8's generator term on generated pixels (the discriminator frozen)."""
@@ -521,9 +528,8 @@ class Trainer:
             bad += self._count_bad_samples(batch)
             drawn += len(batch)
             latents, cond, labels = self._batch_to_device(batch)
-            # Labels go by keyword and only when a term reads them, so wrappers of the
-            # three-argument call (the reliability tests patch it) keep working.
-            extra = {} if labels is None else {"labels": labels}
+            # Labels, captions and the unroll cut go by keyword, only when they are used.
+            extra: dict[str, Any] = {} if labels is None else {"labels": labels}
             if self.loss_fn is not None and self.loss_fn.needs_captions:
                 # The CLIP reward scores each sample against its caption string (the dataset's,
                 # by the sample's index: bad samples arrive replaced, with their own index).
@@ -536,8 +542,14 @@ class Trainer:
             if unroll is not None:
                 extra["unroll"] = unroll
             with gathered_once(self.engine.module, enabled=self._gather_once):
-                loss, logged, real, fake = self._generator_loss(latents, cond, micro_step, **extra)
-                if not math.isfinite(logged.get("total", logged.get("diffusion", 0.0))):
+                generated = self.faults.on_generator_loss(
+                    self._generator_loss(latents, cond, micro_step, **extra),
+                    step=self.step + 1,
+                    rank=self.rank,
+                )
+                loss, logged = generated.terms.total, dict(generated.terms.logged)
+                real, fake = generated.real_pixels, generated.fake_pixels
+                if not generated.terms.finite:
                     local_nonfinite = True
                     loss = loss * float("nan")
                 if unroll is None:
@@ -727,7 +739,8 @@ class Trainer:
                 record["peak_memory_bytes"] = peak_memory_bytes(self.device)
                 self.history.append(record)
                 if self.is_main:
-                    progress.set_postfix(loss=f"{terms.get('total', terms.get('diffusion')):.4f}")
+                    loss_key = total_key(self.config.objective.kind)
+                    progress.set_postfix(loss=f"{terms[loss_key]:.4f}")
                 self.metrics.record(self.step, record, terms)
             if self.counters.consecutive_skipped_steps >= run.max_consecutive_nonfinite_steps:
                 path = self.save_checkpoint()

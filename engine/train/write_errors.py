@@ -16,18 +16,19 @@ No torch at import: the command boundary uses it on any escaping error.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Callable
+
+from ..core.faults import FAIL_SAVE_ENV, FaultPlan
 
 __all__ = ["FAIL_SAVE_ENV", "as_os_error", "attempt_write", "injected_save_fault"]
 
 # Fragments of the messages above (the safetensors one carries the OS's own strerror text).
 _FULL_DISK = ("unexpected pos", "No space left on device", "os error 28")
 
-#: Test hook: ``E2ED2_FAIL_SAVE_RANK=R`` makes rank R's first file write inside DeepSpeed's
-#: checkpoint save raise (an injected EIO): the one way to test, on real ranks, a rank failing
-#: between that save's collectives. Read at each save, by :func:`injected_save_fault` only.
-FAIL_SAVE_ENV = "E2ED2_FAIL_SAVE_RANK"
+# Test hook: core/faults.py's ``fail_save`` point (``E2ED2_FAULTS="fail_save:rank=R"``, or its
+# older spelling ``E2ED2_FAIL_SAVE_RANK=R``, re-exported here) makes rank R's file writes inside
+# DeepSpeed's checkpoint save raise (an injected EIO): the one way to test, on real ranks, a rank
+# failing between that save's collectives. Read at each save, by :func:`injected_save_fault`.
 
 
 def as_os_error(error: BaseException) -> OSError | None:
@@ -63,12 +64,13 @@ def attempt_write(
 
 
 def injected_save_fault(rank: int) -> Callable[[str], OSError] | None:
-    """The failure of this rank's DeepSpeed file writes if :data:`FAIL_SAVE_ENV` names it, else
-    None (checkpoint.py raises it from each write: deepspeed_compat.failing_checkpoint_writes)."""
-    if os.environ.get(FAIL_SAVE_ENV) != str(rank):
+    """The failure of this rank's DeepSpeed file writes if the fault plan's ``fail_save`` names
+    it, else None (checkpoint.py raises it from each write:
+    deepspeed_compat.failing_checkpoint_writes)."""
+    if not FaultPlan.from_env().hits("fail_save", rank=rank):
         return None
 
     def fault(path: str) -> OSError:
-        return OSError(errno.EIO, f"injected write failure ({FAIL_SAVE_ENV}={rank})", path)
+        return OSError(errno.EIO, f"injected write failure (fail_save on rank {rank})", path)
 
     return fault

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from e2ed2.engine.config.base import ConfigError
 from e2ed2.engine.config.data import DataConfig
 from e2ed2.engine.config.loader import load_config
+from e2ed2.engine.core.faults import FAULTS_ENV
 from e2ed2.engine.data.shards import INDEX_FORMAT, INDEX_VERSION, LatentShardDataset
 from e2ed2.engine.train.launch import check_launch
 
@@ -352,35 +353,10 @@ def test_resuming_with_a_different_config_names_the_mismatch(
 # ------------------------------------------------------------------------ 4. non-finite steps
 
 
-class _NanGradient(torch.autograd.Function):
-    """Identity forward; NaN gradient backward (a finite loss with a broken gradient)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad * float("nan")
-
-
-def _poison(monkeypatch: pytest.MonkeyPatch, *, loss_steps=(), grad_steps=()) -> None:
-    """From these (1-based) steps on, the loss is NaN / the gradient is NaN."""
-    from e2ed2.engine.train.trainer import Trainer
-
-    original = Trainer._generator_loss
-
-    def poisoned(self, latents, cond, micro_step):
-        loss, logged, real, fake = original(self, latents, cond, micro_step)
-        step = self.step + 1
-        if step in loss_steps:
-            loss = loss * float("nan")
-            logged = {**logged, "total": float("nan")}
-        if step in grad_steps:
-            loss = _NanGradient.apply(loss)
-        return loss, logged, real, fake
-
-    monkeypatch.setattr(Trainer, "_generator_loss", poisoned)
+def _poison(monkeypatch: pytest.MonkeyPatch, faults: str) -> None:
+    """The run's fault plan (core/faults.py): e.g. a NaN loss at step 3, a finite loss with a
+    NaN gradient at step 4."""
+    monkeypatch.setenv(FAULTS_ENV, faults)
 
 
 @pytest.mark.parametrize(
@@ -396,7 +372,7 @@ def test_nonfinite_loss_or_gradient_skips_the_step(
 ) -> None:
     """Step 3 has a NaN loss, step 4 a finite loss with NaN gradients: both leave the weights,
     the EMA and the optimizer untouched; steps 2 and 5 train."""
-    _poison(monkeypatch, loss_steps={3}, grad_steps={4})
+    _poison(monkeypatch, "nan_loss@3,nan_gradient@4")
     trainer = _trainer(
         tmp_path,
         f"run.deepspeed_config={ds_config}",
@@ -485,7 +461,7 @@ def test_nonfinite_steps_in_a_row_stop_after_a_checkpoint(
 
     from e2ed2.engine.cli.train import main
 
-    _poison(monkeypatch, loss_steps=set(range(3, 100)))
+    _poison(monkeypatch, "nan_loss@3-")  # every step from 3 on
     argv = [
         "--config",
         "scratch",
@@ -725,24 +701,15 @@ def test_precompute_reports_each_bad_input_by_path_and_goes_on(
 
 
 _ONE_RANK_NAN_SCRIPT = """
-import json, sys
+import json, os, sys
 import torch
 from e2ed2.engine.config import load_config
+from e2ed2.engine.core.faults import FAULTS_ENV
 from e2ed2.engine.train.trainer import Trainer
 
 out, tiny, zero3 = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 tiny = json.loads(tiny)
-original = Trainer._generator_loss
-
-
-def poisoned(self, latents, cond, micro_step):  # NaN loss on rank 1 only, at step 2
-    loss, logged, real, fake = original(self, latents, cond, micro_step)
-    if self.rank == 1 and self.step + 1 == 2:
-        loss, logged = loss * float("nan"), {**logged, "total": float("nan")}
-    return loss, logged, real, fake
-
-
-Trainer._generator_loss = poisoned
+os.environ[FAULTS_ENV] = "nan_loss@2:rank=1"  # NaN loss on rank 1 only, at step 2
 for ds_config in ("none", zero3):
     name = "none" if ds_config == "none" else "zero3"
     trainer = Trainer(load_config(None, [*tiny, f"run.output_dir={out}/{name}",
