@@ -1,7 +1,7 @@
 """Fault injection: named points where a test makes a run fail on purpose, set from outside.
 
 The reliability tests need a NaN loss at step 3, a NaN gradient at step 4, a failing checkpoint
-write on rank 1 of a launcher run. Rather than each test wrapping a private method, the run reads
+write on rank 1 of a launcher run, a VAE that overflows on one image of a precompute. Rather than each test wrapping a private method, the run reads
 one plan from the environment, so the same hook works in-process, through ``e2ed2 train`` and on
 every rank the launcher starts::
 
@@ -9,6 +9,7 @@ every rank the launcher starts::
     E2ED2_FAULTS="nan_loss@3-"                    every loss from step 3 on is NaN
     E2ED2_FAULTS="nan_loss@2:rank=1"              step 2's loss is NaN on rank 1 only
     E2ED2_FAULTS="fail_save:rank=1"               rank 1's DeepSpeed checkpoint writes fail (EIO)
+    E2ED2_FAULTS="nan_latent@2"                   precompute's 2nd VAE call gives a NaN latent
 
 An entry is ``POINT[@STEPS][:rank=R]``; ``STEPS`` (1-based optimizer steps) is ``N``, ``N-M`` or
 ``N-`` (N on); without it every step, without a rank every rank. ``E2ED2_FAIL_SAVE_RANK=R``,
@@ -19,6 +20,9 @@ the older spelling of ``fail_save:rank=R``, is still read. The points:
 ``nan_gradient``  the loss stays finite, its gradient is NaN (train/trainer.py)
 ``fail_save``     inside a checkpoint save, this rank's DeepSpeed file writes raise an injected
                   ``OSError(EIO)`` (train/write_errors.py), between the save's collectives
+``nan_latent``    ``e2ed2 precompute``: the first image of the worker's N-th VAE call (``@N``;
+                  the rank is the precompute worker) gets a NaN latent, as a VAE overflowing on
+                  it would (data/precompute.py)
 
 Unset, the plan is empty and every check is one tuple scan. No torch at import: the command
 boundary's write-error handling imports it.
@@ -42,7 +46,7 @@ FAULTS_ENV = "E2ED2_FAULTS"
 #: ``E2ED2_FAIL_SAVE_RANK=R``: the same as ``E2ED2_FAULTS="fail_save:rank=R"``.
 FAIL_SAVE_ENV = "E2ED2_FAIL_SAVE_RANK"
 
-FaultPoint = Literal["nan_loss", "nan_gradient", "fail_save"]
+FaultPoint = Literal["nan_loss", "nan_gradient", "fail_save", "nan_latent"]
 _POINTS: tuple[str, ...] = get_args(FaultPoint)
 _ENTRY = re.compile(
     r"(?P<point>\w+)(?:@(?P<first>\d+)(?P<range>-(?P<last>\d+)?)?)?(?::rank=(?P<rank>\d+))?"

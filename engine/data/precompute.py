@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..core.faults import FaultPlan
 from . import precompute_parallel as parallel
 from .buckets import BUCKET_TABLES, bucket_table
 from .gemma_text import (
@@ -381,7 +382,7 @@ def _encode_chunks(job: dict[str, Any], device: torch.device, worker: int, worke
             continue
         manifest = parallel.read_manifest(out, chunk)
         if manifest is None:
-            encoder = encoder or _ChunkEncoder(job, device)
+            encoder = encoder or _ChunkEncoder(job, device, worker)
             manifest = encoder.encode(chunk, chunk_records, progress)
             parallel.maybe_fail(chunk)  # test hook: shards written, manifest not yet
             parallel.publish_manifest(out, chunk, manifest)
@@ -395,7 +396,7 @@ def _encode_chunks(job: dict[str, Any], device: torch.device, worker: int, worke
         else:
             progress.add(int(manifest["images_found"]))
     if worker == 0:
-        encoder = encoder or _ChunkEncoder(job, device)
+        encoder = encoder or _ChunkEncoder(job, device, worker)
         encoder.write_null_condition()
         write_atomic(
             parallel.state_dir(out) / "models.json", json.dumps(encoder.describe()).encode()
@@ -415,8 +416,10 @@ def _worker_device(device: str, worker: int, workers: int) -> torch.device:
 class _ChunkEncoder:
     """A worker's models and the encoding of one chunk into its shard files."""
 
-    def __init__(self, job: dict[str, Any], device: torch.device) -> None:
+    def __init__(self, job: dict[str, Any], device: torch.device, worker: int = 0) -> None:
         self.job, self.device = job, device
+        # Test hook (core/faults.py's nan_latent): the VAE calls of this worker, counted.
+        self.faults, self.worker, self.vae_calls = FaultPlan.from_env(), worker, 0
         self.out = Path(job["out"])
         self.dtype = STORAGE_DTYPES[job["dtype"]]
         self.sd3, self.gemma = bool(job["sd3"]), bool(job["gemma"])
@@ -515,6 +518,9 @@ class _ChunkEncoder:
             captions = [c for _, c, _, _ in pending]
             with torch.no_grad():
                 latent_mean, latent_std = _latent_moments(self.vae.encode(pixels))
+                self.vae_calls += 1
+                if self.faults.hits("nan_latent", step=self.vae_calls, rank=self.worker):
+                    latent_mean[0, 0, 0, 0] = float("nan")
                 text = self.encode_captions(captions)
             encoded = {
                 "latent_mean": latent_mean,

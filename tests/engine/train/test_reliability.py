@@ -660,23 +660,7 @@ def test_precompute_reports_each_bad_input_by_path_and_goes_on(
     png = (images / "broken.png").read_bytes()
     (images / "broken.png").write_bytes(png[: len(png) // 2])
 
-    load_models = module._load_models
-
-    def nan_for_b(*args: object, **kwargs: object):  # the VAE overflows on b.png, the 2nd image
-        vae, encoder, tokenizer = load_models(*args, **kwargs)
-        encode, calls = vae.encode, []
-
-        def encode_with_nan(pixels: torch.Tensor):
-            out = encode(pixels)
-            calls.append(1)
-            if len(calls) == 2:
-                out.latent_dist.mean[0, 0, 0, 0] = float("nan")
-            return out
-
-        vae.encode = encode_with_nan
-        return vae, encoder, tokenizer
-
-    monkeypatch.setattr(module, "_load_models", nan_for_b)
+    monkeypatch.setenv(FAULTS_ENV, "nan_latent@2")  # the VAE overflows on b.png, the 2nd image
     with caplog.at_level(logging.WARNING, logger=module.__name__):
         index = module.precompute(
             images,
