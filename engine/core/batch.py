@@ -96,11 +96,9 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         """Every tensor in page-locked memory (the DataLoader's ``pin_memory=True`` calls it)."""
-        return dataclasses.replace(
-            self,
-            **{
-                field.name: value.pin_memory()
-                for field in dataclasses.fields(self)
-                if isinstance(value := getattr(self, field.name), torch.Tensor)
-            },
-        )
+        pinned: dict[str, Any] = {
+            field.name: value.pin_memory()
+            for field in dataclasses.fields(self)
+            if isinstance(value := getattr(self, field.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **pinned)
