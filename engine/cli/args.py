@@ -26,6 +26,7 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 def device(text: str) -> str:
     """A torch device this machine has (``cpu``, ``cuda``, ``cuda:1``)."""
+    # lazy: every command imports this module; the torch-free ones' --help must not pay torch
     import torch
 
     try:

@@ -22,6 +22,11 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+# The torch-free parts of the config and train wings (a config error stays well under a second).
+from ..config import ConfigError
+from ..train.signals import Interrupted, raise_on_sigterm
+from ..train.write_errors import as_os_error
+
 __all__ = ["DEBUG_ENV", "run_command"]
 
 DEBUG_ENV = "E2ED2_DEBUG"
@@ -38,9 +43,6 @@ def _one_line(error: BaseException) -> str:
 
 def _classify(error: BaseException) -> tuple[int, str]:
     """(exit code, label) of an exception escaping a command."""
-    from ..config import ConfigError
-    from ..train.signals import Interrupted
-
     if isinstance(error, KeyboardInterrupt):
         return 128 + signal.SIGINT, "interrupted (SIGINT)"
     if isinstance(error, Interrupted):
@@ -49,16 +51,19 @@ def _classify(error: BaseException) -> tuple[int, str]:
     # come back in well under a second).
     train_errors: tuple[type[BaseException], ...] = ()
     if "e2ed2.engine.train.checkpoint" in sys.modules:
+        # lazy: reached only once the run imported it (it imports torch)
         from ..train.checkpoint import CheckpointError, CheckpointSaveError
 
         if isinstance(error, CheckpointSaveError):
             return 1, "stopped"
         train_errors += (CheckpointError,)
     if "e2ed2.engine.train.fingerprint" in sys.modules:
+        # lazy: reached only once the run imported it (it imports torch)
         from ..train.fingerprint import CheckpointMismatchError
 
         train_errors += (CheckpointMismatchError,)
     if "e2ed2.engine.train.trainer" in sys.modules:
+        # lazy: reached only once the run imported it (it imports torch)
         from ..train.trainer import DataError, NonFiniteError
 
         if isinstance(error, DataError | NonFiniteError):
@@ -67,8 +72,6 @@ def _classify(error: BaseException) -> tuple[int, str]:
         return 2, "config error"
     if train_errors and isinstance(error, train_errors):
         return 2, "error"
-    from ..train.write_errors import as_os_error
-
     written = None if isinstance(error, OSError) else as_os_error(error)
     if written is not None and written.errno == errno.ENOSPC:
         # torch's and safetensors' writers report a full disk without an OSError.
@@ -87,8 +90,6 @@ def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str]
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
-    from ..train.signals import raise_on_sigterm
-
     previous = raise_on_sigterm()
     try:
         return body(args)

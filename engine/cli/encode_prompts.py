@@ -53,6 +53,7 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an encoded folder")
     args = parser.parse_args(argv)
 
+    # lazy: pulls in torch (~4 s); --help and argument errors return before it
     from ..data.prompts_source import encode_prompt_folder
     from ..data.storage import STORAGE_DTYPES
 

@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from ..config import ConfigError, load_config
 from .args import int_at_least
 from .boundary import run_command
 
@@ -67,14 +68,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 estimate") -> int
 
 
 def _main(argv: Sequence[str], prog: str) -> int:
-    from ..config import ConfigError, load_config
-
     args = build_parser(prog).parse_intermixed_args(argv)
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
+    # lazy: pulls in torch (~4 s); --help and config errors return before it
     from ..train.step_estimate import check_fits, estimate_step, format_estimate
 
     try:

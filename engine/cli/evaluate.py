@@ -8,6 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from ..config import ConfigError, load_config
+from ..config.sampler import check_num_steps
+from ..eval.digits import DigitEvaluator, evaluate_export
+from ..eval.real_data import check_metric_paths, evaluate_shard_export
+from ..train.export import CONFIG_NAME
 from .args import device as device_arg
 from .args import int_at_least
 from .boundary import run_command
@@ -34,14 +41,6 @@ def _main(argv: Sequence[str]) -> int:
     the first --num-images shard prompts, against those samples' latents decoded by the export's
     VAE (VAE reconstructions of the real images); weights from local paths only.
     """
-    import torch
-
-    from ..config import ConfigError, load_config
-    from ..config.sampler import check_num_steps
-    from ..eval.digits import DigitEvaluator, evaluate_export
-    from ..eval.real_data import check_metric_paths, evaluate_shard_export
-    from ..train.export import CONFIG_NAME
-
     parser = argparse.ArgumentParser(
         prog="e2ed2 evaluate",
         description=main.__doc__,

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..train.supervise import supervise
+
 __all__ = ["main"]
 
 _USAGE = """usage: e2ed2 launch [deepspeed launcher args] -- [e2ed2 train args]
@@ -52,7 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if deepspeed is None:
         print("e2ed2 launch: error: no `deepspeed` command on PATH", file=sys.stderr)
         return 2
-    from ..train.supervise import supervise
 
     command = [deepspeed, *launcher_args, "--module", "e2ed2.engine.cli.train", *train_args]
     return supervise(command)

@@ -8,6 +8,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..data.null_condition_add import add_null_condition
+from ..data.precompute import STORAGE_DTYPES
 from .args import device as device_arg
 from .boundary import run_command
 
@@ -20,9 +22,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str]) -> int:
-    from ..data.null_condition_add import add_null_condition
-    from ..data.precompute import STORAGE_DTYPES
-
     parser = argparse.ArgumentParser(
         prog="e2ed2 null-condition",
         description="Encode the empty prompt into SHARD_DIR/null_condition.safetensors, the "

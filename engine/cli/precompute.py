@@ -7,6 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ..data.buckets import BUCKET_TABLES
+from ..data.precompute import STORAGE_DTYPES, precompute
+from ..data.precompute_parallel import ChunkFailed, launcher_rank
+from ..data.readers import SOURCES
+from ..train.run_lock import FolderInUseError, lock_folder
 from .args import device as device_arg
 from .args import int_at_least
 from .boundary import run_command
@@ -21,10 +26,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str]) -> int:
     """``e2ed2 precompute IMAGE_DIR OUT_DIR --vae PATH --text-encoder PATH [...]``."""
-    from ..data.buckets import BUCKET_TABLES
-    from ..data.precompute import STORAGE_DTYPES, precompute
-    from ..data.readers import SOURCES
-
     parser = argparse.ArgumentParser(
         prog="e2ed2 precompute",
         description="Encode images with captions into latent shards for training.",
@@ -104,8 +105,6 @@ def _main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ..data.precompute_parallel import ChunkFailed, launcher_rank
-    from ..train.run_lock import FolderInUseError, lock_folder
 
     launcher = launcher_rank()
     try:

@@ -12,6 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+import torch
+
+from ..config.data import DataConfig
+from ..data.digits import DigitsDataset
+from ..objectives.reward import digit_log_prob_reward, fit_digit_reward, save_reward_model
 from .args import int_at_least
 from .boundary import run_command
 
@@ -24,12 +29,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str]) -> int:
-    import torch
-
-    from ..config.data import DataConfig
-    from ..data.digits import DigitsDataset
-    from ..objectives.reward import digit_log_prob_reward, fit_digit_reward, save_reward_model
-
     parser = argparse.ArgumentParser(
         prog="e2ed2 reward-model",
         description="Fit the prompted-digit reward classifier (objective.reward_path) on the "

@@ -8,6 +8,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from ..config import ConfigError, load_config
+from ..config.sampler import check_num_steps
+from ..core.models import build_autoencoder
+from ..core.sampler import build_schedule
+from ..core.sampling import generate_pixels, save_grid
+from ..data import build_dataset, null_conditioning, sample_conditioning
+from ..train.export import CONFIG_NAME, load_exported_networks
 from .args import device as device_arg
 from .args import int_at_least
 from .boundary import run_command
@@ -22,16 +31,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str]) -> int:
     """``e2ed2 sample EXPORT_OR_RUN_DIR``: a PNG grid from an export or a run's output folder."""
-    import torch
-
-    from ..config import ConfigError, load_config
-    from ..config.sampler import check_num_steps
-    from ..core.models import build_autoencoder
-    from ..core.sampler import build_schedule
-    from ..core.sampling import generate_pixels, save_grid
-    from ..data import build_dataset, null_conditioning, sample_conditioning
-    from ..train.export import CONFIG_NAME, load_exported_networks
-
     parser = argparse.ArgumentParser(prog="e2ed2 sample", description=main.__doc__)
     parser.add_argument(
         "path",

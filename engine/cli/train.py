@@ -16,6 +16,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..config import ConfigError, config_to_toml, load_config
+from ..core.loss_terms import total_key
+from ..train.distributed import lost_peer
+from ..train.dry_run import dry_run_estimate, dry_run_forward
+from ..train.launch import check_launch
+from ..train.run_lock import FolderInUseError, lock_folder
 from .boundary import run_command
 
 if TYPE_CHECKING:
@@ -63,9 +69,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "e2ed2 train") -> int:
 
 
 def _main(argv: Sequence[str], prog: str) -> int:
-    from ..config import ConfigError, config_to_toml, load_config
-    from ..train.launch import check_launch
-
     # Intermixed: the deepspeed launcher puts --local_rank wherever it likes among the overrides.
     args = build_parser(prog).parse_intermixed_args(argv)
     try:
@@ -86,8 +89,6 @@ def _main(argv: Sequence[str], prog: str) -> int:
     if args.dry_run:
         # One fake-tensor forward of the denoiser (and decode) on the data's first batch:
         # catches what only the first step would (missing PixArt-MS size conditions, dtypes).
-        from ..train.dry_run import dry_run_forward
-
         try:
             print(dry_run_forward(config))
         except Exception as err:  # any failure here is what step 1 would raise
@@ -99,8 +100,6 @@ def _main(argv: Sequence[str], prog: str) -> int:
             return 2
         # The whole step's memory per rank (train/step_estimate.py); with run.device_memory_gib
         # a peak over 92% of it is refused here, before any weight is downloaded or read.
-        from ..train.dry_run import dry_run_estimate
-
         table, refusal = dry_run_estimate(config, int(os.environ.get("WORLD_SIZE", "1")))
         print(table)
         if refusal is not None:
@@ -113,7 +112,6 @@ def _main(argv: Sequence[str], prog: str) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
     )
-    from ..train.run_lock import FolderInUseError, lock_folder
 
     try:
         # One writer per run folder: rank 0 holds its lock from before the first write to the
@@ -130,9 +128,8 @@ def _main(argv: Sequence[str], prog: str) -> int:
 
 
 def _train(config: TrainConfig, prog: str, rank: int) -> int:
-    from ..config import ConfigError
-    from ..core.loss_terms import total_key
-    from ..train.run_lock import FolderInUseError
+    # lazy: train.trainer imports deepspeed (~0.6 s and its accelerator log line); config,
+    # launch and folder errors are reported before it
     from ..train.trainer import CheckpointMismatchError, DataError, NonFiniteError, Trainer
 
     try:
@@ -148,8 +145,6 @@ def _train(config: TrainConfig, prog: str, rank: int) -> int:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        from ..train.distributed import lost_peer
-
         if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not lost_peer(err):
             raise
         # Not this rank's fault: a peer ended (its own line names it and why) or hangs.
@@ -169,6 +164,7 @@ def _train(config: TrainConfig, prog: str, rank: int) -> int:
         )
     if rank == 0 and config.run.compare_with_base and config.run.export_at_end:
         # After training, not inside it: the comparison is an evaluation (eval/report.py).
+        # lazy: eval.report adds ~0.3 s to every start; only this comparison needs it
         from ..eval.report import compare_with_base, format_report
 
         print("comparing the export with its pretrained base (K = 1, 2, 4, 3 seeds)...")

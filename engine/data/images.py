@@ -69,7 +69,6 @@ class UnreadableImage(ValueError):
 def open_viewer_rgb(source: str | os.PathLike | bytes | Any) -> Any:
     """A file path, the file's bytes or an opened ``PIL.Image.Image`` -> the RGB ``PIL`` image a
     viewer shows (see the module docstring); raises UnreadableImage."""
-
     if isinstance(source, Image.Image):
         return viewer_rgb(source)
     handle = io.BytesIO(source) if isinstance(source, bytes | bytearray) else Path(source)
@@ -92,7 +91,6 @@ def open_viewer_rgb(source: str | os.PathLike | bytes | Any) -> Any:
 
 def viewer_rgb(image: Any) -> Any:
     """A decoded ``PIL`` image of any mode -> RGB as a viewer shows it (orientation applied)."""
-
     _check_pixels(image)
     try:
         image = ImageOps.exif_transpose(image)
@@ -148,7 +146,6 @@ def load_image_and_size(
     resized to cover its nearest bucket and center-cropped to it, (3, height, width), instead of
     the ``resolution`` square. Raises UnreadableImage.
     """
-
     image = open_viewer_rgb(source)
     width, height = image.size
     if min(width, height) < 1:

@@ -67,7 +67,6 @@ def write_null_condition(
 ) -> Path:
     """Writes ``shard_dir/null_condition.safetensors`` (states and SD3's ``pooled`` (1, D_p) in
     ``dtype``, mask bool; SD3 has no mask: None)."""
-
     mask_shape = tuple(states.shape[:2]) if mask is None else tuple(mask.shape)
     if states.dim() != 3 or states.shape[0] != 1 or mask_shape != tuple(states.shape[:2]):
         raise ValueError(
@@ -98,7 +97,6 @@ def read_null_condition(
     (``pooled_dim`` set, ``masked`` False): no mask, ``pooled_projections`` (1, D_p) float32.
     Raises ValueError naming the file when it does not match the captions' ``text_shape``
     (L, D)."""
-
     path = Path(shard_dir) / NULL_CONDITION_FILE
     if not path.is_file():
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,10 +64,10 @@ def add_null_condition(
         return write_null_condition(shard_dir, states, None, dtype, pooled=pooled)
     # transformers 5 renamed torch_dtype to dtype.
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    encoder = T5EncoderModel.from_pretrained(
-        encoder_dir, use_safetensors=True, **{dtype_key: compute_dtype}
-    )
-    encoder.to(device).eval().requires_grad_(False)
+    dtype_kwargs: dict[str, Any] = {dtype_key: compute_dtype}
+    encoder = T5EncoderModel.from_pretrained(encoder_dir, use_safetensors=True, **dtype_kwargs)
+    # transformers wraps Module.to with functools.wraps, whose type loses the bound self.
+    encoder.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     states, mask = encode_null_condition(load_tokenizer(tokenizer_dir), encoder, max_tokens)
     if tuple(states.shape) != (1, length, width):
         raise ValueError(

@@ -647,7 +647,8 @@ def _load_models(
 ) -> tuple[Any, Any, Any]:
     """The VAE, the text encoder and its tokenizer; ``sd3``: the encoder is the SD3 pipeline's
     text half (three encoders and tokenizers) and the tokenizer None."""
-    # lazy: transformers adds ~1 s over torch and diffusers ~3 s; only the encoders' loading needs them
+    # lazy: transformers adds ~1 s over torch and diffusers ~3 s; only loading the encoders
+    # needs them
     import transformers
     from diffusers import AutoencoderKL
     from transformers import T5EncoderModel
@@ -664,12 +665,12 @@ def _load_models(
         return vae, load_sd3_text_encoders(encoder_dir, device, compute_dtype), None
     # transformers 5 renamed torch_dtype to dtype.
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    encoder = T5EncoderModel.from_pretrained(
-        encoder_dir, use_safetensors=True, **{dtype_key: compute_dtype}
-    )
+    dtype_kwargs: dict[str, Any] = {dtype_key: compute_dtype}
+    encoder = T5EncoderModel.from_pretrained(encoder_dir, use_safetensors=True, **dtype_kwargs)
     tokenizer = load_tokenizer(tokenizer_dir)
     vae.to(device).eval().requires_grad_(False)
-    encoder.to(device).eval().requires_grad_(False)
+    # transformers wraps Module.to with functools.wraps, whose type loses the bound self.
+    encoder.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     return vae, encoder, tokenizer
 
 

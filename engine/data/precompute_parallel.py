@@ -301,7 +301,6 @@ def _update(bar: Any, out: Path, workers: int) -> None:
 def wait_for_barrier() -> None:
     """Under a launcher: every rank waits here until rank 0 has prepared the folder (gloo, on
     the launcher's MASTER_ADDR / MASTER_PORT); the group is closed again right after."""
-
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group("gloo")

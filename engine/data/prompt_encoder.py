@@ -63,15 +63,17 @@ class PromptEncoder:
 
         # transformers 5 renamed torch_dtype to dtype.
         dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        dtype_kwargs: dict[str, Any] = {dtype_key: dtype}
         try:
             encoder = T5EncoderModel.from_pretrained(
-                self.encoder_dir, use_safetensors=True, **{dtype_key: dtype}
+                self.encoder_dir, use_safetensors=True, **dtype_kwargs
             )
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"cannot load the T5 encoder in {self.encoder_dir!r}: {error}"
             ) from None
-        self.encoder = encoder.to(self.device).eval().requires_grad_(False)
+        # transformers wraps Module.to with functools.wraps, whose type loses the bound self.
+        self.encoder = encoder.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
 
     @classmethod

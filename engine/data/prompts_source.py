@@ -78,7 +78,6 @@ def encode_prompt_folder(
     SD3 pipeline folder); ``vae_path``: an AutoencoderKL folder or a pipeline folder with
     ``vae/`` (only its config.json is read). Raises ValueError / FileNotFoundError naming the
     bad input before anything is written."""
-
     prompts = read_prompts(prompts_file)
     for key, value in (
         ("caption_max_tokens", caption_max_tokens),
@@ -265,7 +264,6 @@ class PromptDataset(Dataset):
         return self._starts[-1]
 
     def _shard(self, number: int) -> Any:
-
         if self._open_pid != os.getpid():  # a forked loader worker opens its own handles
             self._open, self._open_pid = {}, os.getpid()
         if number not in self._open:
@@ -273,7 +271,6 @@ class PromptDataset(Dataset):
         return self._open[number]
 
     def __getitem__(self, key: Any) -> dict[str, Any]:
-
         index, _ = unpack_key(key, len(self))
         number = bisect.bisect_right(self._starts, index) - 1
         row = index - self._starts[number]

@@ -272,7 +272,6 @@ class LatentShardDataset(Dataset):
         )
 
     def _shard(self, shard: int) -> Any:
-
         if self._open_pid != os.getpid():  # a forked worker: do not share the parent's handles
             self._open = OrderedDict()
             self._open_pid = os.getpid()
@@ -413,7 +412,6 @@ def _check_shard(
     declared: dict[str, str | None],
 ) -> tuple[list[str], list[str | None]]:
     """A shard's captions and source files, after checking its header against the index."""
-
     if not os.path.isfile(path):
         raise FileNotFoundError("listed in index.json but missing")
     with safe_open(path, framework="pt") as handle:
@@ -454,7 +452,6 @@ def _check_packed_text(
 ) -> torch.Tensor:
     """The (count + 1,) row offsets of a shard's packed text, after checking its lengths (1..L)
     and the packed states' shape (sum of lengths, D) and dtype."""
-
     length, width = text_shape
     with safe_open(path, framework="pt") as handle:
         lengths = handle.get_tensor(TEXT_LENGTHS).long()
@@ -680,7 +677,6 @@ class ShardWriter:
         return counts
 
     def _write(self, bucket: int, count: int) -> None:
-
         buffer = self.buffers[bucket]
         tensors, rest = {}, {}
         for name, parts in buffer.tensors.items():

@@ -120,7 +120,6 @@ def load_tokenizer(folder: str) -> Any:
 
 
 def _importable(module: str) -> bool:
-
     try:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # the parent package (google) is missing

@@ -10,6 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import load_config
+from ..core.models import build_autoencoder
+from ..core.sampler import build_schedule
+from ..train.export import CONFIG_NAME, load_exported_networks
+
 __all__ = ["frechet_distance", "load_export", "scored_schedules", "seed_summary"]
 
 
@@ -55,8 +60,6 @@ def scored_schedules(
 ) -> Iterator[tuple[int, Any]]:
     """(K, sampler schedule) for each K an export can be sampled at; a K that per-step networks
     were not trained for is recorded in ``by_k`` as skipped instead."""
-    from ..core.sampler import build_schedule
-
     trained_steps = config.trajectory.num_steps
     for k in num_steps:
         if not config.model.share_across_steps and k != trained_steps:
@@ -68,10 +71,6 @@ def scored_schedules(
 def load_export(export_dir: str | Path, device: torch.device) -> tuple[Any, nn.Module, Any]:
     """An export's config, its networks (eval mode, on ``device``) and its decoder (the VAE of
     ``model.vae_path``, or the identity in pixel space), as ``e2ed2 sample`` loads them."""
-    from ..config import load_config
-    from ..core.models import build_autoencoder
-    from ..train.export import CONFIG_NAME, load_exported_networks
-
     config = load_config(str(Path(export_dir) / CONFIG_NAME))
     networks = load_exported_networks(export_dir, config.trajectory.num_steps).to(device).eval()
     decode = build_autoencoder(config.model).to(device).decode

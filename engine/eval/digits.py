@@ -26,9 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config.data import DataConfig
+from ..core.network import Conditioning
+from ..core.sampling import generate_pixels, save_grid
 from ..data.digits import DigitsDataset, digit_prompt
 from ..objectives.reward import fit_classifier
 from .common import frechet_distance, load_export, scored_schedules, seed_summary
@@ -153,8 +156,6 @@ class DigitEvaluator:
     def _classifier(
         self, data_config: DataConfig, seed: int, cache_dir: str | Path | None
     ) -> DigitClassifier:
-        from safetensors.torch import load_file, save_file
-
         key = json.dumps([asdict(data_config), seed, _CLASSIFIER_VERSION], sort_keys=True)
         name = f"digit_classifier_{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"
         path = None if cache_dir is None else Path(cache_dir) / name
@@ -224,8 +225,6 @@ class DigitEvaluator:
 
 
 def digit_prompts(dataset: DigitsDataset, per_class: int) -> tuple[Any, torch.Tensor]:
-    from ..core.network import Conditioning
-
     labels = torch.arange(10).repeat_interleave(per_class)
     states, mask = dataset.encode([digit_prompt(int(c)) for c in labels])
     # With the empty prompt, for a sampler that guides (sampler.guidance_scale > 1).
@@ -282,8 +281,6 @@ def score_networks(
 ) -> dict[str, Any]:
     """Per K: the digit scores of each sampling seed and their mean / std (see
     :func:`evaluate_export`); ``config`` gives the sampler and whether networks are per step."""
-    from ..core.sampling import generate_pixels, save_grid
-
     cond, labels = digit_prompts(evaluator.train_set, evaluator.per_class)
     by_k: dict[str, Any] = {}
     for k, schedule in scored_schedules(config, num_steps, by_k):

@@ -12,6 +12,8 @@ denoiser, not the VAE. :func:`real_data_metrics` scores two given image batches.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.sampling import generate_pixels, save_grid
+from ..data import build_dataset, derive_seed, null_conditioning
+from ..data.prompts import batch_conditioning, stack_items
 from .common import load_export, scored_schedules, seed_summary
 
 __all__ = [
@@ -79,12 +84,12 @@ class _ClipEmbeddings(nn.Module):
 
 def _clip_score_metric(folder: Path) -> Any:
     """torchmetrics' ``CLIPScore`` with the model and processor of a local folder."""
-    import inspect
-
+    # lazy: torchmetrics adds ~6 s over torch; only real-data evaluation needs it
     from torchmetrics.functional.multimodal.clip_score import _get_clip_model_and_processor
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     def load() -> tuple[Any, Any]:
+        # lazy: transformers adds ~1 s over torch; only the CLIP score needs it
         from transformers import CLIPModel, CLIPProcessor
 
         model = _ClipEmbeddings(CLIPModel.from_pretrained(folder).eval())
@@ -117,6 +122,7 @@ class RealDataScorer:
     ) -> None:
         check_metric_paths(inception_weights, clip_model)
         try:
+            # lazy: torchmetrics adds ~6 s over torch; only real-data evaluation needs it
             from torchmetrics.image.fid import FrechetInceptionDistance
         except ImportError as err:
             raise ImportError(
@@ -191,8 +197,6 @@ def _shard_batches(dataset: Any, count: int, batch_size: int):
     """(conditioning, latents, captions) of the first ``count`` samples, ``batch_size`` at a
     time (a bad sample is replaced by the dataset's next good one, caption included); with
     aspect-ratio buckets each batch holds one bucket's samples (one latent shape)."""
-    from ..data.prompts import batch_conditioning, stack_items
-
     buckets = dataset.sample_buckets[:count].tolist()
     for bucket in dict.fromkeys(buckets):  # buckets in order of their first sample
         group = [i for i in range(count) if buckets[i] == bucket]
@@ -228,11 +232,6 @@ def evaluate_shard_export(
     ``b`` of seed ``s`` starts from the noise of seed ``derive_seed(s, "evaluate", b)``, so
     exports are compared on identical noise. Per-step networks are scored only at their K.
     """
-    import dataclasses
-
-    from ..core.sampling import generate_pixels, save_grid
-    from ..data import build_dataset, derive_seed, null_conditioning
-
     export_dir = Path(export_dir)
     device = torch.device(device)
     check_metric_paths(inception_weights, clip_model)

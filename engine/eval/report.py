@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, ImageDraw
 
 from ..config import TrainConfig
 from ..core.models import resolve_model_folder
@@ -35,8 +36,6 @@ REPORT_NAME = "compare_base_vs_finetuned.json"
 def side_by_side(rows: Sequence[tuple[str, torch.Tensor]], *, cell_px: int = 64) -> Any:
     """A PIL image: one labelled row per ``(label, images (N, C, H, W) in [-1, 1])``, each image
     upscaled by an integer factor (nearest-neighbour: pixels stay sharp) to >= ``cell_px``."""
-    from PIL import Image, ImageDraw
-
     label_px, pad = 150, 4
     height, width = rows[0][1].shape[-2:]
     scale = max(1, -(-cell_px // min(height, width)))
@@ -56,14 +55,15 @@ def side_by_side(rows: Sequence[tuple[str, torch.Tensor]], *, cell_px: int = 64)
             pixels = pixels.expand(-1, 3, -1, -1)
         for c, image in enumerate(pixels):
             tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize(
-                (cell_w, cell_h), Image.NEAREST
+                (cell_w, cell_h), Image.Resampling.NEAREST
             )
             canvas.paste(tile, (label_px + c * (cell_w + pad), top))
     return canvas
 
 
 def _base_networks(config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    from diffusers import PixArtTransformer2DModel
+    # lazy: diffusers adds ~3 s over torch; only the comparison with the base model needs it
+    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
     folder = resolve_model_folder(
         config.model.pretrained_path, "transformer", "model.pretrained_path"

@@ -246,6 +246,7 @@ class ClipReward(nn.Module):
     def from_folder(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> ClipReward:
         """The scorer in a local CLIP folder (see :func:`check_clip_folder`), weights in
         ``dtype``."""
+        # lazy: transformers adds ~1 s over torch; only the CLIP reward needs it
         import transformers
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
@@ -253,7 +254,8 @@ class ClipReward(nn.Module):
         check_clip_folder(folder)
         # transformers 5 renamed torch_dtype to dtype.
         dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        model = CLIPModel.from_pretrained(folder, local_files_only=True, **{dtype_key: dtype})
+        dtype_kwargs: dict[str, Any] = {dtype_key: dtype}
+        model = CLIPModel.from_pretrained(folder, local_files_only=True, **dtype_kwargs)
         processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         return cls(model, tokenizer, ClipPreprocess.from_processor(processor, f"{_KEY}={folder!r}"))

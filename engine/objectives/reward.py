@@ -29,6 +29,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 __all__ = [
@@ -170,8 +172,6 @@ def fit_classifier(
 
 def save_reward_model(model: DigitRewardMLP, path: str | os.PathLike) -> None:
     """Writes ``model`` as safetensors with its architecture in the metadata."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"architecture": REWARD_ARCHITECTURE, "hidden": str(model.hidden)}
     save_file(state, os.fspath(path), metadata=metadata)
@@ -183,8 +183,6 @@ def load_reward_model(path: str | os.PathLike) -> DigitRewardMLP:
     Every failure names the file: missing, not safetensors, another architecture, or weights
     that do not fit it.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(

@@ -42,6 +42,7 @@ import copy
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -85,8 +86,6 @@ def solve_schedule(config: SamplerConfig, timestep: int, num_steps: int) -> Samp
     each step moves to the next grid point, the last one to ``final_alpha_cumprod``. ``config``:
     the DDIM sampler (teacher_sampler_config) whose beta schedule and prediction type it uses.
     """
-    import numpy as np
-
     if not 0 <= timestep < config.num_train_timesteps or num_steps < 1:
         raise ValueError(f"no DDIM solve of {num_steps} steps from timestep {timestep}")
     num_steps = min(num_steps, timestep + 1)  # at most one step per discrete timestep

@@ -55,7 +55,6 @@ class WebDatasetReader:
         }
 
     def __iter__(self) -> Iterator[Record]:
-
         root = Path(self.confined.given)
         shards: list[str] = []
         names: dict[str, str] = {}  # resolved shard path -> its name relative to the root
