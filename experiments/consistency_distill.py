@@ -149,7 +149,7 @@ def main() -> None:
     log, cpu0 = [], time.process_time()
     for step in range(1, args.steps + 1):
         batch = next(batches)
-        loss = distiller.step(batch["latents"].float(), batch_conditioning(batch), g)
+        loss = distiller.step(batch.latents.float(), batch_conditioning(batch), g)
         if not math.isfinite(loss):
             raise SystemExit(f"step {step}: non-finite loss {loss}")
         if step % 50 == 0 or step == args.steps or step in args.export_at:

@@ -278,7 +278,7 @@ def cost(steps: int) -> None:
 
     def cd_step() -> None:
         batch = next(cd_batches)
-        distiller.step(batch["latents"].float(), batch_conditioning(batch), g)
+        distiller.step(batch.latents.float(), batch_conditioning(batch), g)
 
     methods["cd"] = cd_step
     seconds = {name: 0.0 for name in methods}
