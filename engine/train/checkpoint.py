@@ -31,8 +31,9 @@ Loading never unpickles arbitrary objects: the EMA is safetensors, the RNG state
 in DeepSpeed 0.19) is replaced on each engine by :func:`use_weights_only_loading`.
 
 Size: over 400 lines because the layout above is read and written in one place (the save's
-agreed phases, the load, the checks); what a failed write means lives in write_errors.py and
-how another number of ranks resumes in reshard.py.
+agreed phases, the load, the checks); what it holds is registered in checkpointed.py, what a
+failed write means lives in write_errors.py and how another number of ranks resumes in
+reshard.py.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import errno
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from collections.abc import Callable
@@ -58,11 +58,14 @@ from .checkpointed import (
     MODEL,
     Checkpointed,
     DeepSpeedEngineState,
+    ProcessRng,
     RankPrivate,
     RankTensors,
+    capture_rng_state,
     check_entries,
     json_entries,
     rank_file,
+    restore_rng_state,
 )
 from .deepspeed_compat import (
     failing_checkpoint_writes,
@@ -155,35 +158,6 @@ def verify_checkpoint(path: Path) -> str | None:
         except Exception as err:  # noqa: BLE001 (safetensors raises its own and OS errors)
             return f"{file} is unreadable ({type(err).__name__}: {err})"
     return None
-
-
-def capture_rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class ProcessRng:
-    """This process's torch / Python (/ CUDA) random generators, as a checkpointed entry."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return capture_rng_state()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        restore_rng_state(state)
 
 
 def _engines(states: Checkpointed) -> dict[str, Any]:

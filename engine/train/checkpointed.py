@@ -24,21 +24,26 @@ docstring has the whole layout):
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 __all__ = [
     "MODEL",
     "Checkpointed",
     "DeepSpeedEngineState",
+    "ProcessRng",
     "RankPrivate",
     "RankTensors",
     "Stateful",
+    "capture_rng_state",
     "check_entries",
     "json_entries",
     "rank_file",
+    "restore_rng_state",
 ]
 
 #: The entry of the trained model's engine: its folder is the checkpoint's tag, its global batch
@@ -79,6 +84,35 @@ class RankPrivate:
     """``state`` on this rank only (``state_dict()``: tensors, ints and lists of them)."""
 
     state: Stateful
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class ProcessRng:
+    """This process's torch / Python (/ CUDA) random generators, as a checkpointed entry."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state)
 
 
 Checkpointed = dict[str, DeepSpeedEngineState | RankTensors | RankPrivate | Stateful]
