@@ -26,6 +26,7 @@ from ..core.sampler import build_schedule
 from ..data import LatentShardDataset, build_dataset
 from ..data.prompts import batch_conditioning, null_conditioning, stack_items
 from ..data.storage import COMPUTE_DTYPES
+from .step_estimate import check_fits, estimate_step, format_estimate
 
 __all__ = ["COMPUTE_DTYPES", "dry_run_estimate", "dry_run_forward"]
 
@@ -113,8 +114,6 @@ def dry_run_estimate(config: TrainConfig, world_size: int) -> tuple[str, str | N
     """The whole step's memory per rank at ``world_size`` (train/step_estimate.py) as a table,
     and the refusal when it exceeds 92% of ``run.device_memory_gib`` (None: fits, or no device
     memory given)."""
-    from .step_estimate import check_fits, estimate_step, format_estimate
-
     estimate = estimate_step(config, world_size=world_size)
     refusal = None
     if config.run.device_memory_gib is not None:

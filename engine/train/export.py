@@ -53,6 +53,9 @@ from torch import nn
 from ..config import TrainConfig, config_to_toml
 from ..config.sampler import SCHEDULER_CLASS_NAMES
 from ..core.families import ModelFamily, denoiser_class_names, family_of_pipeline_folder
+from ..core.lora import lora_base
+from ..core.models import model_family, resolve_model_folder
+from ..data.text import digits_text_encoder
 from .export_files import CONFIG_NAME, link_folder, read_json
 from .lora_export import load_lora_export, write_lora_networks
 
@@ -75,6 +78,8 @@ def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 def gathered_state_dict(module: nn.Module, *, on_this_rank: bool) -> dict[str, torch.Tensor] | None:
     """``module``'s full fp32 state dict on CPU, gathered from ZeRO-3 partitions (every rank must
     call it: the gather is collective); None where ``on_this_rank`` is False."""
+    # lazy: deepspeed adds ~0.6 s and logs its accelerator line; sampling and evaluation import this
+    # module without it
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
@@ -160,9 +165,6 @@ def sampling_settings(config: TrainConfig) -> str:
 def _exported_family(config: TrainConfig, module: nn.Module) -> ModelFamily:
     """The run's family (its pipeline class is the export's), checked against the exported
     transformer(s) (per-step: the first's)."""
-    from ..core.lora import lora_base
-    from ..core.models import model_family
-
     if isinstance(module, nn.ModuleList):
         module = module[0]
     family = model_family(config.model)
@@ -178,6 +180,7 @@ def _exported_family(config: TrainConfig, module: nn.Module) -> ModelFamily:
 def _write_model_index(
     staging: Path, components: dict[str, list[str | None]], pipeline: str
 ) -> None:
+    # lazy: diffusers adds ~3 s over torch; sampling and evaluation import this module without it
     import diffusers
 
     index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
@@ -188,8 +191,6 @@ def _write_model_index(
 def _frozen_components(staging: Path, config: TrainConfig) -> dict[str, list[str | None]]:
     """Puts the frozen vae/, text_encoder/ and tokenizer/ into ``staging``; their
     model_index.json entries ([library, class], or [None, None] where there is none)."""
-    from ..core.models import resolve_model_folder
-
     entries: dict[str, list[str | None]] = {"vae": [None, None]}
     if config.model.vae_path is not None:
         vae = resolve_model_folder(config.model.vae_path, "vae", "model.vae_path")
@@ -200,8 +201,6 @@ def _frozen_components(staging: Path, config: TrainConfig) -> dict[str, list[str
         ]
     if config.data.source == "digits":
         # Pixel space: the tiny T5 exists only inside e2ed2 (seeded), so it is saved here.
-        from ..data.text import digits_text_encoder
-
         tokenizer, encoder = digits_text_encoder(config.data.text_dim, config.data.seed)
         encoder.save_pretrained(staging / "text_encoder")
         tokenizer.save_pretrained(staging / "tokenizer")
@@ -229,8 +228,6 @@ def _joint_text_components(
     """SD3's frozen vae/, three text encoders and three tokenizers, linked from a pipeline folder
     of the family (model.pretrained_path's, else the one the shards were encoded with); their
     model_index.json entries, as the pipeline folder's own model_index.json lists them."""
-    from ..core.models import resolve_model_folder
-
     entries: dict[str, list[str | None]] = {
         "vae": [None, None],
         "image_encoder": [None, None],
@@ -301,6 +298,7 @@ def load_exported_networks(
 
 def _exported_class(directory: Path) -> type:
     """The diffusers class of an export's transformer(s), from their config.json."""
+    # lazy: diffusers adds ~3 s over torch; sampling and evaluation import this module without it
     import diffusers
 
     for folder in ("transformer", "transformer_step0"):

@@ -36,19 +36,34 @@ from unittest import mock
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ..config import TrainConfig
+from ..core import models
 from ..core.batch import Batch
 from ..core.estimate import UpperBoundShapes
 from ..core.families import resolve_family
 from ..core.faults import FaultPlan
+from ..core.lora import add_lora
 from ..core.memory import LiveTensorTracker
 from ..core.models import build_autoencoder, build_denoiser
-from ..core.network import Conditioning, repeat_conditioning, uses_size_conditions
+from ..core.network import (
+    Conditioning,
+    per_step_networks,
+    repeat_conditioning,
+    uses_size_conditions,
+)
 from ..core.sampler import build_schedule
 from ..core.trajectory import Trajectory, TrajectoryPlan
+from ..data.shards import read_index
 from ..data.storage import COMPUTE_DTYPES
+from ..objectives import losses
+from ..objectives.clip_reward import ClipPreprocess, ClipReward
+from ..objectives.gan import build_discriminator
+from ..objectives.losses import E2ED2Loss
+from ..objectives.reward import DigitRewardMLP
+from ..objectives.teacher import NoisePairedTeacher
+from .step_guard import ReliabilityCounters
 
 __all__ = [
     "FakeStep",
@@ -94,9 +109,8 @@ def param_count(module: nn.Module, *, trainable: bool | None = None) -> int:
 def _clip_from_config(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """``ClipReward`` from its folder's ``config.json``, tokenizer and processor files: the
     weights are not read (they do not change its bytes or activations)."""
+    # lazy: transformers adds ~1 s over torch; only CLIP-reward estimates need it
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from ..objectives.clip_reward import ClipPreprocess, ClipReward
 
     folder = os.fspath(path)
     with _default_dtype(dtype):
@@ -107,8 +121,6 @@ def _clip_from_config(path: str, dtype: torch.dtype = torch.float32) -> nn.Modul
 
 
 def _digit_reward_unread(path: str) -> nn.Module:
-    from ..objectives.reward import DigitRewardMLP
-
     return DigitRewardMLP().eval().requires_grad_(False)
 
 
@@ -116,9 +128,6 @@ def _digit_reward_unread(path: str) -> nn.Module:
 def _weight_free_loss_models() -> Iterator[None]:
     """The objective's reward models built without reading weights (the estimate runs from
     ``config.json`` files alone); the objective code itself is unchanged."""
-    from ..objectives import losses
-    from ..objectives.clip_reward import ClipReward
-
     with (
         mock.patch.object(ClipReward, "from_folder", staticmethod(_clip_from_config)),
         mock.patch.object(losses, "load_reward_model", _digit_reward_unread),
@@ -142,8 +151,6 @@ def _config_folder(path: str, subfolder: str, key: str) -> str:
 def config_only_folders() -> Iterator[None]:
     """Model folders resolved by their ``config.json`` alone while the fake models are built:
     a preset is estimated before its weights are downloaded."""
-    from ..core import models
-
     with mock.patch.object(models, "resolve_model_folder", _config_folder):
         yield
 
@@ -197,8 +204,6 @@ def _shapes(config: TrainConfig, denoiser_folder_config: dict[str, Any] | None) 
             "text_dim": data.text_dim,
         }
     if data.source == "shards" and os.path.isdir(data.shard_dir or ""):
-        from ..data.shards import read_index
-
         index = read_index(data.shard_dir)
         shapes = [tuple(b["latent_shape"]) for b in index["buckets"]]
         largest = max(shapes, key=lambda s: s[-1] * s[-2])
@@ -264,11 +269,6 @@ def _fake_cond(
 
 
 def build_fake_step(config: TrainConfig, resolution_px: int | None) -> FakeStep:
-    from ..core.lora import add_lora
-    from ..core.network import per_step_networks
-    from ..objectives.gan import build_discriminator
-    from ..objectives.teacher import NoisePairedTeacher
-
     dtype = COMPUTE_DTYPES[config.run.precision]
     shapes = _shapes(config, _denoiser_config(config))
     hw = shapes["hw"]
@@ -352,8 +352,6 @@ def build_fake_step(config: TrainConfig, resolution_px: int | None) -> FakeStep:
 @contextlib.contextmanager
 def _outside(mode: FakeTensorMode) -> Iterator[None]:
     """Leaves ``mode`` for the code inside (real tensors), then re-enters it."""
-    from torch.utils._python_dispatch import _disable_current_modes
-
     with _disable_current_modes():
         yield
 
@@ -369,8 +367,6 @@ def _pooled_dim(config: TrainConfig) -> int | None:
 def build_fake_loss(step: FakeStep, objective: Any) -> Any:
     """The objective's own loss module (built as the trainer builds it: float32 by default, the
     reward model in the compute dtype), under the step's fake mode."""
-    from ..objectives.losses import E2ED2Loss
-
     decode = None if step.config.model.vae_path is None else step.autoencoder.decode
     extra: dict[str, Any] = {}
     if "decoder" in inspect.signature(E2ED2Loss).parameters:
@@ -500,7 +496,8 @@ def stand_in_trainer(step: FakeStep, config: TrainConfig, loss_fn: Any) -> Any:
     data loader or output folder: its ``train_step`` runs the step exactly as training does
     (the unroll, its cuts, the teacher, the objective's passes, the GAN terms, the
     discriminator updates), with the plan fixed to the step's worst one."""
-    from .step_guard import ReliabilityCounters
+    # lazy: train.trainer imports deepspeed; the estimate and the dry run import this module without
+    # it
     from .trainer import Trainer
 
     trainer = Trainer.__new__(Trainer)

@@ -39,6 +39,7 @@ from ..core.lora import (
     plain_transformer,
     save_lora_weights,
 )
+from ..core.models import resolve_model_folder
 from .export_files import CONFIG_NAME, link_folder
 
 __all__ = ["load_lora_export", "write_lora_networks"]
@@ -70,8 +71,6 @@ def write_lora_networks(
     if config.model.pretrained_path is not None:
         # The base is frozen: it is the pretrained transformer (GBs at full size, and every
         # checkpoint carries an export), linked like the other frozen parts.
-        from ..core.models import resolve_model_folder
-
         pretrained = resolve_model_folder(
             config.model.pretrained_path, "transformer", "model.pretrained_path"
         )

@@ -21,7 +21,12 @@ from typing import Any
 
 from ..config import ConfigError, TrainConfig, load_config
 from .checkpoint import CheckpointStore, checkpoint_step, verify_checkpoint
-from .fingerprint import CheckpointMismatchError, check_fingerprint, fingerprint_differences
+from .fingerprint import (
+    CheckpointMismatchError,
+    check_fingerprint,
+    fingerprint_differences,
+    run_fingerprint,
+)
 from .metrics import METRICS_FILE
 from .reshard import to_universal, universal_folder
 from .run_lock import LOCK_FILE, FolderInUseError
@@ -209,8 +214,6 @@ def plan_start(config: TrainConfig, fingerprint: dict[str, Any], world_size: int
 
 def _fingerprint_like(config: TrainConfig, ours: dict[str, Any]) -> dict[str, Any]:
     """The fingerprint of another run's config.toml (the ZeRO stage: ours, its JSON may be gone)."""
-    from .fingerprint import run_fingerprint
-
     # Through JSON, as a checkpoint's saved fingerprint is (tuples become lists).
     return json.loads(json.dumps(run_fingerprint(config, ours["zero_optimization.stage"])))
 

@@ -79,6 +79,8 @@ class StopSignals:
     def requested(self, device: torch.device) -> bool:
         """True on every rank once any rank got a signal (one tiny all-reduce per step; ranks
         that stopped at different steps would leave a peer waiting in a collective)."""
+        # lazy: step_guard imports torch; the commands' error boundary imports this module and stays
+        # torch-free
         from .step_guard import any_rank
 
         stop = any_rank(self.signum is not None, device)

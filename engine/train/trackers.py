@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from torch.utils.tensorboard import SummaryWriter
 
 from ..config import ConfigError
 from ..config.run import TRACKERS
@@ -66,8 +67,6 @@ class TensorBoardTracker:
     ``tag/i`` for several: TensorBoard's image plugin shows one image per tag and step)."""
 
     def __init__(self, output_dir: Path, *, resume_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         # purge_step: events a killed run logged after its last checkpoint (steps > step) are
         # dropped, so the resumed curve has no duplicated or diverging tail.
         self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
@@ -111,6 +110,7 @@ class WandbTracker:
     def __init__(
         self, output_dir: Path, *, project: str, run_config: Mapping[str, Any] | None
     ) -> None:
+        # lazy: optional extra (wandb), only for run.tracker = "wandb"
         import wandb
 
         self._wandb = wandb
