@@ -52,6 +52,43 @@ ENGINE_RUNS: dict[str, list[str]] = {
     ],
     # The main job before issue 25 + the same GAN.
     "start_ddim_gan": ["objective.teacher_path=start", "sampler.kind=ddim", "gan.enabled=true"],
+    # The main job + a discriminator of heads on the frozen base denoiser's features at blocks
+    # 1 and 3 of 4, samples re-noised to t in [0, 500] (LADD-style; the same weight 0.01, 5
+    # discriminator steps per step and BCE loss as the 4-conv GAN).
+    "start_ddim_ladd": [
+        "objective.teacher_path=start",
+        "sampler.kind=ddim",
+        "gan.enabled=true",
+        "gan.discriminator=denoiser_features",
+    ],
+    # The same two GANs with their generator weight at 0 for the first half of the run (the
+    # teacher term alone), then ramped linearly to 0.01 over 50 steps; the discriminator trains
+    # from the first step.
+    "start_ddim_gan_warm": [
+        "objective.teacher_path=start",
+        "sampler.kind=ddim",
+        "gan.enabled=true",
+        "gan.weight_schedule=linear_warmup",
+        "gan.weight_start_step=150",
+        "gan.weight_warmup_steps=50",
+    ],
+    "start_ddim_ladd_warm": [
+        "objective.teacher_path=start",
+        "sampler.kind=ddim",
+        "gan.enabled=true",
+        "gan.discriminator=denoiser_features",
+        "gan.weight_schedule=linear_warmup",
+        "gan.weight_start_step=150",
+        "gan.weight_warmup_steps=50",
+    ],
+    # The main job + the energy score against the data (objectives/energy.py compares each
+    # prompt's m = 2 samples with its real digit), weight 0.1.
+    "start_ddim_energy": [
+        "objective.teacher_path=start",
+        "sampler.kind=ddim",
+        "objective.energy_weight=0.1",
+        "trajectory.samples_per_prompt=2",
+    ],
     # + the energy score against the data, m = 2 samples per prompt.
     "path_lcm_energy": [
         "objective.teacher_path=student",

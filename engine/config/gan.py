@@ -7,12 +7,15 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from .base import check_fields
+from .base import check_fields, check_int
+from .schedule import ScheduleKind, WeightSchedule
 
-__all__ = ["GAN_LOSSES", "GanConfig", "GanLoss"]
+__all__ = ["DISCRIMINATORS", "GAN_LOSSES", "DiscriminatorKind", "GanConfig", "GanLoss"]
 
 GanLoss = Literal["bce", "hinge"]
 GAN_LOSSES: tuple[str, ...] = typing.get_args(GanLoss)
+DiscriminatorKind = Literal["conv4", "denoiser_features"]
+DISCRIMINATORS: tuple[str, ...] = typing.get_args(DiscriminatorKind)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,31 @@ class GanConfig:
     """The discriminator's AdamW beta2."""
     weight_decay: float = 0.0
     """The discriminator's AdamW weight decay."""
+    discriminator: DiscriminatorKind = "conv4"
+    """``conv4``: the paper's 4-conv pixel discriminator (App. C.2). ``denoiser_features``: small
+    trainable heads on the features of the frozen base denoiser at ``feature_blocks``, reading
+    real and generated samples re-noised to a random timestep in [feature_t_min,
+    feature_t_max], conditioned on that timestep and the prompt (LADD, Sauer et al. 2024;
+    objectives/feature_discriminator.py). Needs a pixel-space model (no model.vae_path: the
+    denoiser reads the samples themselves) and objective.pixel_rows_per_pass = 0.
+    """
+    feature_blocks: tuple[int, ...] = (1, 3)
+    """denoiser_features: the 0-based indices of the transformer blocks whose outputs the heads
+    read (one head per block; the logits of all heads are averaged)."""
+    feature_t_min: int = 0
+    """denoiser_features: the smallest timestep the samples are re-noised to."""
+    feature_t_max: int = 500
+    """denoiser_features: the largest timestep the samples are re-noised to (inclusive)."""
+    head_channels: int = 64
+    """denoiser_features: hidden width of each head."""
+    weight_schedule: ScheduleKind = "constant"
+    """The factor on ``weight`` by optimizer step: ``constant`` (1), or ``linear_warmup`` (0 for
+    weight_start_step steps, then a linear ramp to 1 over weight_warmup_steps; config/schedule.py).
+    The discriminator trains from the first step either way."""
+    weight_start_step: int = 0
+    """linear_warmup: optimizer steps with the generator's adversarial weight at 0."""
+    weight_warmup_steps: int = 0
+    """linear_warmup: optimizer steps of the linear ramp after weight_start_step."""
 
     def __post_init__(self) -> None:
         check_fields("gan", self)
@@ -61,6 +89,28 @@ class GanConfig:
                 raise ValueError(f"gan.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.weight_decay < 0:
             raise ValueError(f"gan.weight_decay must be >= 0, got {self.weight_decay}")
+        check_int("gan.head_channels", self.head_channels, minimum=1)
+        if not self.feature_blocks or any(
+            isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in self.feature_blocks
+        ):
+            raise ValueError(
+                "gan.feature_blocks must be a non-empty list of block indices >= 0, got "
+                f"{list(self.feature_blocks)}"
+            )
+        check_int("gan.feature_t_min", self.feature_t_min, minimum=0)
+        check_int("gan.feature_t_max", self.feature_t_max, minimum=self.feature_t_min)
+        _ = self.weight_factors  # validates the schedule keys (the message names them)
+
+    @property
+    def weight_factors(self) -> WeightSchedule:
+        """The schedule of ``weight`` (its factor at each optimizer step)."""
+        return WeightSchedule(
+            self.weight_schedule, self.weight_start_step, self.weight_warmup_steps, "gan.weight"
+        )
+
+    def weight_at(self, step: int) -> float:
+        """The generator's adversarial weight at 0-based optimizer step ``step``."""
+        return self.weight * self.weight_factors.factor(step)
 
     def optimizer_kwargs(self) -> dict[str, object]:
         """Arguments of the discriminator's AdamW (``torch.optim.AdamW`` or a DeepSpeed config)."""

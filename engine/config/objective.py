@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .base import check_fields, check_int
+from .schedule import ScheduleKind, WeightSchedule
 
 __all__ = [
     "LPIPS_MIN_SIZE_PX",
@@ -88,6 +89,14 @@ class ObjectiveConfig:
     """Weight λ in [0, 1] of the energy score's spread term (1 = strictly proper)."""
     energy_space: EnergySpace = "latent"
     """Where the energy score measures distances: the final latents, or decoded pixels."""
+    energy_weight_schedule: ScheduleKind = "constant"
+    """The factor on energy_weight by optimizer step: ``constant`` (1), or ``linear_warmup`` (0
+    for energy_weight_start_step steps, then a linear ramp to 1 over energy_weight_warmup_steps;
+    config/schedule.py)."""
+    energy_weight_start_step: int = 0
+    """linear_warmup: optimizer steps with the energy score's weight at 0."""
+    energy_weight_warmup_steps: int = 0
+    """linear_warmup: optimizer steps of the energy weight's linear ramp after its start step."""
     teacher_weight: float = 0.0
     """Weight of the squared L2 distance to a noise-paired teacher target: a frozen copy of the
     pretrained denoiser's sample from the same start noise with teacher_steps steps
@@ -185,6 +194,7 @@ class ObjectiveConfig:
             raise ValueError(f"objective.energy_lambda must be in [0, 1], got {self.energy_lambda}")
         if self.teacher_steps < 1:
             raise ValueError(f"objective.teacher_steps must be >= 1, got {self.teacher_steps}")
+        _ = self.energy_factors  # validates the schedule keys (the message names them)
         if self.teacher_path == "student" and self.teacher_sampler != "ddim":
             raise ValueError(
                 "objective.teacher_path='student' solves each state with deterministic DDIM: set "
@@ -244,6 +254,16 @@ class ObjectiveConfig:
                 f"torchvision {TORCHVISION_MODELS[self.lpips_net]} state dict) or "
                 "objective.lpips_random_backbone=true"
             )
+
+    @property
+    def energy_factors(self) -> WeightSchedule:
+        """The schedule of ``energy_weight`` (its factor at each optimizer step)."""
+        return WeightSchedule(
+            self.energy_weight_schedule,
+            self.energy_weight_start_step,
+            self.energy_weight_warmup_steps,
+            "objective.energy_weight",
+        )
 
     @property
     def needs_pixels(self) -> bool:

@@ -119,6 +119,29 @@ class TrainConfig:
                 "model.vae_path is set but data.source='digits' is pixel space; unset it "
                 "(model.vae_path=none)"
             )
+        if self.gan.enabled and self.gan.discriminator == "denoiser_features":
+            # The heads read the base denoiser's features of the samples themselves, and draw
+            # their re-noising for the whole batch at once (objectives/feature_discriminator.py).
+            if self.model.vae_path is not None:
+                raise ConfigError(
+                    "gan.discriminator='denoiser_features' reads the denoiser's own input (a "
+                    "pixel-space model); with model.vae_path set use gan.discriminator='conv4'"
+                )
+            if self.objective.pixel_rows_per_pass:
+                raise ConfigError(
+                    "gan.discriminator='denoiser_features' scores the whole batch at once; set "
+                    f"objective.pixel_rows_per_pass=0, got {self.objective.pixel_rows_per_pass}"
+                )
+            if self.sampler.kind == "flow_euler":
+                raise ConfigError(
+                    "gan.discriminator='denoiser_features' re-noises with the DDPM forward "
+                    "process; sampler.kind='flow_euler' needs gan.discriminator='conv4'"
+                )
+            if self.gan.feature_t_max >= self.sampler.num_train_timesteps:
+                raise ConfigError(
+                    f"gan.feature_t_max={self.gan.feature_t_max} must be below "
+                    f"sampler.num_train_timesteps={self.sampler.num_train_timesteps}"
+                )
         needs_pixels = self.objective.needs_pixels or self.gan.enabled
         if self.data.source == "shards" and needs_pixels and self.model.vae_path is None:
             raise ConfigError(

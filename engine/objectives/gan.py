@@ -16,6 +16,11 @@ only. One generator step, with ``fake_px`` from ``E2ED2Loss.decode_sample`` (in 
     terms = with_adversarial_term(terms, adv, gan)                  # eq. 8
     terms["total"].backward()                                       # generator only
 
+``gan.discriminator = "denoiser_features"`` swaps the discriminator for trainable heads on the
+frozen base denoiser's features (LADD; objectives/feature_discriminator.py). It scores samples
+with their prompts, so every function here takes the batch's ``cond`` (the 4-conv discriminator
+ignores it) and :func:`discriminator_pieces` passes each pass its rows of it.
+
 Keep that order: the adversarial forward saves the discriminator's weights for its backward, so
 updating the discriminator between ``generator_adversarial_loss`` and ``backward`` fails autograd's
 in-place check.
@@ -31,7 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config.gan import GAN_LOSSES, GanConfig, GanLoss
+from ..config.sampler import SamplerConfig
+from ..core.network import Conditioning
 from ..core.step_cuts import row_slices
+from .feature_discriminator import FeatureDiscriminator
 
 __all__ = [
     "Discriminator",
@@ -77,7 +85,8 @@ class Discriminator(nn.Module):
             nn.Conv2d(4 * c, 1, kernel_size=3, stride=1, padding=1),
         )
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        """``cond``: accepted for the shared call signature and ignored (unconditional)."""
         if images.dim() != 4 or images.shape[1] != self.in_channels:
             raise ValueError(
                 f"discriminator expects (B, {self.in_channels}, H, W) images, got "
@@ -91,8 +100,30 @@ class Discriminator(nn.Module):
         return self.layers(images)
 
 
-def build_discriminator(config: GanConfig, in_channels: int) -> Discriminator:
-    return Discriminator(in_channels, base_channels=config.base_channels)
+def build_discriminator(
+    config: GanConfig,
+    in_channels: int,
+    *,
+    base: nn.Module | None = None,
+    text_dim: int | None = None,
+    sampler: SamplerConfig | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """``gan.discriminator``: the 4-conv :class:`Discriminator`, or the heads on the frozen
+    ``base`` denoiser (``denoiser_features``: needs ``base``, ``text_dim`` and ``sampler``;
+    ``seed`` seeds its re-noising)."""
+    if config.discriminator == "conv4":
+        return Discriminator(in_channels, base_channels=config.base_channels)
+    if base is None or text_dim is None or sampler is None:
+        raise ValueError(
+            "gan.discriminator='denoiser_features' needs the frozen base denoiser, the text "
+            "width and the sampler config"
+        )
+    return FeatureDiscriminator(config, base, text_dim=text_dim, sampler=sampler, seed=seed)
+
+
+def _logits(disc: nn.Module, images: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
+    return (disc(images) if cond is None else disc(images, cond)).float()
 
 
 def build_discriminator_optimizer(config: GanConfig, disc: nn.Module) -> torch.optim.AdamW:
@@ -118,18 +149,24 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def discriminator_loss(
-    disc: nn.Module, real: torch.Tensor, fake: torch.Tensor, loss: GanLoss = "bce"
+    disc: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    loss: GanLoss = "bce",
+    *,
+    cond: Conditioning | None = None,
 ) -> torch.Tensor:
     """The discriminator's loss (App. C.2): real images positive, generated negative.
 
     ``bce``: ``softplus(-D(real)) + softplus(D(fake))`` (= BCE with labels 1 / 0);
     ``hinge``: ``relu(1 - D(real)) + relu(1 + D(fake))``; each a mean over the logit map and
-    batch. Both inputs are detached: no gradient reaches the generator.
+    batch. Both inputs are detached: no gradient reaches the generator. ``cond``: the prompts
+    of the rows (real row i and generated row i share prompt i), for a conditional discriminator.
     """
     if loss not in GAN_LOSSES:
         raise ValueError(f"gan.loss={loss!r} is not one of {list(GAN_LOSSES)}")
-    real_logits = disc(real.detach()).float()
-    fake_logits = disc(fake.detach()).float()
+    real_logits = _logits(disc, real.detach(), cond)
+    fake_logits = _logits(disc, fake.detach(), cond)
     if loss == "bce":
         return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
     return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
@@ -142,6 +179,7 @@ def discriminator_pieces(
     loss: GanLoss = "bce",
     *,
     rows_per_pass: int = 0,
+    cond: Conditioning | None = None,
 ) -> Iterator[torch.Tensor]:
     """:func:`discriminator_loss` of the whole batch as passes of at most ``rows_per_pass``
     rows (0: one pass), each weighted by its share of the rows: both halves of the loss are
@@ -151,11 +189,16 @@ def discriminator_pieces(
     rows = real.shape[0]
     for where in row_slices(rows, rows_per_pass):
         share = (where.stop - where.start) / rows
-        yield share * discriminator_loss(disc, real[where], fake[where], loss)
+        prompts = None if cond is None else cond.select(where)
+        yield share * discriminator_loss(disc, real[where], fake[where], loss, cond=prompts)
 
 
 def generator_adversarial_loss(
-    disc: nn.Module, fake: torch.Tensor, loss: GanLoss = "bce"
+    disc: nn.Module,
+    fake: torch.Tensor,
+    loss: GanLoss = "bce",
+    *,
+    cond: Conditioning | None = None,
 ) -> torch.Tensor:
     """L_adv of eq. 8 for the generator: ``bce`` = ``softplus(-D(fake))`` (non-saturating),
     ``hinge`` = ``-D(fake)``; a mean. The discriminator runs :func:`frozen`: its parameters get
@@ -164,7 +207,7 @@ def generator_adversarial_loss(
     if loss not in GAN_LOSSES:
         raise ValueError(f"gan.loss={loss!r} is not one of {list(GAN_LOSSES)}")
     with frozen(disc):
-        logits = disc(fake).float()
+        logits = _logits(disc, fake, cond)
     if loss == "bce":
         return F.softplus(-logits).mean()
     return -logits.mean()
@@ -190,6 +233,7 @@ def train_discriminator(
     config: GanConfig,
     *,
     rows_per_pass: int = 0,
+    cond: Conditioning | None = None,
 ) -> list[torch.Tensor]:
     """App. C.2's asymmetric schedule: ``disc_steps_per_gen_step`` discriminator updates on one
     real / generated batch (generated detached). Returns each update's loss (detached).
@@ -202,7 +246,9 @@ def train_discriminator(
     losses = []
     for _ in range(config.disc_steps_per_gen_step):
         optimizer.zero_grad(set_to_none=True)
-        pieces = discriminator_pieces(disc, real, fake, config.loss, rows_per_pass=rows_per_pass)
+        pieces = discriminator_pieces(
+            disc, real, fake, config.loss, rows_per_pass=rows_per_pass, cond=cond
+        )
         values = []
         for piece in pieces:
             piece.backward()
