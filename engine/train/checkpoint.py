@@ -230,8 +230,12 @@ class CheckpointStore:
         """Folders named like a checkpoint, complete or not, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and _COMPLETE.match(p.name)]
-        return sorted(found, key=checkpoint_step)
+        found = {
+            p: step
+            for p in self.root.iterdir()
+            if p.is_dir() and (step := checkpoint_step(p)) is not None
+        }
+        return sorted(found, key=found.__getitem__)
 
     def complete(self) -> list[Path]:
         """Published checkpoints (with their completion marker), oldest first."""
@@ -250,7 +254,7 @@ class CheckpointStore:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0.0
 
-    def _failed_save(self, staging: Path, step: int, error: BaseException | None) -> NoReturn:
+    def _failed_save(self, staging: Path, step: int, error: OSError | None) -> NoReturn:
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         if error is None:

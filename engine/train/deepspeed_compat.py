@@ -49,6 +49,8 @@ log = logging.getLogger("e2ed2.checkpoint")
 def _deepspeed_safe_globals() -> list[Any]:
     """The non-tensor classes DeepSpeed 0.19 pickles into its checkpoints (found by loading
     stage 0-3 fp32/bf16 checkpoints with ``weights_only=True``); plain data, no code on load."""
+    # lazy: a DeepSpeed internal, imported where used: this module must not pay deepspeed (~0.6 s),
+    # and a release that moves it breaks only this function
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -90,6 +92,8 @@ def use_weights_only_loading(engine: Any) -> bool:
     ``weights_only`` load that allows only DeepSpeed's few plain-data classes. Returns False (and
     warns) for another checkpoint engine (Nebula, fast writer), which is left as it is.
     """
+    # lazy: a DeepSpeed internal, imported where used: this module must not pay deepspeed (~0.6 s),
+    # and a release that moves it breaks only this function
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     checkpoint_engine = engine.checkpoint_engine
@@ -137,6 +141,8 @@ def close_micro_step(engine: Any) -> None:
     partitions by copying instead of adding, ZeRO-1/2 clear their accumulation attributes); the
     engine has no public call for it (train/step_backward.py needs it between backward pieces).
     """
+    # lazy: a DeepSpeed internal, imported where used: this module must not pay deepspeed (~0.6 s),
+    # and a release that moves it breaks only this function
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
     if isinstance(engine.optimizer, ZeROOptimizer):
@@ -211,7 +217,10 @@ def keep_zero3_params_gathered(module: nn.Module) -> Iterator[None]:
     parameters still gathered (``ds_status == ZeroParamStatus.AVAILABLE``) are partitioned again
     with ``param.partition(param_list=...)``. Without ZeRO-3 parameters nothing is done.
     """
-    params = [p for p in module.parameters() if hasattr(p, "ds_persist") and not p.ds_persist]
+    # ZeRO-3's parameters carry attributes torch's Parameter type does not declare.
+    params: list[Any] = [
+        p for p in module.parameters() if hasattr(p, "ds_persist") and not p.ds_persist
+    ]
     if not params:
         yield
         return
@@ -225,6 +234,8 @@ def keep_zero3_params_gathered(module: nn.Module) -> Iterator[None]:
         for param, was_external in zip(params, external, strict=True):
             param.ds_persist = False
             param.is_external_param = was_external
+        # lazy: a DeepSpeed internal, imported where used: this module must not pay deepspeed (~0.6
+        # s), and a release that moves it breaks only this function
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         gathered = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
@@ -240,6 +251,8 @@ def convert_to_universal(tag_folder: Path, target: Path) -> None:
     the checkpoint with ``torch.load(weights_only=False)``, so it runs inside
     :func:`weights_only_torch_load`.
     """
+    # lazy: a DeepSpeed internal, imported where used: this module must not pay deepspeed (~0.6 s),
+    # and a release that moves it breaks only this function
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     with weights_only_torch_load():
