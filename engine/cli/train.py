@@ -148,9 +148,10 @@ def _train(config: TrainConfig, prog: str, rank: int) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not lost_peer(err):
             raise
         # Not this rank's fault: a peer ended (its own line names it and why) or hangs.
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(
-            f"{prog}: stopped: rank {rank}: another rank is gone, a collective failed ({first})",
+            f"{prog}: stopped: rank {rank}: another rank is gone, a collective failed "
+            f"({first_line})",
             file=sys.stderr,
         )
         return 1

@@ -305,7 +305,6 @@ def save_lora_weights(
 ) -> Path:
     """Writes ``adapter`` of ``model`` (a diffusers model with peft adapters) as a diffusers LoRA
     file ``directory/weight_name`` (default :func:`lora_weight_name`); returns its path."""
-
     path = Path(directory) / (weight_name or lora_weight_name(adapter))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(lora_state_dict(model, adapter), str(path), metadata=_metadata(model, adapter))

@@ -90,7 +90,6 @@ def save_captioned_grid(
     width, an ellipsis where it is cut). PIL draws the text; its default font is scalable
     (FreeType) since Pillow 10.1.
     """
-
     if len(captions) != len(pixels):
         raise ValueError(f"{len(pixels)} images but {len(captions)} captions")
     side = min(pixels.shape[-2:])

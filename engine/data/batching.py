@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -253,7 +253,9 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
 
-def build_dataset(config: DataConfig, split: Split = "train") -> Dataset:
+def build_dataset(
+    config: DataConfig, split: Split = "train"
+) -> DigitsDataset | LatentShardDataset | PromptDataset:
     """The dataset ``config`` names: :class:`DigitsDataset` or :class:`LatentShardDataset`."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
@@ -302,7 +304,8 @@ def build_dataloader(
         )
     else:
         sampler = BucketBatchSampler(
-            dataset.sample_buckets,
+            # The config allows data.buckets only with data.source = "shards".
+            cast(LatentShardDataset, dataset).sample_buckets,
             batch_per_rank,
             rank,
             world_size,

@@ -188,7 +188,7 @@ class ProgressFile:
         self._write(done=True, records=records)
 
     def _write(self, done: bool, records: int | None = None) -> None:
-        state = {"images": self.images, "done": done, "records": records}
+        state: dict[str, Any] = {"images": self.images, "done": done, "records": records}
         state["chunks_encoded"] = self.chunks_encoded
         write_atomic(self.path, json.dumps(state).encode())
         self._written = time.monotonic()

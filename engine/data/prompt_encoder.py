@@ -49,12 +49,12 @@ class PromptEncoder:
         self.gemma = is_gemma_pipeline(self.encoder_dir)
         if self.gemma:  # Sana / SANA-Sprint: the pipeline's own Gemma-2 encode_prompt
             self.tokenizer_dir = self.encoder_dir
-            self.encoder = load_gemma_text_encoder(self.encoder_dir, self.device, dtype)
+            self.encoder: Any = load_gemma_text_encoder(self.encoder_dir, self.device, dtype)
             self.tokenizer = None
             return
         if self.sd3:
             self.tokenizer_dir = self.encoder_dir  # the pipeline brings its three tokenizers
-            self.encoder: Any = load_sd3_text_encoders(self.encoder_dir, self.device, dtype)
+            self.encoder = load_sd3_text_encoders(self.encoder_dir, self.device, dtype)
             self.tokenizer = None
             return
         # lazy: transformers adds ~1 s over torch; only loading the T5 encoder needs it

@@ -37,7 +37,7 @@ def sample_conditioning(dataset, count: int) -> tuple[Conditioning, list[str]]:
         captions = [digit_prompt(i % 10) for i in range(count)]
         states, mask = dataset.encode(captions)
         return Conditioning(states, mask), captions
-    indices = range(min(count, len(dataset)))
+    indices: Sequence[int] = range(min(count, len(dataset)))
     if isinstance(dataset, LatentShardDataset):
         indices = dataset.bucket_members(dataset.grid_bucket)[:count].tolist()
     items = [dataset[i] for i in indices]

@@ -37,7 +37,8 @@ class SampleKey(NamedTuple):
     reach. Datasets also accept a plain ``int`` (epoch 0).
     """
 
-    index: int
+    # The field's name shadows tuple.index (a NamedTuple allows it; mypy flags any override).
+    index: int  # type: ignore[assignment]
     epoch: int
 
 

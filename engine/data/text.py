@@ -40,7 +40,9 @@ def digits_text_encoder(text_dim: int, seed: int) -> tuple[Any, torch.nn.Module]
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     tokenizer = ByT5Tokenizer()
-    config = T5Config(
+    # T5Config takes decoder_start_token_id through PretrainedConfig's **kwargs, which its
+    # annotations leave out.
+    config = T5Config(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         d_model=text_dim,
         d_kv=text_dim // DIGITS_TEXT_HEADS,

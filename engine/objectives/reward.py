@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -137,8 +138,11 @@ def fit_digit_reward(
     )
 
 
+_Model = TypeVar("_Model", bound=nn.Module)
+
+
 def fit_classifier(
-    model: nn.Module,
+    model: _Model,
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -147,7 +151,7 @@ def fit_classifier(
     epochs: int,
     batch_size: int,
     lr: float,
-) -> nn.Module:
+) -> _Model:
     """Cross-entropy training of a small image classifier (AdamW, one-cycle LR, shuffled
     mini-batches through ``augment``), deterministic for a seed and thread count; returns it
     frozen in eval mode. Shared by the reward model and the evaluator's digit classifier."""

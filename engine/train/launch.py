@@ -75,14 +75,13 @@ def _local_path_checks(config: TrainConfig) -> list[Callable[[], object]]:
     """One check per local path the config names (each raises ValueError / FileNotFoundError)."""
     run = config.run
     checks: list[Callable[[], object]] = []
-    if config.model.pretrained_path is not None:
+    pretrained_path, vae_path = config.model.pretrained_path, config.model.vae_path
+    if pretrained_path is not None:
         checks.append(
-            lambda: resolve_model_folder(
-                config.model.pretrained_path, "transformer", "model.pretrained_path"
-            )
+            lambda: resolve_model_folder(pretrained_path, "transformer", "model.pretrained_path")
         )
-    if config.model.vae_path is not None:
-        checks.append(lambda: resolve_model_folder(config.model.vae_path, "vae", "model.vae_path"))
+    if vae_path is not None:
+        checks.append(lambda: resolve_model_folder(vae_path, "vae", "model.vae_path"))
     lpips_path = config.objective.lpips_backbone_path
     if config.objective.lpips_weight > 0 and lpips_path is not None:
 

@@ -172,7 +172,7 @@ def plan_start(config: TrainConfig, fingerprint: dict[str, Any], world_size: int
             )
         return plan
 
-    problems = []
+    problems: list[str] = []
     for candidate in reversed(store.named()):
         problem = verify_checkpoint(candidate)
         if problem is None:

@@ -140,10 +140,10 @@ class WandbTracker:
         step: int,
         captions: Sequence[str] | None = None,
     ) -> None:
-        captions = list(captions) if captions else [None] * len(images)
+        labels: list[str | None] = list(captions) if captions else [None] * len(images)
         media = [
             self._wandb.Image(image, caption=caption)
-            for image, caption in zip(images, captions, strict=True)
+            for image, caption in zip(images, labels, strict=True)
         ]
         self.run.log({tag: media}, step=step)
 
