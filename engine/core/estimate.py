@@ -55,7 +55,7 @@ from .models import pixart_transformer
 from .network import Conditioning
 from .sampler import SamplerConfig, build_schedule
 from .step_cuts import StepCuts
-from .trajectory import Trajectory, TrajectoryConfig
+from .trajectory import CheckpointPolicy, Trajectory, TrajectoryConfig
 
 __all__ = [
     "DenoiserShape",
@@ -175,7 +175,9 @@ def make_inputs(
     return clean, Conditioning(states, mask, unconditional=null)
 
 
-def make_trajectory(policy: str, num_steps: int, guidance_scale: float = 1.0) -> Trajectory:
+def make_trajectory(
+    policy: CheckpointPolicy, num_steps: int, guidance_scale: float = 1.0
+) -> Trajectory:
     """K LCM steps from noise under ``policy`` (build it outside ``FakeTensorMode``);
     ``guidance_scale`` > 1: classifier-free guidance, each network call on the doubled batch."""
     return Trajectory(
@@ -212,7 +214,7 @@ def step_memory(
     shape: DenoiserShape,
     *,
     resolution_px: Size,
-    policy: str,
+    policy: CheckpointPolicy,
     num_steps: int,
     batch: int = 1,
     dtype: torch.dtype = torch.bfloat16,

@@ -176,7 +176,7 @@ def _forward_parameters(cls: type) -> frozenset[str]:
 def denoise(
     model: nn.Module,
     sample: torch.Tensor,
-    timestep: int | torch.Tensor,
+    timestep: int | float | torch.Tensor,
     cond: Conditioning,
     *,
     guidance_scale: float = 1.0,

@@ -127,7 +127,7 @@ def read_null_condition(
     if not torch.isfinite(states).all():
         raise ValueError(f"{path}: non-finite values (NaN/Inf) in encoder_hidden_states")
     null = {"encoder_hidden_states": states.float(), "encoder_attention_mask": mask.long()}
-    if pooled_dim is not None:
+    if pooled_dim is not None and pooled is not None:  # pooled is present: checked above
         null["pooled_projections"] = pooled.float()
     if not masked:
         del null["encoder_attention_mask"]

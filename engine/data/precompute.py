@@ -51,7 +51,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -78,6 +78,9 @@ from .text import (
     load_sd3_text_encoders,
     load_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 __all__ = [
     "BUCKET_PATCH_SIZE",
@@ -153,9 +156,9 @@ def precompute(
         raise ValueError(f"source={source!r} is not one of {list(SOURCES)}")
     if buckets not in BUCKET_TABLES:
         raise ValueError(f"buckets={buckets!r} is not one of {list(BUCKET_TABLES)}")
-    for key, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
-        if value not in STORAGE_DTYPES.values():
-            raise ValueError(f"{key}={value} is not one of {list(STORAGE_DTYPES)}")
+    for key, chosen in (("dtype", dtype), ("compute_dtype", compute_dtype)):
+        if chosen not in STORAGE_DTYPES.values():
+            raise ValueError(f"{key}={chosen} is not one of {list(STORAGE_DTYPES)}")
     image_root = Path(image_dir)
     if not image_root.is_dir():
         raise FileNotFoundError(f"image_dir {os.fspath(image_dir)!r} is not a folder")
@@ -654,7 +657,8 @@ def _load_models(
     from transformers import T5EncoderModel
 
     # safetensors only: a pickled .bin can run code when loaded.
-    vae = _autoencoder_class(vae_dir, AutoencoderKL).from_pretrained(
+    # As a torch Module: diffusers' wrapped ModelMixin.to types without its bound self.
+    vae: torch.nn.Module = _autoencoder_class(vae_dir, AutoencoderKL).from_pretrained(
         vae_dir, torch_dtype=compute_dtype, use_safetensors=True
     )
     if gemma:
@@ -674,7 +678,7 @@ def _load_models(
     return vae, encoder, tokenizer
 
 
-def _autoencoder_class(vae_dir: str, default: type) -> type:
+def _autoencoder_class(vae_dir: str, default: type) -> type[ModelMixin]:
     """The VAE folder's diffusers class: ``AutoencoderKL`` or Sana's ``AutoencoderDC``."""
     # lazy: diffusers adds ~3 s over torch; only loading the VAE needs it
     import diffusers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def scored_schedules(
         yield k, build_schedule(config.sampler, k)
 
 
-def load_export(export_dir: str | Path, device: torch.device) -> tuple[Any, nn.Module, Any]:
+def load_export(export_dir: str | os.PathLike, device: torch.device) -> tuple[Any, nn.Module, Any]:
     """An export's config, its networks (eval mode, on ``device``) and its decoder (the VAE of
     ``model.vae_path``, or the identity in pixel space), as ``e2ed2 sample`` loads them."""
     config = load_config(str(Path(export_dir) / CONFIG_NAME))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,7 +137,11 @@ class DigitEvaluator:
     """
 
     def __init__(
-        self, data_config: DataConfig, *, seed: int = 0, cache_dir: str | Path | None = None
+        self,
+        data_config: DataConfig,
+        *,
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         if data_config.source != "digits":
             raise ValueError(
@@ -154,7 +159,7 @@ class DigitEvaluator:
         self.per_class = int(counts.min())
 
     def _classifier(
-        self, data_config: DataConfig, seed: int, cache_dir: str | Path | None
+        self, data_config: DataConfig, seed: int, cache_dir: str | os.PathLike | None
     ) -> DigitClassifier:
         key = json.dumps([asdict(data_config), seed, _CLASSIFIER_VERSION], sort_keys=True)
         name = f"digit_classifier_{hashlib.sha256(key.encode()).hexdigest()[:12]}.safetensors"

@@ -65,9 +65,9 @@ def _base_networks(config: TrainConfig, device: torch.device) -> torch.nn.Module
     # lazy: diffusers adds ~3 s over torch; only the comparison with the base model needs it
     from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
-    folder = resolve_model_folder(
-        config.model.pretrained_path, "transformer", "model.pretrained_path"
-    )
+    pretrained_path = config.model.pretrained_path
+    assert pretrained_path is not None  # compare_with_base refuses a config without one
+    folder = resolve_model_folder(pretrained_path, "transformer", "model.pretrained_path")
     return PixArtTransformer2DModel.from_pretrained(folder, use_safetensors=True).to(device).eval()
 
 

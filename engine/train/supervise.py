@@ -191,7 +191,9 @@ def _watch(runner: subprocess.Popen, ranks: _Ranks, received: list[int]) -> int:
         return 1 if failed[1] is None else failed[1]
     if forwarded:
         expected = 128 + forwarded[0]
-        if codes and all(code in (128 + s for s in forwarded) for code in codes.values()):
+        if codes and all(
+            code is not None and code in (128 + s for s in forwarded) for code in codes.values()
+        ):
             return expected
         _say(f"after {signal.Signals(forwarded[0]).name} the ranks exited {codes}")
         return expected if returned in (expected, -forwarded[0]) else 1

@@ -14,6 +14,7 @@ images with sidecars.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .base import Reader, Record, Sample, Skipped
@@ -73,7 +74,7 @@ def open_reader(
                 f"or tar members; the captions source ({CAPTIONS_FILE} / sidecars) has none"
             )
         return CaptionsReader(root)
-    readers = {
+    readers: dict[str, Callable[..., Reader]] = {
         "imagefolder": ImageFolderReader,
         "hf": HFDatasetReader,
         "webdataset": WebDatasetReader,
