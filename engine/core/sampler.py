@@ -45,11 +45,21 @@ diffusers scheduler; one SamplerSchedule type serves the trajectory for all of t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from ..config.sampler import SamplerConfig
 from .network import Conditioning, denoise
+
+if TYPE_CHECKING:
+    # The scheduler classes SamplerConfig.to_diffusers builds, by sampler kind.
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+        FlowMatchEulerDiscreteScheduler,
+    )
+    from diffusers.schedulers.scheduling_lcm import LCMScheduler
+    from diffusers.schedulers.scheduling_scm import SCMScheduler
 
 __all__ = ["SamplerConfig", "SamplerSchedule", "build_schedule", "image_seq_len"]
 
@@ -214,6 +224,7 @@ class SamplerSchedule:
             denoised = self.c_out[index] * clean + self.c_skip[index] * sample
             if not self.takes_noise(index):
                 return denoised
+            assert noise is not None  # a step that takes noise is given it (see takes_noise)
             return self.sqrt_alpha_prod_next[index] * denoised + self.noise_scale[index] * noise
         # DDIM: the implied noise comes from the unclipped output, as in diffusers.
         a, b = self.sqrt_alpha_prod[index], self.sqrt_one_minus_alpha_prod[index]
@@ -226,6 +237,7 @@ class SamplerSchedule:
             eps = (sample - a * model_output) / b
         prev = self.sqrt_alpha_prod_next[index] * clean + self.direction_scale[index] * eps
         if self.takes_noise(index):
+            assert noise is not None  # a step that takes noise is given it (see takes_noise)
             prev = prev + self.noise_scale[index] * noise
         return prev
 
@@ -243,6 +255,7 @@ class SamplerSchedule:
         latents = sample.float() * self.config.sigma_data
         clean = self.cos_angle[index] * latents - self.sin_angle[index] * velocity.float()
         if self.takes_noise(index):
+            assert noise is not None  # a step that takes noise is given it (see takes_noise)
             scaled_noise = noise.float() * self.config.sigma_data
             latents = self.cos_angle_next[index] * clean + self.sin_angle_next[index] * scaled_noise
         else:
@@ -271,7 +284,7 @@ def build_schedule(
         return _build_flow_schedule(config, num_steps, image_seq_len)
     if config.kind == "scm":
         return _build_scm_schedule(config, num_steps)
-    scheduler = config.to_diffusers()
+    scheduler = cast("DDIMScheduler | LCMScheduler", config.to_diffusers())
     scheduler.set_timesteps(num_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
     if len(timesteps) != num_steps:
@@ -303,7 +316,8 @@ def build_schedule(
             # itself and takes no noise).
             t_next = timesteps[i + 1] if i + 1 < num_steps else t
             alpha_next = alpha_at(t_next)
-            c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+            lcm = cast("LCMScheduler", scheduler)
+            c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t)
             last = i == num_steps - 1
             direction = 0.0
             noise = 0.0 if last else float((1 - alpha_next).sqrt())
@@ -311,7 +325,7 @@ def build_schedule(
         else:
             t_next = t - config.num_train_timesteps // num_steps
             alpha_next = alpha_at(t_next)
-            variance = scheduler._get_variance(t, t_next)
+            variance = cast("DDIMScheduler", scheduler)._get_variance(t, t_next)
             std = config.eta * variance**0.5
             direction = float((1 - alpha_next - std**2) ** 0.5)
             noise = float(std) if config.eta > 0 else 0.0
@@ -331,7 +345,7 @@ def build_schedule(
 def _build_flow_schedule(
     config: SamplerConfig, num_steps: int, image_seq_len: int | None
 ) -> SamplerSchedule:
-    scheduler = config.to_diffusers()
+    scheduler = cast("FlowMatchEulerDiscreteScheduler", config.to_diffusers())
     mu = None
     if config.use_dynamic_shifting:
         if image_seq_len is None:
@@ -368,7 +382,7 @@ def _build_scm_schedule(config: SamplerConfig, num_steps: int) -> SamplerSchedul
     """SCM's K + 1 TrigFlow angles from SCMScheduler.set_timesteps (as SanaSprintPipeline asks
     for them: the intermediate angle at K = 2 only), and each step's coefficients computed with
     the pipeline's float32 tensor ops, so a step multiplies by the values it multiplies by."""
-    scheduler = config.to_diffusers()
+    scheduler = cast("SCMScheduler", config.to_diffusers())
     middle = config.intermediate_timesteps if num_steps == 2 else None
     scheduler.set_timesteps(
         num_steps, max_timesteps=config.max_timesteps, intermediate_timesteps=middle

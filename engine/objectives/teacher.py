@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -51,6 +52,9 @@ from ..config.sampler import SamplerConfig
 from ..core.network import Conditioning
 from ..core.sampler import SamplerSchedule, build_schedule
 from ..core.trajectory import run_steps
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
 __all__ = ["NoisePairedTeacher", "solve_schedule", "solve_steps", "teacher_sampler_config"]
 
@@ -89,7 +93,7 @@ def solve_schedule(config: SamplerConfig, timestep: int, num_steps: int) -> Samp
     if not 0 <= timestep < config.num_train_timesteps or num_steps < 1:
         raise ValueError(f"no DDIM solve of {num_steps} steps from timestep {timestep}")
     num_steps = min(num_steps, timestep + 1)  # at most one step per discrete timestep
-    scheduler = config.to_diffusers()
+    scheduler = cast("DDIMScheduler", config.to_diffusers())  # the DDIM sampler (see above)
     acp = scheduler.alphas_cumprod  # float32, as diffusers indexes it
     final = scheduler.final_alpha_cumprod
     grid = np.round(np.arange(timestep + 1, 0, -(timestep + 1) / num_steps)).astype(np.int64) - 1
