@@ -19,6 +19,7 @@ import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -170,7 +171,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @functools.cache
 def _forward_parameters(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
+    # ``type``, not type[nn.Module]: mypy does not take a type[...] as hashable for the cache.
+    return frozenset(inspect.signature(cast("type[nn.Module]", cls).forward).parameters)
 
 
 def denoise(
@@ -259,6 +261,7 @@ def _guidance_batch(cond: Conditioning, guidance_scale: float) -> Conditioning:
     if mask is not None or null_mask is not None:
         # A missing mask means "every token is real".
         like = mask if mask is not None else null_mask
+        assert like is not None  # one of the two masks is present (checked above)
         if mask is None:
             mask = torch.ones(batch, length, dtype=like.dtype, device=like.device)
         if null_mask is None:
@@ -290,7 +293,8 @@ def _network_output(
     embedded_guidance: float | None = None,
 ) -> torch.Tensor:
     """The model's raw output tensor (all its channels) for a (B,) ``timesteps`` tensor."""
-    accepted = _forward_parameters(type(unwrap(model)))
+    model_class: type = type(unwrap(model))
+    accepted = _forward_parameters(model_class)
     config = getattr(unwrap(model), "config", None)
     timestep_scale = float(getattr(config, "timestep_scale", 1.0) or 1.0)
     if timestep_scale != 1.0:
@@ -318,6 +322,8 @@ def _network_output(
             )
         )
     if guided:
+        # guided: the model has guidance_embeds (its config) and a scale was given (checked above)
+        assert embedded_guidance is not None and config is not None
         guidance = torch.full(
             (sample.shape[0],), embedded_guidance, dtype=torch.float32, device=sample.device
         )
@@ -403,7 +409,7 @@ def repeat_conditioning(cond: Conditioning, repeats: int) -> Conditioning:
         null = repeat_conditioning(null, repeats)
     return dataclasses.replace(
         cond,
-        encoder_hidden_states=rep(cond.encoder_hidden_states),
+        encoder_hidden_states=cond.encoder_hidden_states.repeat_interleave(repeats, dim=0),
         encoder_attention_mask=rep(cond.encoder_attention_mask),
         added_cond_kwargs=None if extras is None else {k: rep(v) for k, v in extras.items()},
         unconditional=null,
