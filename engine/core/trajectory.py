@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -46,6 +46,8 @@ from .offload import HostOffload
 from .sampler import SamplerSchedule
 
 if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
+
     from .step_cuts import StepCuts  # which builds on this module
 
 __all__ = [
@@ -121,8 +123,9 @@ def _one_step(
 
 
 def _checkpointed(fn: Callable, *args: object, context_fn: Callable | None) -> torch.Tensor:
-    kwargs = {} if context_fn is None else {"context_fn": context_fn}
-    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    if context_fn is None:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
 
 
 #: Policies that checkpoint inside each step, per transformer block (diffusers' own switch).
@@ -149,10 +152,12 @@ def _set_block_checkpointing(networks: Sequence[nn.Module], enabled: bool) -> No
                     f"block checkpointing (diffusers enable_gradient_checkpointing); "
                     f"{type(model).__name__} has none"
                 )
-            if not model.is_gradient_checkpointing:
-                model.enable_gradient_checkpointing()
-        elif supports and model.is_gradient_checkpointing:
-            model.disable_gradient_checkpointing()
+            # It supports per-block checkpointing: a diffusers model.
+            diffusers_model = cast("ModelMixin", model)
+            if not diffusers_model.is_gradient_checkpointing:
+                diffusers_model.enable_gradient_checkpointing()
+        elif supports and cast("ModelMixin", model).is_gradient_checkpointing:
+            cast("ModelMixin", model).disable_gradient_checkpointing()
 
 
 def run_steps(
@@ -227,11 +232,13 @@ def run_steps(
         elif checkpoint_policy == "none":
             x = _one_step(network, schedule, cond, index, x, noise)
         elif checkpoint_policy == "block_offload":
+            assert offload is not None  # built above for both offload policies
             with offload.hooks():
                 x = _one_step(network, schedule, cond, index, x, noise)
         elif checkpoint_policy == "offload":
             # Non-reentrant checkpoints save their inputs as saved tensors, outside their own
             # hooks: under ours they are kept on the host until the recompute unpacks them.
+            assert offload is not None  # built above for both offload policies
             with offload.hooks():
                 x = _checkpointed(
                     _one_step, network, schedule, cond, index, x, noise, context_fn=context_fn
@@ -321,7 +328,8 @@ class Trajectory:
             starts.append(start)
             noises.append(step_noise)
         per_step = [
-            None if noises[0][i] is None else torch.cat([n[i] for n in noises])
+            # One plan for every sample: step i has noise for all of them or for none.
+            None if noises[0][i] is None else torch.cat([cast(torch.Tensor, n[i]) for n in noises])
             for i in range(self.config.num_steps)
         ]
         return torch.cat(starts), per_step
@@ -378,9 +386,12 @@ class Trajectory:
         if clean is None:
             device = cond.encoder_hidden_states.device
         dtype = clean.dtype if clean is not None else cond.encoder_hidden_states.dtype
+        if shape is None:
+            assert clean is not None  # one of the two is given (checked above)
+            shape = clean.shape
         start, noises = self.draw_noise(
             plan,
-            shape if shape is not None else clean.shape,
+            shape,
             clean=clean,
             generator=generator,
             device=device,
