@@ -145,9 +145,11 @@ class LiveTensorTracker(TorchDispatchMode):
                 return
             nbytes = storage.nbytes()
             device = HOST if _in_host_scope() else str(storage.device)
-            self._seen[key] = weakref.ref(
-                storage, lambda ref, k=key, d=device, n=nbytes: self._release(ref, k, d, n)
-            )
+
+            def release(dead: weakref.ref, k: int = key, d: str = device, n: int = nbytes) -> None:
+                self._release(dead, k, d, n)
+
+            self._seen[key] = weakref.ref(storage, release)
             self._live_bytes[device] += nbytes
             if device != HOST:
                 self._live_total += nbytes

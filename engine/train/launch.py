@@ -94,12 +94,15 @@ def _local_path_checks(config: TrainConfig) -> list[Callable[[], object]]:
                 )
 
         checks.append(lpips_file)
+    reward_path, shard_dir = config.objective.reward_path, config.data.shard_dir
     if config.objective.needs_captions:
-        checks.append(lambda: check_clip_folder(config.objective.reward_path))
+        assert reward_path is not None  # ObjectiveConfig requires it with a reward weight
+        checks.append(lambda: check_clip_folder(reward_path))
     if config.data.source == "shards":
+        assert shard_dir is not None  # DataConfig requires it for data.source = "shards"
 
         def shards() -> None:
-            index = read_index(config.data.shard_dir)
+            index = read_index(shard_dir)
             check_bucket_table(config.data, index)
             _check_latent_size(config, index)
 
