@@ -80,7 +80,7 @@ class PromptEncoder:
     def from_index(
         cls,
         index: Mapping[str, Any],
-        root: str,
+        root: str | os.PathLike | None,
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -96,6 +96,7 @@ class PromptEncoder:
                     f"{root}/index.json records no usable {what} folder ({folder!r}): the "
                     "prompts must be encoded by the encoder the captions were"
                 )
+        assert encoder_dir is not None and tokenizer_dir is not None  # checked just above
         text = index["text"]
         max_tokens = int(text.get("max_tokens") or text["shape"][0])
         return cls(

@@ -34,7 +34,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -231,7 +231,8 @@ class PromptDataset(Dataset):
         self.bucket_sizes = [(config.resolution, config.resolution)]
         self.grid_bucket = 0
         text = self.index["text"]
-        self.text_shape = tuple(int(s) for s in text["shape"])
+        # (tokens, width): the text states' shape per prompt, as the index records it.
+        self.text_shape = cast(tuple[int, int], tuple(int(s) for s in text["shape"]))
         self.pooled_dim = None if text.get("pooled_dim") is None else int(text["pooled_dim"])
         self._masked = bool(text.get("attention_mask", True))
         # A file the index names is read: it must lie inside the folder (data/paths.py).

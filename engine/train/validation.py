@@ -52,7 +52,9 @@ class ValidationPrompts:
         if dist.is_initialized() and dist.get_world_size() > 1:
             box = [encoded if dist.get_rank() == 0 else None]
             dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-            encoded = box[0]
+            received = box[0]
+            assert received is not None  # rank 0 always sends its prompts or its error
+            encoded = received
         if isinstance(encoded, str):  # every rank stops with rank 0's message
             raise ConfigError(encoded)
         self.prompts, self.cond = encoded
@@ -124,11 +126,11 @@ def _encode(
     del encoder  # the encoder's weights go now: only the few prompts' states are kept
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    mask = tensors.get("encoder_attention_mask")
+    text_mask = tensors.get("encoder_attention_mask")
     added = _size_conditions(dataset, len(prompts))
     return Conditioning(
         tensors["encoder_hidden_states"].float(),
-        None if mask is None else mask.long(),
+        None if text_mask is None else text_mask.long(),
         added,
         pooled_projections=(
             None if "pooled_projections" not in tensors else tensors["pooled_projections"].float()
