@@ -233,7 +233,8 @@ def install_fused_kernels(
             _check_attention_module(cast("Attention", attn), backend)
         # diffusers types the processor as a union of its own processor classes; any object with
         # their __call__ signature is what it calls.
-        cast("AttentionMixin", model).set_attn_processor(FlashAttnProcessor(backend))  # type: ignore[arg-type]
+        processor = FlashAttnProcessor(backend)
+        cast("AttentionMixin", model).set_attn_processor(processor)  # type: ignore[arg-type]
         installed["attention"] = len(attn_modules)
     if timestep_embedding:
         adaln = getattr(model, "adaln_single", None)

@@ -134,6 +134,7 @@ def _main(argv: Sequence[str]) -> int:
         except FileNotFoundError as err:
             return fail(str(err))
         shard_dir = args.shard_dir or config.data.shard_dir
+        assert shard_dir is not None  # DataConfig requires data.shard_dir for shards
         option = "--shard-dir" if args.shard_dir else "data.shard_dir (from the export config)"
         if not (Path(shard_dir) / "index.json").is_file():
             hint = "" if args.shard_dir else "; pass --shard-dir to use another folder"

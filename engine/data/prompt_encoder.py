@@ -73,7 +73,8 @@ class PromptEncoder:
                 f"cannot load the T5 encoder in {self.encoder_dir!r}: {error}"
             ) from None
         # transformers wraps Module.to with functools.wraps, whose type loses the bound self.
-        self.encoder = encoder.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
+        moved = encoder.to(self.device)  # type: ignore[arg-type]
+        self.encoder = moved.eval().requires_grad_(False)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
 
     @classmethod

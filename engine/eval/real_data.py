@@ -16,7 +16,7 @@ import dataclasses
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from ..core.sampling import generate_pixels, save_grid
 from ..data import build_dataset, derive_seed, null_conditioning
 from ..data.prompts import batch_conditioning, stack_items
 from .common import load_export, scored_schedules, seed_summary
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel
 
 __all__ = [
     "RealDataScorer",
@@ -66,7 +69,7 @@ class _ClipEmbeddings(nn.Module):
     embeddings as tensors: transformers >= 5 returns output objects (``pooler_output``), which
     torchmetrics' CLIP score (<= 1.9) does not unpack."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: CLIPModel) -> None:
         super().__init__()
         self.model = model
         self.config = model.config
@@ -100,7 +103,9 @@ def _clip_score_metric(folder: Path) -> Any:
     takes_callable = "Callable" in str(
         inspect.signature(_get_clip_model_and_processor).parameters["model_name_or_path"]
     )
-    return CLIPScore(model_name_or_path=load if takes_callable else str(folder))
+    # torchmetrics' annotation is the newer one (hub names or a callable).
+    source = load if takes_callable else str(folder)
+    return CLIPScore(model_name_or_path=source)  # type: ignore[arg-type]
 
 
 class RealDataScorer:
