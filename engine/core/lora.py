@@ -36,7 +36,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import safe_open
@@ -47,6 +47,7 @@ from ..config.model import ModelConfig
 
 if TYPE_CHECKING:
     from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -99,14 +100,15 @@ def lora_config(config: ModelConfig) -> LoraConfig:
     alpha = config.lora_rank if config.lora_alpha is None else config.lora_alpha
     return LoraConfig(
         r=config.lora_rank,
-        lora_alpha=alpha,
+        # peft annotates lora_alpha as an int; it takes a float (the scale alpha / r is a float).
+        lora_alpha=alpha,  # type: ignore[arg-type]
         lora_dropout=config.lora_dropout,
         target_modules=list(config.lora_target_modules),
         bias="none",
     )
 
 
-def lora_layers(model: nn.Module) -> tuple[nn.Module, ...]:
+def lora_layers(model: nn.Module) -> tuple[LoraLayer, ...]:
     """Every peft LoRA layer inside ``model``, in module order."""
     # lazy: peft (with transformers) adds ~4 s; only LoRA runs (model.lora_rank > 0) need it
     from peft.tuners.lora import LoraLayer
@@ -126,7 +128,7 @@ def _inject(model: nn.Module, config: LoraConfig, names: Sequence[str]) -> None:
             inject_adapter_in_model(copy.deepcopy(config), model, adapter_name=name)
 
 
-def _activate(layers: Sequence[nn.Module], adapter: str) -> None:
+def _activate(layers: Sequence[LoraLayer], adapter: str) -> None:
     # What peft's LoraLayer.forward reads (``active_adapters``); unlike ``set_adapter`` this
     # leaves requires_grad of the other adapters alone (see the module docstring).
     for layer in layers:
@@ -180,7 +182,7 @@ def add_lora(model: nn.Module, config: ModelConfig, num_steps: int) -> nn.Module
 
 
 def _run_block(
-    block: Callable[..., object], layers: Sequence[nn.Module], adapter: str, *args: object
+    block: Callable[..., object], layers: Sequence[LoraLayer], adapter: str, *args: object
 ) -> object:
     _activate(layers, adapter)
     return block(*args)
@@ -203,13 +205,15 @@ class AdapterStep(nn.Module):
     once, not K times (ZeRO-3 hooks every module it finds; a state dict would hold K copies).
     """
 
-    def __init__(self, base: nn.Module, adapter: str, layers: Sequence[nn.Module]) -> None:
+    def __init__(self, base: nn.Module, adapter: str, layers: Sequence[LoraLayer]) -> None:
         super().__init__()
         self.module = base
         self.adapter = adapter
         # Tuples: not registered as children.
         self._layers = tuple(layers)
-        self._checkpointing = tuple(
+        # diffusers blocks with per-block checkpointing; Any: diffusers declares the checkpoint
+        # function attribute None-typed, and it holds a function while checkpointing is on.
+        self._checkpointing: tuple[Any, ...] = tuple(
             m for m in base.modules() if hasattr(m, "gradient_checkpointing")
         )
 
@@ -292,7 +296,8 @@ def lora_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
 def _metadata(model: nn.Module, adapter: str) -> dict[str, str]:
     # As diffusers' save_lora_weights: the LoraConfig's fields, prefixed like the weights, as one
     # JSON string (safetensors metadata values are strings).
-    fields = model.peft_config[adapter].to_dict()
+    peft_config = cast("dict[str, LoraConfig]", model.peft_config)  # set by peft's injection
+    fields = peft_config[adapter].to_dict()
     packed = {
         _PREFIX + key: sorted(value) if isinstance(value, set) else value
         for key, value in fields.items()
