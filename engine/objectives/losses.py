@@ -258,6 +258,8 @@ class E2ED2Loss(nn.Module):
                 f"E2ED2Loss needs objective.kind='e2ed2', got {config.kind!r}; use diffusion_loss"
             )
         self.config = config
+        # The optimizer step the weights are read at (objective.energy_weight_schedule).
+        self.step = 0
         # Plain attributes, not submodules (see the class docstring).
         object.__setattr__(self, "_lpips", build_lpips(config) if config.lpips_weight > 0 else None)
         reward = None
@@ -464,10 +466,22 @@ class E2ED2Loss(nn.Module):
                     captions=captions,
                 )
             )
-        weights = self.config.weights
+        weights = self.step_weights()
         terms = {name: terms[name] for name in weights}  # the config's order
         terms["total"] = sum(weights[name] * terms[name] for name in weights)
         return terms
+
+    def set_step(self, step: int) -> None:
+        """The 0-based optimizer step the next losses belong to (the weights' schedules)."""
+        self.step = step
+
+    def step_weights(self) -> dict[str, float]:
+        """The positive weights of :attr:`config` by term name at :attr:`step`: the energy
+        score's times its schedule's factor (``objective.energy_weight_schedule``)."""
+        weights = dict(self.config.weights)
+        if "energy" in weights:
+            weights["energy"] *= self.config.energy_factors.factor(self.step)
+        return weights
 
     @staticmethod
     def _check_rows(sample: torch.Tensor, target: torch.Tensor, samples_per_prompt: int) -> None:
@@ -578,7 +592,7 @@ class E2ED2Loss(nn.Module):
         self._check_rows(sample, target, samples_per_prompt)
         m = samples_per_prompt
         rows = sample.shape[0]
-        weights = dict(self.config.weights)
+        weights = self.step_weights()
         if adversarial is not None:
             weights["adversarial"] = adversarial_weight
         latent = self.latent_terms(

@@ -141,16 +141,32 @@ def build_ds_config(
     return config
 
 
-def build_discriminator_engine(config: TrainConfig, pixel_channels: int, world_size: int) -> Any:
+def build_discriminator_engine(
+    config: TrainConfig,
+    pixel_channels: int,
+    world_size: int,
+    *,
+    base: Any = None,
+    text_dim: int | None = None,
+) -> Any:
     """The GAN discriminator's own DeepSpeed engine: plain data parallel (ZeRO off, it is
-    small), its own AdamW from ``[gan]``, no warmup, the run's precision."""
+    small), its own AdamW from ``[gan]``, no warmup, the run's precision. ``base`` / ``text_dim``:
+    the frozen denoiser and text width of gan.discriminator='denoiser_features' (only its heads
+    are the engine's parameters)."""
     import deepspeed
 
     from ..objectives.gan import build_discriminator
     from .deepspeed_compat import use_weights_only_loading
 
     run = config.run
-    disc = build_discriminator(config.gan, pixel_channels)
+    disc = build_discriminator(
+        config.gan,
+        pixel_channels,
+        base=base,
+        text_dim=text_dim,
+        sampler=config.sampler,
+        seed=config.run.seed,
+    )
     disc_ds = build_ds_config(
         "none",
         batch_per_rank=run.batch_per_rank,

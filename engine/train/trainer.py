@@ -24,6 +24,7 @@ own module (step_guard, metrics, fingerprint, checkpoint, export, distributed).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -183,6 +184,15 @@ class Trainer:
         if config.objective.kind == "e2ed2" and config.objective.teacher_weight > 0:
             self.teacher = NoisePairedTeacher(denoiser, config.objective, config.sampler)
             self.teacher.to(self.device, self.compute_dtype)
+        # gan.discriminator = "denoiser_features": heads on the frozen pretrained denoiser
+        # (the teacher's copy when there is one), taken before adapters or DeepSpeed.
+        frozen_base = None
+        if config.gan.enabled and config.gan.discriminator == "denoiser_features":
+            if self.teacher is not None:
+                frozen_base = self.teacher.network
+            else:
+                frozen_base = copy.deepcopy(denoiser).requires_grad_(False).eval()
+                frozen_base.to(self.device, self.compute_dtype)
         if config.model.lora_rank:
             # After the teacher's copy: it samples with the pretrained weights, no adapters.
             # Shared: the denoiser with one adapter; per-step: one base, K adapters
@@ -238,7 +248,9 @@ class Trainer:
         self.disc_engine = self.disc_guard = None
         if config.gan.enabled:
             pixel_channels = channels if config.model.vae_path is None else 3
-            self.disc_engine = build_discriminator_engine(config, pixel_channels, self.world_size)
+            self.disc_engine = build_discriminator_engine(
+                config, pixel_channels, self.world_size, base=frozen_base, text_dim=text_dim
+            )
             self.disc_guard = StepGuard(self.disc_engine, self.device)
 
         self.store = CheckpointStore(
@@ -416,7 +428,7 @@ class Trainer:
                 captions=captions,
                 crops=crops,
                 adversarial=self._adversarial if config.gan.enabled else None,
-                adversarial_weight=config.gan.weight,
+                adversarial_weight=config.gan.weight_at(self.step),
                 keep_pixels=config.gan.enabled,
             )
             logged = {name: value.item() for name, value in passed.terms.items()}
@@ -442,9 +454,13 @@ class Trainer:
         logged = {name: value.item() for name, value in terms.items()}
         if config.gan.enabled:
             adversarial = generator_adversarial_loss(
-                self.disc_engine.module, fake_pixels, loss=config.gan.loss
+                self.disc_engine.module,
+                fake_pixels,
+                loss=config.gan.loss,
+                cond=cond if config.gan.discriminator == "denoiser_features" else None,
             )
-            total = total + config.gan.weight * adversarial
+            # gan.weight_schedule: the weight at this (0-based) optimizer step.
+            total = total + config.gan.weight_at(self.step) * adversarial
             logged["gan_generator"] = adversarial.item()
             logged[TOTAL_KEY] = total.item()
         return GeneratorLoss(LossTerms(total, logged), real_pixels, fake_pixels)
@@ -455,9 +471,15 @@ class Trainer:
             self.disc_engine.module, pixels, loss=self.config.gan.loss
         )
 
-    def _discriminator_updates(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+    def _discriminator_updates(
+        self, real: torch.Tensor, fake: torch.Tensor, cond: Conditioning
+    ) -> dict[str, float]:
         """Paper App. C.2: several discriminator updates per generator update (each in passes
-        of objective.pixel_rows_per_pass rows, one micro-step each, when set)."""
+        of objective.pixel_rows_per_pass rows, one micro-step each, when set). ``cond``: the
+        micro-batch's prompts (one row each), read by gan.discriminator='denoiser_features'."""
+        rows_cond = None
+        if self.config.gan.discriminator == "denoiser_features":
+            rows_cond = repeat_conditioning(cond, self.config.trajectory.samples_per_prompt)
         losses = []
         rows_per_pass = self.config.objective.pixel_rows_per_pass
         for _ in range(self.config.gan.disc_steps_per_gen_step):
@@ -468,13 +490,14 @@ class Trainer:
                     fake.detach(),
                     self.config.gan.loss,
                     rows_per_pass=rows_per_pass,
+                    cond=rows_cond,
                 )
                 count = len(row_slices(len(real), rows_per_pass))
                 values = backward_each(self.disc_engine, pieces, count, last_micro_batch=True)
                 loss = torch.stack(values).sum()
             else:
                 loss = discriminator_loss(
-                    self.disc_engine, real, fake.detach(), loss=self.config.gan.loss
+                    self.disc_engine, real, fake.detach(), loss=self.config.gan.loss, cond=rows_cond
                 )
                 self.disc_engine.backward(loss)
             # Plain data parallel: the guard skips a non-finite fp32 step on every rank alike
@@ -523,6 +546,8 @@ class Trainer:
         skipped_before = skipped_steps(self.engine)
         cleared = local_nonfinite = False
         bad = drawn = 0
+        if self.loss_fn is not None:  # objective.energy_weight_schedule reads the step
+            self.loss_fn.set_step(self.step)
         for micro_step in range(accum):
             batch = next(batches)
             bad += self._count_bad_samples(batch)
@@ -561,7 +586,7 @@ class Trainer:
             # The discriminator learns from this micro-batch's generated pixels only if they
             # are finite on every rank (its engine is plain data parallel: NaN would spread).
             if self.disc_engine is not None and not any_rank(local_nonfinite, self.device):
-                logged.update(self._discriminator_updates(real, fake))
+                logged.update(self._discriminator_updates(real, fake, cond))
             for name, value in logged.items():
                 terms[name] = terms.get(name, 0.0) + value / accum
         skipped = cleared or skipped_steps(self.engine) > skipped_before
