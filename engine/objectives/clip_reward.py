@@ -36,12 +36,15 @@ import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel
 
 __all__ = [
     "CLIP_MODEL_TYPE",
@@ -131,7 +134,7 @@ class ClipPreprocess:
     def from_processor(cls, processor: Any, where: str) -> ClipPreprocess:
         """The steps of a loaded ``CLIPImageProcessor`` (transformers 4 dicts or 5 SizeDicts);
         ValueError naming ``where`` for a setting the differentiable path does not reproduce."""
-        resize = None
+        resize: tuple[str, Any] | None = None
         mode: Literal["bilinear", "bicubic"] = "bicubic"
         if getattr(processor, "do_resize", True):
             size = processor.size
@@ -160,8 +163,9 @@ class ClipPreprocess:
             )
         mean = std = None
         if getattr(processor, "do_normalize", True):
-            mean = tuple(float(v) for v in processor.image_mean)
-            std = tuple(float(v) for v in processor.image_std)
+            # One value per RGB channel.
+            mean = cast("tuple[float, float, float]", tuple(float(v) for v in processor.image_mean))
+            std = cast("tuple[float, float, float]", tuple(float(v) for v in processor.image_std))
         return cls(resize=resize, mode=mode, crop=crop, mean=mean, std=std)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -223,7 +227,7 @@ class ClipReward(nn.Module):
     of each decoded sample and its caption. Eval mode, no parameter requires grad; only the
     image path is in the graph."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, preprocess: ClipPreprocess) -> None:
+    def __init__(self, model: CLIPModel, tokenizer: Any, preprocess: ClipPreprocess) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
