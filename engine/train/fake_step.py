@@ -541,12 +541,14 @@ def run_trainer_step(
     closed = False
     updates = trainer._discriminator_updates
 
-    def discriminator_updates(real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+    def discriminator_updates(
+        real: torch.Tensor, fake: torch.Tensor, cond: Conditioning
+    ) -> dict[str, float]:
         nonlocal closed
         generator.__exit__(None, None, None)
         closed = True
         with tracker.phase("discriminator"):
-            return updates(real, fake)
+            return updates(real, fake, cond)
 
     trainer._discriminator_updates = discriminator_updates
     with _ScalarReads():
