@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -123,9 +123,8 @@ def _one_step(
 
 
 def _checkpointed(fn: Callable, *args: object, context_fn: Callable | None) -> torch.Tensor:
-    if context_fn is None:
-        return checkpoint(fn, *args, use_reentrant=False)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
+    kwargs: dict[str, Any] = {} if context_fn is None else {"context_fn": context_fn}
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
 #: Policies that checkpoint inside each step, per transformer block (diffusers' own switch).
@@ -152,8 +151,7 @@ def _set_block_checkpointing(networks: Sequence[nn.Module], enabled: bool) -> No
                     f"block checkpointing (diffusers enable_gradient_checkpointing); "
                     f"{type(model).__name__} has none"
                 )
-            # It supports per-block checkpointing: a diffusers model.
-            diffusers_model = cast("ModelMixin", model)
+            diffusers_model = cast("ModelMixin", model)  # it supports per-block checkpointing
             if not diffusers_model.is_gradient_checkpointing:
                 diffusers_model.enable_gradient_checkpointing()
         elif supports and cast("ModelMixin", model).is_gradient_checkpointing:
@@ -328,7 +326,7 @@ class Trajectory:
             starts.append(start)
             noises.append(step_noise)
         per_step = [
-            # One plan for every sample: step i has noise for all of them or for none.
+            # One plan: step i has noise for every sample or for none.
             None if noises[0][i] is None else torch.cat([cast(torch.Tensor, n[i]) for n in noises])
             for i in range(self.config.num_steps)
         ]
@@ -386,12 +384,9 @@ class Trajectory:
         if clean is None:
             device = cond.encoder_hidden_states.device
         dtype = clean.dtype if clean is not None else cond.encoder_hidden_states.dtype
-        if shape is None:
-            assert clean is not None  # one of the two is given (checked above)
-            shape = clean.shape
         start, noises = self.draw_noise(
             plan,
-            shape,
+            shape if shape is not None else cast(torch.Tensor, clean).shape,  # one is given
             clean=clean,
             generator=generator,
             device=device,
