@@ -131,6 +131,7 @@ def build_lpips(config: ObjectiveConfig) -> nn.Module:
     backbone is built random (``pnet_rand=True``, so torchvision downloads nothing) and then
     loaded from ``lpips_backbone_path``, unless ``lpips_random_backbone``.
     """
+    # lazy: lpips adds ~2 s over torch; only objective.lpips_weight > 0 needs it
     import lpips
 
     if config.lpips_backbone_path is None and not config.lpips_random_backbone:
@@ -178,6 +179,7 @@ def load_loss_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float3
             f"{key}={folder!r} holds a {class_name!r}, not a diffusers AutoencoderTiny (the loss "
             "decoder is meant to be the small one; the full VAE is model.vae_path)"
         )
+    # lazy: diffusers adds ~3 s over torch; only the tiny-decoder pixel term needs it
     from diffusers import AutoencoderTiny
 
     return FrozenVAE(AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype))

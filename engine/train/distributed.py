@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,6 +23,9 @@ from ..config import TrainConfig
 from ..config.optim import OptimConfig
 from ..config.presets import shipped_ds_configs
 from ..config.run import Precision
+from ..objectives.gan import build_discriminator
+from .deepspeed_compat import use_weights_only_loading
+from .supervise import RANK_STATUS_ENV
 
 __all__ = [
     "OptimConfig",
@@ -153,10 +157,9 @@ def build_discriminator_engine(
     small), its own AdamW from ``[gan]``, no warmup, the run's precision. ``base`` / ``text_dim``:
     the frozen denoiser and text width of gan.discriminator='denoiser_features' (only its heads
     are the engine's parameters)."""
+    # lazy: deepspeed adds ~0.6 s and logs its accelerator line; the launch checks and the dry run
+    # import this module without it
     import deepspeed
-
-    from ..objectives.gan import build_discriminator
-    from .deepspeed_compat import use_weights_only_loading
 
     run = config.run
     disc = build_discriminator(
@@ -195,6 +198,8 @@ def init_distributed() -> tuple[int, int]:
     ``e2ed2 train`` without a launcher runs as a world of one; the rendezvous variables the
     launcher would set are filled in for that case.
     """
+    # lazy: deepspeed adds ~0.6 s and logs its accelerator line; the launch checks and the dry run
+    # import this module without it
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -246,8 +251,6 @@ def lost_peer(error: BaseException) -> bool:
 def _report_exit_code(code: int) -> None:
     """Under ``e2ed2 launch``: this rank's exit code, for the supervisor (train/supervise.py) to
     name a failed rank and its code (the ranks are not its children, so it cannot wait for them)."""
-    from .supervise import RANK_STATUS_ENV
-
     folder = os.environ.get(RANK_STATUS_ENV)
     if folder:
         try:
@@ -259,8 +262,6 @@ def _report_exit_code(code: int) -> None:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (for a rendezvous on this machine)."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

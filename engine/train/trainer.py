@@ -37,7 +37,9 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import ConfigError, TrainConfig, config_to_toml
 from ..core.batch import Batch
@@ -109,7 +111,6 @@ class Trainer:
         # run.zero3_gather_once: gather ZeRO-3 parameters once per micro-batch and keep them
         # across the K steps (train/gather_once.py).
         self._gather_once = run.zero3_gather_once
-        from deepspeed.accelerator import get_accelerator
 
         accelerator = get_accelerator()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -726,8 +727,6 @@ class Trainer:
         )
 
     def _train_loop(self, stop: StopSignals) -> list[dict[str, float]]:
-        from tqdm.auto import tqdm
-
         run = self.config.run
         batches = iter(self.loader)
         images_per_step = run.batch_per_rank * run.grad_accum_steps * self.world_size

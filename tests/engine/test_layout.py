@@ -160,3 +160,68 @@ def _import_cycles() -> list[list[str]]:
 def test_no_import_cycles() -> None:
     """Function-local imports hide cycles from Python's import system, not from this check."""
     assert _import_cycles() == []
+
+
+def _unreasoned_local_imports(path: Path) -> list[int]:
+    """Lines of the imports inside functions of ``path`` with no ``# lazy: <reason>`` comment on
+    their line or in the comment lines right above (a run of imports under one such comment
+    shares it)."""
+    lines = path.read_text().splitlines()
+    tree = ast.parse("\n".join(lines))
+    local = sorted(
+        inner.lineno
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+        for inner in ast.walk(function)
+        if isinstance(inner, ast.Import | ast.ImportFrom)
+    )
+    ends = {
+        node.lineno: node.end_lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+    }
+    reasoned: set[int] = set()
+    for line in local:
+        above, row = lines[line - 2] if line >= 2 else "", line - 2
+        while row >= 1 and lines[row].lstrip().startswith("#"):
+            row -= 1
+            above += lines[row] if lines[row].lstrip().startswith("#") else ""
+        previous = next((n for n, end in ends.items() if end == line - 1), None)
+        if (
+            "# lazy:" in lines[line - 1]
+            or "# lazy:" in above
+            or (previous is not None and previous in reasoned)
+        ):
+            reasoned.add(line)
+    return [line for line in local if line not in reasoned]
+
+
+def test_function_local_imports_state_why() -> None:
+    """An import inside a function hides a dependency (and a cycle) from the module's top: each
+    says why it cannot be there (heavy, optional, absent on some installs) in a ``# lazy:``
+    comment."""
+    bare = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in sorted([*ENGINE.rglob("*.py"), *(ROOT / "kernels").rglob("*.py")])
+        for line in _unreasoned_local_imports(path)
+    ]
+    assert bare == [], f"function-local imports without a '# lazy: <reason>' comment: {bare}"
+
+
+def test_the_local_import_check_sees_a_bare_and_a_reasoned_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text(
+        "def f():\n"
+        "    import json\n"
+        "    # lazy: heavy\n"
+        "    import torch\n"
+        "    from torch import nn\n"
+        "\n"
+        "    import os  # lazy: optional\n"
+        "    # a comment that gives no reason\n"
+        "    import sys\n"
+        "    # lazy: a reason that wraps\n"
+        "    # onto a second line\n"
+        "    import math\n"
+    )
+    assert _unreasoned_local_imports(module) == [2, 9]
