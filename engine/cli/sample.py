@@ -12,6 +12,7 @@ import torch
 
 from ..config import ConfigError, load_config
 from ..config.sampler import check_num_steps
+from ..core.layout import NetworkLayout
 from ..core.models import build_autoencoder
 from ..core.sampler import build_schedule
 from ..core.sampling import generate_pixels, save_grid
@@ -73,10 +74,10 @@ def _main(argv: Sequence[str]) -> int:
     except ValueError as err:
         print(f"e2ed2 sample: {err}", file=sys.stderr)
         return 2
-    if not config.model.share_across_steps and num_steps != trained_steps:
+    layout_error = NetworkLayout(config.model).sampling_steps_error(num_steps, trained_steps)
+    if layout_error is not None:
         print(
-            f"e2ed2 sample: per-step networks were trained for K={trained_steps}; "
-            f"--num-steps {num_steps} is not possible",
+            f"e2ed2 sample: {layout_error}; --num-steps {num_steps} is not possible",
             file=sys.stderr,
         )
         return 2

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import load_config
+from ..core.layout import NetworkLayout
 from ..core.models import build_autoencoder
 from ..core.sampler import build_schedule
 from ..train.export import CONFIG_NAME, load_exported_networks
@@ -62,9 +63,10 @@ def scored_schedules(
     """(K, sampler schedule) for each K an export can be sampled at; a K that per-step networks
     were not trained for is recorded in ``by_k`` as skipped instead."""
     trained_steps = config.trajectory.num_steps
+    layout = NetworkLayout(config.model)
     for k in num_steps:
-        if not config.model.share_across_steps and k != trained_steps:
-            by_k[str(k)] = {"skipped": f"per-step networks trained for K={trained_steps}"}
+        if (why := layout.sampling_steps_error(k, trained_steps)) is not None:
+            by_k[str(k)] = {"skipped": why}
             continue
         yield k, build_schedule(config.sampler, k)
 

@@ -53,6 +53,7 @@ from torch import nn
 from ..config import TrainConfig, config_to_toml
 from ..config.sampler import SCHEDULER_CLASS_NAMES
 from ..core.families import ModelFamily, denoiser_class_names, family_of_pipeline_folder
+from ..core.layout import NetworkLayout
 from ..core.lora import lora_base
 from ..core.models import model_family, resolve_model_folder
 from ..data.text import digits_text_encoder
@@ -99,7 +100,7 @@ def write_export(
     staging = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    if config.model.lora_rank:
+    if NetworkLayout(config.model).lora:
         stock_pipeline = write_lora_networks(staging, config, module, state)
     elif isinstance(module, nn.ModuleList):
         stock_pipeline = False

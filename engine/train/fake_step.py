@@ -44,12 +44,11 @@ from ..core.batch import Batch
 from ..core.estimate import UpperBoundShapes
 from ..core.families import resolve_family
 from ..core.faults import FaultPlan
-from ..core.lora import add_lora
+from ..core.layout import NetworkLayout
 from ..core.memory import LiveTensorTracker
 from ..core.models import build_autoencoder, build_denoiser
 from ..core.network import (
     Conditioning,
-    per_step_networks,
     repeat_conditioning,
     uses_size_conditions,
 )
@@ -300,16 +299,13 @@ def build_fake_step(config: TrainConfig, resolution_px: int | None) -> FakeStep:
             with _outside(mode):
                 teacher = NoisePairedTeacher(nn.Module(), config.objective, config.sampler)
             teacher.network = denoiser_from_config().requires_grad_(False).eval()
-        if config.model.lora_rank:
-            # peft moves each new adapter (and layer) to its base layer's device and dtype with
-            # Module.to, which cannot swap fake parameters; everything is on the CPU in the
-            # compute dtype already, so the moves are skipped while the adapters are built.
-            with mock.patch.object(nn.Module, "to", lambda module, *a, **k: module):
-                network: nn.Module = add_lora(denoiser, config.model, k)
-        elif config.model.share_across_steps:
-            network = denoiser
-        else:
-            network = per_step_networks(denoiser, k)
+        layout = NetworkLayout(config.model)
+        # peft moves each new adapter (and layer) to its base layer's device and dtype with
+        # Module.to, which cannot swap fake parameters; everything is on the CPU in the compute
+        # dtype already, so the moves are skipped while a LoRA layout's adapters are built.
+        no_moves = mock.patch.object(nn.Module, "to", lambda module, *a, **k: module)
+        with no_moves if layout.lora else contextlib.nullcontext():
+            network = layout.wrap(denoiser, k)
         discriminator = None
         pixel_channels = shapes["channels"] if config.model.vae_path is None else 3
         if config.gan.enabled:
@@ -507,6 +503,7 @@ def stand_in_trainer(step: FakeStep, config: TrainConfig, loss_fn: Any) -> Any:
     trainer.device = torch.device("cpu")
     trainer.compute_dtype = step.dtype
     trainer.engine = _Engine(step.network, config.run.grad_accum_steps)
+    trainer.layout = NetworkLayout(config.model)
     trainer.guard = _Guard(step.network)
     trainer._gather_once = False
     trainer.faults = FaultPlan()  # none: the estimate is of a healthy step

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig, load_config
+from ..core.layout import NetworkLayout
 from ..core.lora import (
     DEFAULT_ADAPTER,
     PerStepLoRA,
@@ -50,10 +51,11 @@ def write_lora_networks(
 ) -> bool:
     """The adapters as diffusers LoRA files, and the base or merged transformer(s) they go with;
     whether the folder is a stock (one-transformer) pipeline."""
+    layout = NetworkLayout(config.model)
     base = lora_base(module)
     # A plain CPU copy of the trained structure (no engine hooks, no fused kernels) with the
     # gathered weights: the adapters and the base come out of it with peft's own functions.
-    num_steps = len(module) if not config.model.share_across_steps else 1
+    num_steps = 1 if layout.shared else len(module)
     fresh = add_lora(type(base).from_config(base.config), config.model, num_steps)
     fresh.load_state_dict(state, strict=True)
     fresh_base = lora_base(fresh)
@@ -61,7 +63,7 @@ def write_lora_networks(
     for name in names:
         save_lora_weights(fresh_base, staging, name)
     merge = config.model.lora_merge_on_export
-    if merge and config.model.share_across_steps:
+    if merge and layout.shared:
         plain_transformer(fresh_base, merge=names[0]).save_pretrained(staging / "transformer")
         return True
     if merge:
@@ -78,7 +80,7 @@ def write_lora_networks(
     else:
         plain_transformer(fresh_base).save_pretrained(staging / "transformer")
     # Per-step: no stock pipeline runs K adapters (nor K networks).
-    return config.model.share_across_steps
+    return layout.exports_stock_pipeline()
 
 
 def load_lora_export(directory: Path, num_steps: int, transformer_cls: type) -> nn.Module | None:
@@ -86,14 +88,17 @@ def load_lora_export(directory: Path, num_steps: int, transformer_cls: type) -> 
     K adapters), or K merged per-step networks. None where the export's transformer/ is all
     there is to load (no LoRA files, or a merged shared adapter)."""
     model = _lora_model_config(directory)
-    if model is None or (model.lora_merge_on_export and model.share_across_steps):
+    if model is None:
+        return None
+    layout = NetworkLayout(model)
+    if model.lora_merge_on_export and layout.shared:
         return None
     if model.lora_merge_on_export:
         # Merged per-step LoRA: transformer/ is the base, the step networks are beside it.
         steps = [directory / f"transformer_step{i}" for i in range(num_steps)]
         return nn.ModuleList(transformer_cls.from_pretrained(p) for p in steps)
     base = transformer_cls.from_pretrained(directory / "transformer")
-    if model.share_across_steps:
+    if layout.shared:
         return load_lora_weights(base, directory / lora_weight_name(DEFAULT_ADAPTER))
     names = [f"step_{i}" for i in range(num_steps)]
     for name in names:
@@ -111,4 +116,4 @@ def _lora_model_config(directory: Path) -> Any:
             f"{directory} holds LoRA files but no {CONFIG_NAME} (it says how to apply them)"
         )
     model = load_config(str(directory / CONFIG_NAME)).model
-    return model if model.lora_rank else None
+    return model if NetworkLayout(model).lora else None

@@ -53,6 +53,7 @@ import torch
 
 from ..config import TrainConfig
 from ..core.estimate import UpperBoundShapes, drop_full_grads
+from ..core.layout import NetworkLayout
 from ..core.memory import LiveTensorTracker
 from .distributed import build_ds_config
 from .fake_step import (
@@ -231,7 +232,7 @@ def _zero_terms(
     optimizer = (8 if fp32 else 12) * (part(trainable) if stage >= 1 else trainable)
     offload_opt = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
     offload_par = zero.get("offload_param", {}).get("device", "none") == "cpu"
-    lora = " LoRA adapters," if config.model.lora_rank else ""
+    lora = " LoRA adapters," if NetworkLayout(config.model).lora else ""
     terms = [
         TermBytes(
             f"ZeRO-{stage} state: weights, gradients, AdamW (1/{world_size} where partitioned)",
@@ -245,7 +246,7 @@ def _zero_terms(
         )
     ]
     if config.ema.enabled:
-        ema_count = trainable if config.model.lora_rank else total
+        ema_count = trainable if NetworkLayout(config.model).lora else total
         ema = 4 * (part(ema_count) if stage == 3 else ema_count)
         terms.append(
             TermBytes(f"EMA shadow (fp32,{lora} this rank's share)", ema, keys=("ema.enabled",))
@@ -391,7 +392,7 @@ def estimate_step(
         f"checkpoint {traj.checkpoint!r}"
         + (", per-step backward" if traj.per_step_backward else "")
         + (f", rows per pass {traj.rows_per_pass}" if traj.rows_per_pass else "")
-        + (f", LoRA rank {config.model.lora_rank}" if config.model.lora_rank else "")
+        + (f", LoRA rank {config.model.lora_rank}" if NetworkLayout(config.model).lora else "")
     )
     return StepEstimate(world_size=world_size, summary=summary, terms=terms)
 

@@ -44,10 +44,10 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, TrainConfig, config_to_toml
 from ..core.batch import Batch
 from ..core.faults import FaultPlan
-from ..core.lora import add_lora
+from ..core.layout import NetworkLayout
 from ..core.loss_terms import DIFFUSION_KEY, TOTAL_KEY, GeneratorLoss, LossTerms, total_key
 from ..core.models import build_autoencoder, build_denoiser
-from ..core.network import Conditioning, per_step_networks, repeat_conditioning
+from ..core.network import Conditioning, repeat_conditioning
 from ..core.sampler import build_schedule
 from ..core.sampling import generate_pixels, save_grid
 from ..core.step_cuts import CutUnroll, row_slices
@@ -194,21 +194,15 @@ class Trainer:
             else:
                 frozen_base = copy.deepcopy(denoiser).requires_grad_(False).eval()
                 frozen_base.to(self.device, self.compute_dtype)
-        if config.model.lora_rank:
-            # After the teacher's copy: it samples with the pretrained weights, no adapters.
-            # Shared: the denoiser with one adapter; per-step: one base, K adapters
-            # (a PerStepLoRA, indexed by step like the ModuleList of copies below).
-            try:  # targets that match no module, or that the fused kernels would bypass
-                module: nn.Module = add_lora(denoiser, config.model, num_steps)
-            except ValueError as err:
-                raise ConfigError(f"[model] {err}") from err
-        elif config.model.share_across_steps:
-            module = denoiser
-        else:
-            module = per_step_networks(denoiser, num_steps)
+        # After the teacher's copy: it samples with the pretrained weights, no adapters.
+        self.layout = NetworkLayout(config.model)
+        try:  # LoRA targets that match no module, or that the fused kernels would bypass
+            module = self.layout.wrap(denoiser, num_steps)
+        except ValueError as err:
+            raise ConfigError(f"[model] {err}") from err
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=module,
-            model_parameters=[p for p in module.parameters() if p.requires_grad],
+            model_parameters=self.layout.trainable_parameters(module),
             config=ds_config,
         )
         use_weights_only_loading(self.engine)
@@ -216,10 +210,7 @@ class Trainer:
         # norm is NaN/Inf (counted in engine.skipped_steps); plain fp32 without ZeRO does not,
         # so the trainer checks the gradients itself there (see train_step).
         self.guard = StepGuard(self.engine, self.device)
-        ema_params = list(self.engine.module.parameters())
-        if config.model.lora_rank:
-            # The adapters only: a shadow of the frozen base would be a second copy of it.
-            ema_params = [p for p in ema_params if p.requires_grad]
+        ema_params = self.layout.ema_parameters(self.engine.module)
         self.ema = ShardedEMA(ema_params, config.ema.decay) if config.ema.enabled else None
 
         self.trajectory = Trajectory(config.trajectory, self.schedule)
@@ -363,9 +354,7 @@ class Trainer:
         ]
 
     def _networks(self) -> nn.Module:
-        # Shared: call through the engine (ZeRO-3 gathers via its hooks either way); per-step:
-        # the ModuleList inside it, indexed by the trajectory.
-        return self.engine if self.config.model.share_across_steps else self.engine.module
+        return self.layout.networks(self.engine)
 
     def _generator_loss(
         self,
