@@ -21,7 +21,7 @@ setup(
         "Memory-optimized DeepSpeed training engine for end-to-end differentiable diffusion "
         "(backprop through the whole few-step sampler)."
     ),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tomllib (config/loader.py)
     packages=_PACKAGES,
     package_dir={name: folder for folder, name in {**_FOLDERS, **_DATA}.items()},
     # digits_base/: the embedded preset's pretrained digits denoiser (1.3 MB, configs/digits_base/README.md).
