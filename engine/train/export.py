@@ -46,6 +46,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -60,6 +61,12 @@ from ..data.text import digits_text_encoder
 from .export_files import CONFIG_NAME, link_folder, read_json
 from .lora_export import load_lora_export, write_lora_networks
 
+if TYPE_CHECKING:
+    # From their modules: diffusers' top-level names type as its dummy (torch-less) objects.
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.models.modeling_utils import ModelMixin
+    from transformers.modeling_utils import PreTrainedModel
+
 __all__ = [
     "CONFIG_NAME",
     "gathered_state_dict",
@@ -69,9 +76,11 @@ __all__ = [
 ]
 
 
-def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> ModelMixin:
     """A fresh diffusers model (no engine hooks, no fused kernels) holding ``state``."""
-    fresh = type(model).from_config(model.config)
+    # ``model`` is a diffusers denoiser, so a ConfigMixin too: its registered config builds it.
+    denoiser = cast("ConfigMixin", model)
+    fresh = cast("ModelMixin", type(denoiser).from_config(denoiser.config))
     fresh.load_state_dict(state, strict=True)
     return fresh
 
@@ -112,14 +121,15 @@ def write_export(
         stock_pipeline = True
         _plain_copy(module, state).save_pretrained(staging / "transformer")
     scheduler = config.sampler.to_diffusers()
-    scheduler.save_pretrained(staging / "scheduler")
+    # Every diffusers scheduler is a ConfigMixin too (SchedulerMixin's type does not say so).
+    cast("ConfigMixin", scheduler).save_pretrained(staging / "scheduler")
     family = _exported_family(config, module)
     frozen = (
         _joint_text_components(staging, config, family)
         if family.text_encoding == "sd3"
         else _frozen_components(staging, config)
     )
-    components = {
+    components: dict[str, list[str | None]] = {
         "transformer": ["diffusers", family.denoiser_class],
         "scheduler": ["diffusers", type(scheduler).__name__],
         **frozen,
@@ -184,7 +194,10 @@ def _write_model_index(
     # lazy: diffusers adds ~3 s over torch; sampling and evaluation import this module without it
     import diffusers
 
-    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
+    index: dict[str, object] = {
+        "_class_name": pipeline,
+        "_diffusers_version": diffusers.__version__,
+    }
     index.update(dict(sorted(components.items())))
     (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -203,7 +216,8 @@ def _frozen_components(staging: Path, config: TrainConfig) -> dict[str, list[str
     if config.data.source == "digits":
         # Pixel space: the tiny T5 exists only inside e2ed2 (seeded), so it is saved here.
         tokenizer, encoder = digits_text_encoder(config.data.text_dim, config.data.seed)
-        encoder.save_pretrained(staging / "text_encoder")
+        # digits_text_encoder's encoder is a transformers T5EncoderModel.
+        cast("PreTrainedModel", encoder).save_pretrained(staging / "text_encoder")
         tokenizer.save_pretrained(staging / "tokenizer")
         return {
             **entries,
@@ -243,7 +257,9 @@ def _joint_text_components(
         ]
     candidates = [config.model.pretrained_path]
     if config.data.source == "shards":
-        recorded = read_json(config.data.shard_dir, "index.json").get("text_encoder") or {}
+        shard_dir = config.data.shard_dir
+        assert shard_dir is not None  # DataConfig requires it for data.source = "shards"
+        recorded = read_json(shard_dir, "index.json").get("text_encoder") or {}
         candidates.append(recorded.get("path"))
     folder = next((c for c in candidates if family_of_pipeline_folder(c) == family), None)
     listed = read_json(folder, "model_index.json") if folder is not None else {}
@@ -266,7 +282,9 @@ def _text_folders(config: TrainConfig) -> tuple[str | None, str | None]:
         if (root / "tokenizer").is_dir():
             tokenizer = str(root / "tokenizer")
     if config.data.source == "shards" and (encoder is None or tokenizer is None):
-        recorded = read_json(config.data.shard_dir, "index.json").get("text_encoder") or {}
+        shard_dir = config.data.shard_dir
+        assert shard_dir is not None  # DataConfig requires it for data.source = "shards"
+        recorded = read_json(shard_dir, "index.json").get("text_encoder") or {}
         if encoder is None and os.path.isdir(recorded.get("path") or ""):
             encoder = recorded["path"]
         if tokenizer is None and os.path.isdir(recorded.get("tokenizer") or ""):
@@ -297,7 +315,7 @@ def load_exported_networks(
     )
 
 
-def _exported_class(directory: Path) -> type:
+def _exported_class(directory: Path) -> type[ModelMixin]:
     """The diffusers class of an export's transformer(s), from their config.json."""
     # lazy: diffusers adds ~3 s over torch; sampling and evaluation import this module without it
     import diffusers

@@ -21,8 +21,9 @@ peft, as :func:`~e2ed2.engine.core.lora.load_lora_weights` does::
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -43,6 +44,11 @@ from ..core.lora import (
 from ..core.models import resolve_model_folder
 from .export_files import CONFIG_NAME, link_folder
 
+if TYPE_CHECKING:
+    # From their modules: diffusers' top-level names type as its dummy (torch-less) objects.
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.models.modeling_utils import ModelMixin
+
 __all__ = ["load_lora_export", "write_lora_networks"]
 
 
@@ -55,8 +61,12 @@ def write_lora_networks(
     base = lora_base(module)
     # A plain CPU copy of the trained structure (no engine hooks, no fused kernels) with the
     # gathered weights: the adapters and the base come out of it with peft's own functions.
-    num_steps = 1 if layout.shared else len(module)
-    fresh = add_lora(type(base).from_config(base.config), config.model, num_steps)
+    # Not shared: a LoRA module is a PerStepLoRA, one item per step.
+    num_steps = 1 if layout.shared else len(cast("Sized", module))
+    # The base is a diffusers denoiser, so a ConfigMixin too: its registered config builds it.
+    denoiser = cast("ConfigMixin", base)
+    blank = cast("nn.Module", type(denoiser).from_config(denoiser.config))
+    fresh = add_lora(blank, config.model, num_steps)
     fresh.load_state_dict(state, strict=True)
     fresh_base = lora_base(fresh)
     names = adapter_names(config.model, num_steps)
@@ -64,11 +74,13 @@ def write_lora_networks(
         save_lora_weights(fresh_base, staging, name)
     merge = config.model.lora_merge_on_export
     if merge and layout.shared:
-        plain_transformer(fresh_base, merge=names[0]).save_pretrained(staging / "transformer")
+        _diffusers(plain_transformer(fresh_base, merge=names[0])).save_pretrained(
+            staging / "transformer"
+        )
         return True
     if merge:
         for i, name in enumerate(names):
-            merged = plain_transformer(fresh_base, merge=name)
+            merged = _diffusers(plain_transformer(fresh_base, merge=name))
             merged.save_pretrained(staging / f"transformer_step{i}")
     if config.model.pretrained_path is not None:
         # The base is frozen: it is the pretrained transformer (GBs at full size, and every
@@ -78,12 +90,19 @@ def write_lora_networks(
         )
         link_folder(staging / "transformer", pretrained)
     else:
-        plain_transformer(fresh_base).save_pretrained(staging / "transformer")
+        _diffusers(plain_transformer(fresh_base)).save_pretrained(staging / "transformer")
     # Per-step: no stock pipeline runs K adapters (nor K networks).
     return layout.exports_stock_pipeline()
 
 
-def load_lora_export(directory: Path, num_steps: int, transformer_cls: type) -> nn.Module | None:
+def _diffusers(model: nn.Module) -> ModelMixin:
+    """``model`` as the diffusers model it is: plain_transformer copies the diffusers base."""
+    return cast("ModelMixin", model)
+
+
+def load_lora_export(
+    directory: Path, num_steps: int, transformer_cls: type[ModelMixin]
+) -> nn.Module | None:
     """The networks of a LoRA export: the base with its adapter, a :class:`PerStepLoRA` (base +
     K adapters), or K merged per-step networks. None where the export's transformer/ is all
     there is to load (no LoRA files, or a merged shared adapter)."""
