@@ -46,7 +46,7 @@ from ..core.families import resolve_family
 from ..core.faults import FaultPlan
 from ..core.layout import NetworkLayout
 from ..core.memory import LiveTensorTracker
-from ..core.models import build_autoencoder, build_denoiser
+from ..core.models import FrozenVAE, IdentityAutoencoder, build_autoencoder, build_denoiser
 from ..core.network import (
     Conditioning,
     repeat_conditioning,
@@ -178,7 +178,7 @@ class FakeStep:
     dtype: torch.dtype
     network: nn.Module  # what the trajectory calls (LoRA-wrapped when model.lora_rank)
     denoiser: nn.Module
-    autoencoder: nn.Module
+    autoencoder: IdentityAutoencoder | FrozenVAE
     teacher: Any
     latents: torch.Tensor  # (B, C, h, w) of one micro-batch
     cond: Conditioning
@@ -202,8 +202,9 @@ def _shapes(config: TrainConfig, denoiser_folder_config: dict[str, Any] | None) 
             "tokens": data.caption_max_tokens,
             "text_dim": data.text_dim,
         }
-    if data.source == "shards" and os.path.isdir(data.shard_dir or ""):
-        index = read_index(data.shard_dir)
+    shard_dir = data.shard_dir or ""
+    if data.source == "shards" and os.path.isdir(shard_dir):
+        index = read_index(shard_dir)
         shapes = [tuple(b["latent_shape"]) for b in index["buckets"]]
         largest = max(shapes, key=lambda s: s[-1] * s[-2])
         tokens, text_dim = (int(n) for n in index["text"]["shape"])
@@ -220,7 +221,9 @@ def _shapes(config: TrainConfig, denoiser_folder_config: dict[str, Any] | None) 
         )
     cfg = denoiser_folder_config
     side = int(cfg["sample_size"])
-    text_dim = int(cfg.get("caption_channels") or cfg.get("joint_attention_dim"))
+    # PixArt's config.json names the text width caption_channels, SD3's joint_attention_dim.
+    width: Any = cfg.get("caption_channels") or cfg.get("joint_attention_dim")
+    text_dim = int(width)
     # Text tokens when no data folder says: the family's (PixArt-α 120, Σ and Sana 300, SD3's
     # CLIP 77 + T5 256).
     family = resolve_family(config.model.family, config.model.pretrained_path, cfg["_class_name"])
@@ -245,9 +248,10 @@ def _fake_cond(
     denoiser: nn.Module, batch: int, tokens: int, text_dim: int, hw: tuple[int, int], guided: bool
 ) -> Conditioning:
     states = torch.randn(batch, tokens, text_dim)
-    mask = torch.ones(batch, tokens, dtype=torch.long)
-    added = pooled = None
-    cfg = denoiser.config
+    mask: torch.Tensor | None = torch.ones(batch, tokens, dtype=torch.long)
+    added: dict[str, torch.Tensor] | None = None
+    pooled: torch.Tensor | None = None
+    cfg: Any = denoiser.config  # diffusers' registered config (a FrozenDict, read as attributes)
     if uses_size_conditions(denoiser):  # PixArt-MS (diffusers derives it from sample_size 128)
         added = {
             "resolution": torch.full((batch, 2), 8.0 * hw[0], dtype=torch.float32),
@@ -496,7 +500,9 @@ def stand_in_trainer(step: FakeStep, config: TrainConfig, loss_fn: Any) -> Any:
     # it
     from .trainer import Trainer
 
-    trainer = Trainer.__new__(Trainer)
+    # Any: the stand-ins (_Engine, _Guard, _Metrics, the fixed _plan) take the places of the
+    # trainer's DeepSpeed engines, guards, metrics log and plan method by duck typing.
+    trainer: Any = Trainer.__new__(Trainer)
     rows = step.latents.shape[0]
     trainer.config = config
     trainer.rank, trainer.world_size, trainer.is_main = 0, 1, False
@@ -514,9 +520,9 @@ def stand_in_trainer(step: FakeStep, config: TrainConfig, loss_fn: Any) -> Any:
     trainer.trajectory = step.trajectory
     trainer.trajectories = {step.trajectory.config.num_steps: step.trajectory}
     trainer._plan = lambda: (step.trajectory, step.plan)
-    gan = config.gan.enabled and step.discriminator is not None
-    trainer.disc_engine = _Engine(step.discriminator, 1) if gan else None
-    trainer.disc_guard = _Guard(step.discriminator) if gan else None
+    discriminator = step.discriminator if config.gan.enabled else None
+    trainer.disc_engine = _Engine(discriminator, 1) if discriminator is not None else None
+    trainer.disc_guard = _Guard(discriminator) if discriminator is not None else None
     trainer.loader = type("Loader", (), {"dataset": _Dataset(rows)})()
     trainer.step = 0
     trainer.counters = ReliabilityCounters()

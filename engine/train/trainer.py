@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import deepspeed
 import torch
@@ -82,6 +82,14 @@ from .signals import Interrupted, StopSignals
 from .step_backward import backward_each, backward_in_pieces
 from .step_guard import ReliabilityCounters, StepGuard, any_rank
 from .validation import ValidationPrompts
+
+if TYPE_CHECKING:
+    from ..data.digits import DigitsDataset
+    from ..data.prompts_source import PromptDataset
+    from ..data.shards import LatentShardDataset
+
+    # What the loader holds: one of data/batching.py's build_dataset's datasets.
+    TrainingDataset = DigitsDataset | LatentShardDataset | PromptDataset
 
 __all__ = ["CheckpointMismatchError", "DataError", "Interrupted", "NonFiniteError", "Trainer"]
 
@@ -148,7 +156,7 @@ class Trainer:
             )
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"[data] {err}") from err
-        dataset = self.loader.dataset
+        dataset = self._dataset()
         # With aspect-ratio buckets the latents have several shapes (one per global batch): a
         # denoiser built from config gets the square they are built around as sample_size,
         # the reference grid of PixArt's positional embedding, recomputed per input h x w.
@@ -169,7 +177,8 @@ class Trainer:
         if run.validation_prompts:
             self.validation = ValidationPrompts(config, dataset, self.device, self.compute_dtype)
         self.autoencoder = build_autoencoder(config.model).to(self.device, self.compute_dtype)
-        denoiser = build_denoiser(
+        # As a torch Module: diffusers' wrapped ModelMixin.to types without its bound self.
+        denoiser: nn.Module = build_denoiser(
             config.model,
             latent_channels=channels,
             latent_size=latent_size,
@@ -187,7 +196,7 @@ class Trainer:
             self.teacher.to(self.device, self.compute_dtype)
         # gan.discriminator = "denoiser_features": heads on the frozen pretrained denoiser
         # (the teacher's copy when there is one), taken before adapters or DeepSpeed.
-        frozen_base = None
+        frozen_base: nn.Module | None = None
         if config.gan.enabled and config.gan.discriminator == "denoiser_features":
             if self.teacher is not None:
                 frozen_base = self.teacher.network
@@ -279,6 +288,11 @@ class Trainer:
         )
 
     # -- state ---------------------------------------------------------------------------------
+    def _dataset(self) -> TrainingDataset:
+        # build_dataloader builds the loader over build_dataset's dataset (the DataLoader's
+        # attribute types as a plain Dataset).
+        return cast("TrainingDataset", self.loader.dataset)
+
     def _resume(self, path: Path) -> None:
         # The fingerprint was checked by plan_start, before any model was built: loading a
         # differently shaped model would fail deep inside DeepSpeed instead of naming the key.
@@ -373,6 +387,8 @@ class Trainer:
             g = torch.Generator(device=self.device).manual_seed(seed)
             loss = diffusion_loss(self._networks(), latents, cond, config.sampler, generator=g)
             return GeneratorLoss(LossTerms(loss, {DIFFUSION_KEY: loss.item()}, DIFFUSION_KEY))
+        # objective.kind = "e2ed2" (the only other kind): __init__ built its loss module.
+        assert self.loss_fn is not None
 
         # m trajectories per prompt: one batch of B·m rows, prompt i in rows i·m .. i·m+m-1,
         # each row with its own seeded start and step noise.
@@ -405,7 +421,9 @@ class Trainer:
         crops = None
         if needs_pixels:  # objective.pixel_crop: seeded per step / micro-step / rank (resumable)
             seed = derive_seed(config.run.seed, "pixel-crop", self.step, micro_step, self.rank)
-            crops = self.loss_fn.draw_crops(len(latents), latents.shape[-2:], seed, m)
+            # latents are (B, C, h, w): the last two sizes are the latent's (h, w).
+            hw = cast("tuple[int, int]", latents.shape[-2:])
+            crops = self.loss_fn.draw_crops(len(latents), hw, seed, m)
         if needs_pixels and config.objective.pixel_rows_per_pass:
             # objective.pixel_rows_per_pass: the pixel terms (GAN generator term included) a
             # pass of rows at a time, each backpropagated to the cut final latent (losses.py).
@@ -443,6 +461,8 @@ class Trainer:
         total = terms[TOTAL_KEY]
         logged = {name: value.item() for name, value in terms.items()}
         if config.gan.enabled:
+            # gan.enabled: __init__ built the discriminator's engine; the pixels are decoded above.
+            assert self.disc_engine is not None and fake_pixels is not None
             adversarial = generator_adversarial_loss(
                 self.disc_engine.module,
                 fake_pixels,
@@ -457,6 +477,7 @@ class Trainer:
 
     def _adversarial(self, pixels: torch.Tensor) -> torch.Tensor:
         """Eq. 8's generator term on generated pixels (the discriminator frozen)."""
+        assert self.disc_engine is not None  # passed as the adversarial term when gan.enabled
         return generator_adversarial_loss(
             self.disc_engine.module, pixels, loss=self.config.gan.loss
         )
@@ -470,6 +491,8 @@ class Trainer:
         rows_cond = None
         if self.config.gan.discriminator == "denoiser_features":
             rows_cond = repeat_conditioning(cond, self.config.trajectory.samples_per_prompt)
+        # Called only with the discriminator's engine and guard (built together, gan.enabled).
+        assert self.disc_engine is not None and self.disc_guard is not None
         losses = []
         rows_per_pass = self.config.objective.pixel_rows_per_pass
         for _ in range(self.config.gan.disc_steps_per_gen_step):
@@ -548,7 +571,7 @@ class Trainer:
             if self.loss_fn is not None and self.loss_fn.needs_captions:
                 # The CLIP reward scores each sample against its caption string (the dataset's,
                 # by the sample's index: bad samples arrive replaced, with their own index).
-                captions = self.loader.dataset.captions
+                captions = self._dataset().captions
                 extra["captions"] = [captions[int(i)] for i in batch.index]
             # trajectory.per_step_backward / rows_per_pass: the unroll is cut at every sampler
             # step and / or run in passes of rows, each backward piece a DeepSpeed micro-step
@@ -576,6 +599,8 @@ class Trainer:
             # The discriminator learns from this micro-batch's generated pixels only if they
             # are finite on every rank (its engine is plain data parallel: NaN would spread).
             if self.disc_engine is not None and not any_rank(local_nonfinite, self.device):
+                # gan.enabled: the generator loss decoded both (kept by its passes, if any).
+                assert real is not None and fake is not None
                 logged.update(self._discriminator_updates(real, fake, cond))
             for name, value in logged.items():
                 terms[name] = terms.get(name, 0.0) + value / accum
@@ -623,7 +648,7 @@ class Trainer:
         # Relative to the dataset until an epoch has been drawn: a few bad files among the
         # first batches are a small share of the data, not half of it.
         counters = self.counters
-        share = counters.bad_samples / max(counters.samples_drawn, len(self.loader.dataset))
+        share = counters.bad_samples / max(counters.samples_drawn, len(self._dataset()))
         if share > limit:
             self.metrics.flush()
             raise DataError(
@@ -648,7 +673,7 @@ class Trainer:
                 self.schedule,
                 self.autoencoder.decode,
                 cond,
-                self.loader.dataset.latent_shape,
+                self._dataset().latent_shape,
                 seed=self.config.run.seed,
                 device=self.device,
                 dtype=self.compute_dtype,
@@ -689,6 +714,7 @@ class Trainer:
             state = gathered_state_dict(module, on_this_rank=self.is_main)
         if not self.is_main:
             return None
+        assert state is not None  # gathered on this rank (on_this_rank=is_main)
         return write_export(directory, self.config, module, state)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -771,7 +797,8 @@ class Trainer:
                 self.write_samples()
                 self.write_validation()
             if self.step < run.max_steps and stop.requested(self.device):
-                self._stop_for_signal(stop.signum)
+                # requested() is True: the signal's number is set (a peer's: SIGTERM).
+                self._stop_for_signal(cast(int, stop.signum))
         progress.close()
         if run.export_at_end:
             self.export(self.output_dir / "export")
