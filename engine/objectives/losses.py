@@ -50,6 +50,7 @@ import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,15 @@ from ..core.step_cuts import loss_in_row_passes, row_slices
 from .clip_reward import ClipReward
 from .energy import energy_score
 from .reward import digit_log_prob_reward, load_reward_model
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+        FlowMatchEulerDiscreteScheduler,
+    )
+    from diffusers.schedulers.scheduling_lcm import LCMScheduler
+    from lpips import LPIPS
 
 __all__ = [
     "LPIPS_MIN_SIZE_PX",
@@ -85,7 +95,7 @@ Decode = Callable[[torch.Tensor], torch.Tensor]
 # --- LPIPS --------------------------------------------------------------------------------------
 
 
-def load_lpips_backbone(lpips_model: nn.Module, path: str | os.PathLike) -> None:
+def load_lpips_backbone(lpips_model: LPIPS, path: str | os.PathLike) -> None:
     """Loads a torchvision state dict's ``features.*`` weights into an ``lpips.LPIPS`` backbone.
 
     The lpips package slices torchvision's ``features`` into ``slice1..sliceN`` keeping each
@@ -124,7 +134,7 @@ def load_lpips_backbone(lpips_model: nn.Module, path: str | os.PathLike) -> None
     backbone.load_state_dict(mapped, strict=True)
 
 
-def build_lpips(config: ObjectiveConfig) -> nn.Module:
+def build_lpips(config: ObjectiveConfig) -> LPIPS:
     """The frozen ``lpips.LPIPS`` network of ``config``, without any download.
 
     The linear heads come from the ``lpips`` package's own files (``pretrained=True``); the
@@ -185,7 +195,7 @@ def load_loss_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     return FrozenVAE(AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype))
 
 
-def enable_block_checkpointing(vae: nn.Module) -> bool:
+def enable_block_checkpointing(vae: ModelMixin) -> bool:
     """Turns on diffusers' own gradient checkpointing of an ``AutoencoderKL``'s decoder, which
     checkpoints its mid block and each up block separately; False (nothing changed) for a
     decoder without per-block checkpoints (``AutoencoderTiny`` checkpoints all its layers as
@@ -240,13 +250,19 @@ class E2ED2Loss(nn.Module):
     ``.half()`` still move it. The ``decode`` callable is the trainer's (it moves the VAE itself).
     """
 
+    # Set with object.__setattr__ in __init__ (plain attributes, not submodules).
+    _lpips: LPIPS | None
+    _reward: nn.Module | None
+    _loss_decoder: FrozenVAE | None
+    _decode: Decode | None
+
     def __init__(
         self,
         config: ObjectiveConfig,
         decode: Decode | None = None,
         *,
         reward_dtype: torch.dtype = torch.float32,
-        decoder: nn.Module | None = None,
+        decoder: ModelMixin | None = None,
         pixels_per_latent: int | None = None,
     ) -> None:
         """``reward_dtype``: the weights' dtype of a CLIP reward model and of the loss decoder
@@ -264,13 +280,14 @@ class E2ED2Loss(nn.Module):
         self.step = 0
         # Plain attributes, not submodules (see the class docstring).
         object.__setattr__(self, "_lpips", build_lpips(config) if config.lpips_weight > 0 else None)
-        reward = None
+        reward: nn.Module | None = None
+        # ObjectiveConfig rejects reward_weight > 0 without a reward_path.
         if config.reward_weight > 0 and config.reward_kind == "clip":
-            reward = ClipReward.from_folder(config.reward_path, dtype=reward_dtype)
+            reward = ClipReward.from_folder(cast(str, config.reward_path), dtype=reward_dtype)
         elif config.reward_weight > 0:
-            reward = load_reward_model(config.reward_path)
+            reward = load_reward_model(cast(str, config.reward_path))
         object.__setattr__(self, "_reward", reward)
-        loss_decoder = None
+        loss_decoder: FrozenVAE | None = None
         if config.loss_decoder_path is not None and decode is None:
             raise ValueError(
                 "objective.loss_decoder_path is set but the run is in pixel space (no decoder "
@@ -470,7 +487,8 @@ class E2ED2Loss(nn.Module):
             )
         weights = self.step_weights()
         terms = {name: terms[name] for name in weights}  # the config's order
-        terms["total"] = sum(weights[name] * terms[name] for name in weights)
+        # Never the empty sum's int 0: ObjectiveConfig needs a positive weight for kind='e2ed2'.
+        terms["total"] = cast(torch.Tensor, sum(weights[name] * terms[name] for name in weights))
         return terms
 
     def set_step(self, step: int) -> None:
@@ -555,7 +573,7 @@ class E2ED2Loss(nn.Module):
                     "each sample)"
                 )
             checkpointed = self.config.reward_checkpoint
-            rewards = self._reward(sample_pixels, captions, checkpointed=checkpointed)
+            rewards = self._reward_network()(sample_pixels, captions, checkpointed=checkpointed)
             terms["reward"] = -rewards.mean()
         elif "reward" in weights:
             if labels is None:
@@ -563,8 +581,14 @@ class E2ED2Loss(nn.Module):
                     "objective.reward_weight > 0 but no labels were given (the prompted digit of "
                     "each sample)"
                 )
-            terms["reward"] = -digit_log_prob_reward(self._reward, sample_pixels, labels).mean()
+            reward = self._reward_network()
+            terms["reward"] = -digit_log_prob_reward(reward, sample_pixels, labels).mean()
         return terms
+
+    def _reward_network(self) -> nn.Module:
+        if self._reward is None:  # built whenever "reward" is in the config's weights
+            raise ValueError("objective.reward_weight is 0: this loss has no reward model")
+        return self._reward
 
     def terms_in_passes(
         self,
@@ -631,7 +655,8 @@ class E2ED2Loss(nn.Module):
         if latent:
             loss = loss + sum(weights[name] * term for name, term in latent.items())
         terms = {name: values[name] for name in weights}
-        terms["total"] = sum(weights[name] * terms[name] for name in weights)
+        # Never the empty sum's int 0 (see forward).
+        terms["total"] = cast(torch.Tensor, sum(weights[name] * terms[name] for name in weights))
         fake_px, real_px = (torch.cat(kept[0]), torch.cat(kept[1])) if keep_pixels else (None, None)
         return PassedTerms(loss, terms, fake_px, real_px)
 
@@ -646,7 +671,9 @@ class E2ED2Loss(nn.Module):
 
 @functools.lru_cache(maxsize=8)
 def _alphas_cumprod(config: SamplerConfig) -> torch.Tensor:
-    return config.to_diffusers().alphas_cumprod.to(torch.float32)  # (T,), CPU
+    # The beta-schedule samplers' scheduler: flow_euler's callers take _flow_training_grid.
+    scheduler = cast("DDIMScheduler | LCMScheduler", config.to_diffusers())
+    return scheduler.alphas_cumprod.to(torch.float32)  # (T,), CPU
 
 
 def diffusion_input_and_target(
@@ -725,5 +752,11 @@ def _flow_training_grid(config: SamplerConfig) -> tuple[torch.Tensor, torch.Tens
     """Flow matching's training sigmas and their float timesteps ``sigma * T``, (T,) float32 on
     the CPU, from sigma = 1 down to 1/T: ``FlowMatchEulerDiscreteScheduler`` before
     ``set_timesteps`` (shifted by ``shift``; unshifted with dynamic shifting, as diffusers)."""
-    scheduler = config.to_diffusers()
-    return scheduler.sigmas.to(torch.float32), scheduler.timesteps.to(torch.float32)
+    # Called only for sampler.kind='flow_euler', whose scheduler this is.
+    scheduler = cast("FlowMatchEulerDiscreteScheduler", config.to_diffusers())
+    # diffusers builds ``timesteps`` in a local first bound to a numpy array and then rebound to
+    # a tensor; mypy types the attribute by that first binding (it is a tensor).
+    return (
+        scheduler.sigmas.to(torch.float32),
+        scheduler.timesteps.to(torch.float32),  # type: ignore[attr-defined]
+    )
