@@ -64,12 +64,15 @@ ENGINE_RUNS: dict[str, list[str]] = {
     "start_ddim_gan": ["objective.teacher_path=start", "sampler.kind=ddim", *CONSTANT_GAN],
     # The main job + a discriminator of heads on the frozen base denoiser's features at blocks
     # 1 and 3 of 4, samples re-noised to t in [0, 500] (LADD-style; the same weight 0.01, 5
-    # discriminator steps per step and BCE loss as the 4-conv GAN).
+    # discriminator steps per step and BCE loss as the 4-conv GAN); per-token heads, the only
+    # head at the time.
     "start_ddim_ladd": [
         "objective.teacher_path=start",
         "sampler.kind=ddim",
         *CONSTANT_GAN,
         "gan.discriminator=denoiser_features",
+        "gan.feature_head=token",
+        "gan.feature_t_max=500",
     ],
     # The same two GANs with their generator weight at 0 for the first half of the run (the
     # teacher term alone), then ramped linearly to 0.01 over 50 steps; the discriminator trains
@@ -82,11 +85,14 @@ ENGINE_RUNS: dict[str, list[str]] = {
         "gan.weight_start_step=150",
         "gan.weight_warmup_steps=50",
     ],
+    # The feature discriminator's conv heads (the token grid read jointly), t in [0, 250].
     "start_ddim_ladd_warm": [
         "objective.teacher_path=start",
         "sampler.kind=ddim",
         "gan.enabled=true",
         "gan.discriminator=denoiser_features",
+        "gan.feature_head=conv",
+        "gan.feature_t_max=250",
         "gan.weight_schedule=linear_warmup",
         "gan.weight_start_step=150",
         "gan.weight_warmup_steps=50",

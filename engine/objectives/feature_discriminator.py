@@ -7,25 +7,35 @@ random timestep ``t`` in ``[gan.feature_t_min, gan.feature_t_max]``::
 
     x_t = sqrt(acp_t) x + sqrt(1 - acp_t) eps               (the base's own forward process)
     f_b = output of transformer block b of base(x_t, t, text),  b in gan.feature_blocks
-    logit(token) = w_b . h + <h, c>,  h = LeakyReLU(W_b LayerNorm(f_b)),
-                   c = E_t(sinusoid(t)) + E_text(mean of the prompt's text states)
+    c   = E_t(sinusoid(t)) + E_text(mean of the prompt's text states)
 
-one head per block (an MLP over tokens with a projection term conditioned on ``t`` and the
-prompt, the projection discriminator of Miyato & Koyama 2018, which LADD's heads use too), the
-logits of all heads concatenated into one (B, n_blocks * tokens) map, scored by gan.py's losses
-like the 4-conv map. The base's features already know the timestep and the text, and were
-trained to read noisy samples at every noise level; the heads are the only trained part.
-Measured on the embedded digits (experiments/README.md, issue 25) at the 4-conv discriminator's
-settings (AdamW 2e-4, 5 updates per step, weight 0.01, t in [0, 500]), these heads did not learn
-to separate real from generated digits: their loss stayed at 2 ln 2 for the whole run, and the
-generator was the main job's. No wiring fault was found (the hooks read the blocks' (B, 64, 64)
-token outputs, the heads get gradients, the trainer's AdamW steps them, real is the positive): on
-one batch of 32 digits at t = 0, 40 Adam(W) updates at 2e-3, the heads separate real digits from
-blurred copies (loss 0.21) but not from the base's 16-step DDIM samples (1.27; the 4-conv
-discriminator 0.03), per-token heads on 2x2 pixel patches fail as well (1.38), while one linear map
-over all of block 3's tokens reaches 0.68: scoring each token alone and averaging is the weak part
-(and t up to 500 leaves even the blurred copies at 1.27); a head that reads the tokens jointly is
-open work.
+one head per block, the logits of all heads concatenated into one (B, n_blocks * cells) map,
+scored by gan.py's losses like the 4-conv map. ``gan.feature_head`` picks the head:
+
+- ``conv`` (default; LADD's heads are small convs over the token grid too): f_b's (N, D) tokens
+  laid out on the denoiser's (h, w) patch grid (config sample_size / patch_size), LayerNorm,
+  two 3x3 stride-2 convs with GroupNorm and LeakyReLU -> g of (H, h/4, w/4) (the digits base's
+  8x8 grid: 2x2), ``logit(cell) = w . g_cell + <g_cell, c> / sqrt(H)``;
+- ``token``: each token alone, ``logit(token) = w . h + <h, c> / sqrt(H)``,
+  ``h = LeakyReLU(W LayerNorm(f_b token))``, one logit per token.
+
+Both add a projection term conditioned on ``t`` and the prompt (the projection discriminator of
+Miyato & Koyama 2018, which LADD's heads use too). The base's features already know the
+timestep and the text, and were trained to read noisy samples at every noise level; the heads
+are the only trained part.
+
+Why the conv head (measured on the embedded digits, experiments/README.md, issue 25): at the
+4-conv discriminator's settings (AdamW 2e-4, 5 updates per step, weight 0.01, t in [0, 500]),
+the token heads did not learn in a 300-step run (loss at 2 ln 2 throughout). No wiring fault was
+found (the hooks read the blocks' (B, 64, 64) token outputs, the heads get gradients, the
+trainer's AdamW steps them, real is the positive). On one batch of 32 real digits against the
+base's 16-step DDIM samples (blocks 1 and 3, AdamW 2e-3, BCE after 40 updates, chance 1.39):
+token heads 1.27 / 1.36 / 1.41 with t = 0 / t in [0, 250] / [0, 500], conv heads 0.90 / 1.01 /
+1.29; after 80 updates the conv heads reach 0.11 (t = 0) and 0.72 ([0, 250]), the token heads
+1.17 (t = 0). Scoring each token alone and averaging was the weak part, and re-noising up to 500
+drowns most of what is left (block 3 alone, 80 updates: 0.01 / 0.68 / 0.94), hence
+``feature_t_max`` 250. Against blurred copies at t = 0 the conv heads reach 0.004 in 40 updates
+(token heads 0.44). The 4-conv pixel discriminator: 0.03 on the DDIM batch in 40.
 
 Frozen base: it is stored as a plain attribute, not a submodule, so ``parameters()`` /
 ``state_dict()`` (the discriminator's optimizer, DeepSpeed, its checkpoints) see only the heads;
@@ -58,7 +68,7 @@ from ..config.gan import GanConfig
 from ..config.sampler import SamplerConfig
 from ..core.network import Conditioning, denoise
 
-__all__ = ["FeatureDiscriminator", "feature_width", "transformer_blocks"]
+__all__ = ["FeatureDiscriminator", "feature_width", "patch_grid", "transformer_blocks"]
 
 TIME_EMBED_DIM = 64  # sinusoid width of the heads' timestep embedding
 
@@ -98,8 +108,9 @@ def _pooled_text(cond: Conditioning) -> torch.Tensor:
     return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
-class _Head(nn.Module):
-    """One block's head: (B, N, D) tokens and (B, H) conditioning -> (B, N) logits."""
+class _TokenHead(nn.Module):
+    """``feature_head = "token"``: (B, N, D) tokens, (B, H) conditioning -> (B, N) logits, one
+    per token, each read alone."""
 
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
@@ -114,11 +125,57 @@ class _Head(nn.Module):
         return self.out(h).squeeze(-1) + projection
 
 
+class _ConvHead(nn.Module):
+    """``feature_head = "conv"``: the tokens as their (D, h, w) patch grid, read jointly by two
+    3x3 stride-2 convs -> (B, cells) logits, one per cell of the last map (8x8 tokens: 2x2).
+
+    (B, N, D) -LayerNorm-> (B, D, h, w) -conv 3x3/2, GroupNorm, LeakyReLU-> (B, H, h/2, w/2)
+    -conv 3x3/2, GroupNorm, LeakyReLU-> (B, H, h/4, w/4) = g; logit = conv1x1(g) + <g, c> / sqrt(H)
+    per cell (the projection term as in the token head). Grids smaller than 4 stop halving at 1.
+    """
+
+    def __init__(self, width: int, hidden: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.grid = grid
+        self.norm = nn.LayerNorm(width)
+        groups = math.gcd(hidden, 8)  # GroupNorm needs groups | channels
+        self.body = nn.Sequential(
+            nn.Conv2d(width, hidden, 3, stride=2, padding=1),
+            nn.GroupNorm(groups, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1),
+            nn.GroupNorm(groups, hidden),
+            nn.LeakyReLU(0.2),
+        )
+        self.out = nn.Conv2d(hidden, 1, 1)
+        self.scale = hidden**-0.5
+
+    def forward(self, tokens: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        rows, count, width = tokens.shape
+        h, w = self.grid
+        if count != h * w:
+            raise ValueError(f"{count} tokens do not fill the denoiser's {h} x {w} patch grid")
+        # Tokens are row-major over the patch grid (diffusers' PatchEmbed flattens (h, w)).
+        grid = self.norm(tokens).transpose(1, 2).reshape(rows, width, h, w)
+        g = self.body(grid)
+        projection = (g * condition[:, :, None, None]).sum(dim=1) * self.scale
+        return (self.out(g).squeeze(1) + projection).flatten(1)
+
+
+def patch_grid(network: nn.Module) -> tuple[int, int]:
+    """The denoiser's token grid (h, w) = sample_size / patch_size (PixArt, SD3, Sana configs)."""
+    config = network.config
+    size, patch = config.sample_size, config.patch_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return int(height) // int(patch), int(width) // int(patch)
+
+
 class FeatureDiscriminator(nn.Module):
     """Trainable heads on the frozen ``base`` denoiser's block outputs (module docstring).
 
     ``forward(images, cond)``: (B, C, H, W) samples in the denoiser's input space and their
-    prompts' :class:`Conditioning` -> (B, n_blocks * tokens) logits.
+    prompts' :class:`Conditioning` -> (B, n_blocks * cells) logits (cells: the conv head's last
+    map, or the tokens for the token head).
     """
 
     def __init__(
@@ -156,7 +213,12 @@ class FeatureDiscriminator(nn.Module):
         alphas = torch.as_tensor(sampler.to_diffusers().alphas_cumprod, dtype=torch.float64)
         object.__setattr__(self, "_alphas_cumprod", alphas)  # float64, kept out of dtype casts
         width, hidden = feature_width(base), config.head_channels
-        self.heads = nn.ModuleList(_Head(width, hidden) for _ in self.block_indices)
+        self.head_kind = config.feature_head
+        if config.feature_head == "conv":
+            grid = patch_grid(base)
+            self.heads = nn.ModuleList(_ConvHead(width, hidden, grid) for _ in self.block_indices)
+        else:
+            self.heads = nn.ModuleList(_TokenHead(width, hidden) for _ in self.block_indices)
         self.time_embed = nn.Linear(TIME_EMBED_DIM, hidden)
         self.text_embed = nn.Linear(text_dim, hidden)
         # Calls so far: the noise generator's counter (checkpointed with the heads).
@@ -214,7 +276,7 @@ class FeatureDiscriminator(nn.Module):
         *,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Logits (B, n_blocks * tokens). ``generator``: draw ``t`` and the noise from it instead
+        """Logits (B, n_blocks * cells). ``generator``: draw ``t`` and the noise from it instead
         of the module's counter-seeded one (tests)."""
         if cond is None:
             raise ValueError(

@@ -104,6 +104,7 @@ def test_weight_schedules_value_at_step() -> None:
         (lambda: GanConfig(feature_blocks=()), "gan.feature_blocks must be a non-empty list"),
         (lambda: GanConfig(feature_t_min=600), "gan.feature_t_max must be an integer >= 600"),
         (lambda: GanConfig(head_channels=0), "gan.head_channels must be an integer >= 1"),
+        (lambda: GanConfig(feature_head="mlp"), "gan.feature_head='mlp' is not one of"),
         (
             lambda: ObjectiveConfig(energy_weight_warmup_steps=3),
             "objective.energy_weight_schedule='constant' needs them 0",
@@ -223,3 +224,33 @@ def test_trainer_checkpoints_and_resumes_the_heads(tmp_path: Path, world_of_one:
     state = resumed.disc_engine.module.state_dict()
     assert state.keys() == trained.keys()
     assert all(torch.equal(state[k], trained[k]) for k in trained)
+
+
+def test_conv_head_logits_are_the_cells_of_its_last_map(base) -> None:
+    """The 8x8 token grid halves twice: 2x2 cells per block; the token head: one per token."""
+    cond, images = _cond(2), _images(2, seed=4)
+    assert _disc(base)(images, cond).shape == (2, 2 * 4)
+    assert _disc(base, feature_head="token")(images, cond).shape == (2, 2 * 64)
+
+
+def test_conv_head_separates_real_digits_from_blurred_copies(base) -> None:
+    """At t = 0 the conv heads learn to tell 8 real digits from their 3x3-blurred copies on one
+    batch (BCE 2 ln 2 = 1.39 at chance; 1.44 at the first update, 0.055 after 20 at AdamW 2e-3)."""
+    from sklearn.datasets import load_digits  # lazy: only this test reads the digits
+
+    # The digits as data/digits.py scales them (0..16 -> [-1, 1], bilinear to 16 x 16); random
+    # prompts (the text states only enter the projection term).
+    pixels = torch.as_tensor(load_digits().images[:8], dtype=torch.float32)[:, None]
+    real = F.interpolate(pixels / 8 - 1, size=16, mode="bilinear", align_corners=False)
+    cond = _cond(8)
+    blurred = F.avg_pool2d(real, 3, stride=1, padding=1)
+    disc = _disc(base, feature_t_max=0, lr=2e-3)
+    optimizer = torch.optim.AdamW(disc.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = discriminator_loss(disc, real, blurred, "bce", cond=cond)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 1.0 and losses[-1] < 0.3, losses
