@@ -45,6 +45,11 @@ from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
     from transformers import CLIPModel
+    from transformers.models.clip.configuration_clip import (
+        CLIPConfig,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
 
 __all__ = [
     "CLIP_MODEL_TYPE",
@@ -222,6 +227,22 @@ def _pooled(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def _tower_configs(config: CLIPConfig) -> tuple[CLIPVisionConfig, CLIPTextConfig]:
+    """The vision and text sub-configs of a built CLIPModel's config. CLIPConfig annotates them
+    as ``dict | config | None`` (what its constructor accepts); construction turns a dict or
+    None into the config class, which the isinstance checks narrow to."""
+    # lazy: transformers adds ~1 s over torch and is already loaded here (the model came from it)
+    from transformers.models.clip.configuration_clip import CLIPTextConfig, CLIPVisionConfig
+
+    vision, text = config.vision_config, config.text_config
+    if not isinstance(vision, CLIPVisionConfig) or not isinstance(text, CLIPTextConfig):
+        raise TypeError(
+            f"{_KEY}: the CLIP config's sub-configs are {type(vision).__name__} and "
+            f"{type(text).__name__}, not CLIPVisionConfig and CLIPTextConfig"
+        )
+    return vision, text
+
+
 class ClipReward(nn.Module):
     """The frozen CLIP scorer: ``forward(pixels, captions)`` -> (B,) float32 cosine similarity
     of each decoded sample and its caption. Eval mode, no parameter requires grad; only the
@@ -232,7 +253,10 @@ class ClipReward(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.preprocess = preprocess
-        image_size = int(model.config.vision_config.image_size)
+        vision_config, text_config = _tower_configs(model.config)
+        # CLIPVisionConfig types image_size as any model's (int, pair, None); CLIP's patch
+        # embedding divides it by the patch size as one int, so a built CLIPModel holds an int.
+        image_size = int(cast(int, vision_config.image_size))
         if preprocess.crop is not None and preprocess.crop != (image_size, image_size):
             raise ValueError(
                 f"{_KEY}: the image processor crops to {preprocess.crop}, but the CLIP vision "
@@ -240,7 +264,7 @@ class ClipReward(nn.Module):
             )
         self.image_size = image_size
         self.max_text_tokens = min(
-            int(tokenizer.model_max_length), int(model.config.text_config.max_position_embeddings)
+            int(tokenizer.model_max_length), int(text_config.max_position_embeddings)
         )
         # caption -> (D,) float32 unit text embedding, on the device it was computed on.
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()

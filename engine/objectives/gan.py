@@ -127,7 +127,14 @@ def _logits(disc: nn.Module, images: torch.Tensor, cond: Conditioning | None) ->
 
 
 def build_discriminator_optimizer(config: GanConfig, disc: nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW(disc.parameters(), **config.optimizer_kwargs())
+    # The fields of GanConfig.optimizer_kwargs, by keyword: its dict[str, object] does not type
+    # AdamW's arguments.
+    return torch.optim.AdamW(
+        disc.parameters(),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        weight_decay=config.weight_decay,
+    )
 
 
 @contextlib.contextmanager
