@@ -59,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ def transformer_blocks(network: nn.Module) -> nn.ModuleList:
 
 def feature_width(network: nn.Module) -> int:
     """Width of a block's output tokens: heads x head width (PixArt, SD3, Sana configs)."""
-    config = network.config
+    config = cast(Any, network).config  # a diffusers FrozenDict; nn.Module types it as a Tensor
     return int(config.num_attention_heads * config.attention_head_dim)
 
 
@@ -164,7 +165,7 @@ class _ConvHead(nn.Module):
 
 def patch_grid(network: nn.Module) -> tuple[int, int]:
     """The denoiser's token grid (h, w) = sample_size / patch_size (PixArt, SD3, Sana configs)."""
-    config = network.config
+    config = cast(Any, network).config  # a diffusers FrozenDict; nn.Module types it as a Tensor
     size, patch = config.sample_size, config.patch_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return int(height) // int(patch), int(width) // int(patch)
@@ -177,6 +178,12 @@ class FeatureDiscriminator(nn.Module):
     prompts' :class:`Conditioning` -> (B, n_blocks * cells) logits (cells: the conv head's last
     map, or the tokens for the token head).
     """
+
+    # The frozen base and the schedule are set with object.__setattr__ (kept out of the module's
+    # submodules and dtype casts), the counter is a buffer: declared for the type checker.
+    _base: nn.Module
+    _alphas_cumprod: torch.Tensor
+    draws: torch.Tensor
 
     def __init__(
         self,
@@ -210,7 +217,9 @@ class FeatureDiscriminator(nn.Module):
         self.block_indices = tuple(config.feature_blocks)
         self.t_range = (config.feature_t_min, config.feature_t_max)
         self.seed = seed
-        alphas = torch.as_tensor(sampler.to_diffusers().alphas_cumprod, dtype=torch.float64)
+        # A DDPM-family scheduler (flow_euler is refused above): it has alphas_cumprod.
+        scheduler = cast(Any, sampler.to_diffusers())
+        alphas = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
         object.__setattr__(self, "_alphas_cumprod", alphas)  # float64, kept out of dtype casts
         width, hidden = feature_width(base), config.head_channels
         self.head_kind = config.feature_head
@@ -260,7 +269,7 @@ class FeatureDiscriminator(nn.Module):
         outputs: list[torch.Tensor] = []
 
         def keep(_module: nn.Module, _inputs: object, output: object) -> None:
-            outputs.append(output[-1] if isinstance(output, tuple) else output)
+            outputs.append(cast(torch.Tensor, output[-1] if isinstance(output, tuple) else output))
 
         handles = [blocks[b].register_forward_hook(keep) for b in self.block_indices]
         try:
