@@ -128,7 +128,3 @@ class GanConfig:
     def weight_at(self, step: int) -> float:
         """The generator's adversarial weight at 0-based optimizer step ``step``."""
         return self.weight * self.weight_factors.factor(step)
-
-    def optimizer_kwargs(self) -> dict[str, object]:
-        """Arguments of the discriminator's AdamW (``torch.optim.AdamW`` or a DeepSpeed config)."""
-        return {"lr": self.lr, "betas": (self.beta1, self.beta2), "weight_decay": self.weight_decay}

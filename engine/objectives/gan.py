@@ -127,8 +127,7 @@ def _logits(disc: nn.Module, images: torch.Tensor, cond: Conditioning | None) ->
 
 
 def build_discriminator_optimizer(config: GanConfig, disc: nn.Module) -> torch.optim.AdamW:
-    # The fields of GanConfig.optimizer_kwargs, by keyword: its dict[str, object] does not type
-    # AdamW's arguments.
+    """The discriminator's AdamW with the [gan] section's lr, betas and weight decay."""
     return torch.optim.AdamW(
         disc.parameters(),
         lr=config.lr,
