@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ __all__ = [
     "failing_checkpoint_writes",
     "keep_zero3_params_gathered",
     "local_partition",
+    "release_shm_allreduce_buffer",
+    "shm_allreduce_buffer",
     "skipped_steps",
     "skips_nonfinite_steps",
     "step_without_update",
@@ -268,3 +271,37 @@ def convert_to_universal(tag_folder: Path, target: Path) -> None:
                 inject_missing_state=True,
             )
         )
+
+
+#: Where POSIX shared memory lives on Linux (shm_open names are files here).
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_allreduce_buffer(rank: int) -> Path:
+    """The shared-memory file DeepSpeed 0.19's CPU all-reduce creates for ``rank``.
+
+    ``deepspeed/ops/csrc/cpu/comm/shm.cpp`` (``shm_initialize``, reached from ``TorchBackend``'s
+    constructor when the launcher's ``LOCAL_SIZE`` equals the world size, i.e. every CPU run
+    under the ``deepspeed`` launcher) names it
+    ``deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}``.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_allreduce_buffer(rank: int, world_size: int) -> None:
+    """Unlinks this rank's CPU all-reduce buffer name once every rank has mapped every buffer.
+
+    DeepSpeed 0.19 never unlinks it (its ``shared_close`` has no caller), so each CPU launcher
+    run left ``world_size`` files of ~64 MiB in ``/dev/shm``, which is RAM: on a CPU node that
+    runs many short jobs (a test suite, a sweep) they add up until the machine swaps. Each rank's
+    ``shm_initialize`` returns only after it has mapped every peer's buffer, so after a barrier
+    the names can go: the mappings stay valid until the processes exit, and a rank that is
+    killed later leaves nothing behind. A no-op where DeepSpeed did not create one (a world of
+    one, ranks on several nodes; on a GPU accelerator the name does not exist: one barrier).
+    """
+    # DeepSpeed's own condition, the same on every rank (so every rank or none meets the barrier).
+    if world_size < 2 or os.environ.get("LOCAL_SIZE") != str(world_size):
+        return
+    torch.distributed.barrier()
+    shm_allreduce_buffer(rank).unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from ..config.optim import OptimConfig
 from ..config.presets import shipped_ds_configs
 from ..config.run import Precision
 from ..objectives.gan import build_discriminator
-from .deepspeed_compat import use_weights_only_loading
+from .deepspeed_compat import release_shm_allreduce_buffer, use_weights_only_loading
 from .supervise import RANK_STATUS_ENV
 
 __all__ = [
@@ -210,7 +210,9 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    release_shm_allreduce_buffer(rank, world_size)
+    return rank, world_size
 
 
 def exit_process(code: int) -> NoReturn:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from e2ed2.engine.train.checkpoint import CheckpointStore
+from e2ed2.engine.train.deepspeed_compat import SHM_DIR
 from e2ed2.engine.train.distributed import free_port
 
 pytestmark = pytest.mark.slow
@@ -122,9 +123,13 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(
     crashed, straight = tmp_path / "crashed", tmp_path / "straight"
     checkpoints = crashed / "checkpoints"
 
-    _kill_rank_during_save(
-        _command(crashed, zero3), checkpoints, tmp_path / "killed.log", launcher_env
-    )
+    killed = _command(crashed, zero3)
+    _kill_rank_during_save(killed, checkpoints, tmp_path / "killed.log", launcher_env)
+    # DeepSpeed's CPU all-reduce buffers (64 MiB of RAM each in /dev/shm) are unlinked once every
+    # rank has mapped them, so not even the SIGKILLed run leaves one behind.
+    port = killed[killed.index("--master_port") + 1]
+    left = [p.name for p in SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    assert left == [], left
     on_disk = sorted(p.name for p in checkpoints.iterdir())
     store = CheckpointStore(checkpoints, rank=0, world_size=2, keep=2)
     resume_from = store.latest()
