@@ -77,6 +77,13 @@ class TrainConfig:
                 )
             if self.gan.enabled:
                 raise ConfigError("gan.enabled=true needs objective.kind='e2ed2'")
+            if self.sampler.kind == "scm":
+                # The TrigFlow noise process has no DDPM beta schedule to noise the data with.
+                raise ConfigError(
+                    "objective.kind='diffusion' cannot train a sampler.kind='scm' (TrigFlow) "
+                    "network: the denoising loss noises with a DDPM beta schedule (kind ddim "
+                    "or lcm) or a flow-matching one (flow_euler); use objective.kind='e2ed2'"
+                )
         if traj.per_step_backward:
             self._check_per_step_backward()
         if 0 < traj.rows_per_pass < self.run.batch_per_rank * traj.samples_per_prompt:
