@@ -49,6 +49,24 @@ CONSTANT_GAN = [
     "gan.weight_start_step=0",
     "gan.weight_warmup_steps=0",
 ]
+#: The budget every engine row was measured with, put before each row's own overrides (which win):
+#: 300 optimizer steps with K drawn uniformly from {1, 2, 4}, the preset's until issue 25's
+#: fourth batch (the preset now runs 450 steps, K = 1 half the time: main_k1x2_450).
+BUDGET_300 = [
+    "run.max_steps=300",
+    "run.checkpoint_every_steps=300",
+    "run.sample_every_steps=300",
+    "trajectory.num_steps_choices=[1,2,4]",
+]
+#: The main job's settings from the second batch to the fourth (start_ddim_gan_warm).
+MAIN = [
+    "objective.teacher_path=start",
+    "sampler.kind=ddim",
+    "gan.enabled=true",
+    "gan.weight_schedule=linear_warmup",
+    "gan.weight_start_step=150",
+    "gan.weight_warmup_steps=50",
+]
 ENGINE_RUNS: dict[str, list[str]] = {
     # The main job before issue 25: start-noise teacher, DDIM student (sampled with DDIM).
     "start_ddim": ["objective.teacher_path=start", "sampler.kind=ddim", *NO_GAN],
@@ -84,6 +102,42 @@ ENGINE_RUNS: dict[str, list[str]] = {
         "gan.weight_schedule=linear_warmup",
         "gan.weight_start_step=150",
         "gan.weight_warmup_steps=50",
+    ],
+    # Issue 25, fourth batch: the main job (start_ddim_gan_warm) with one change each.
+    # K = 1 drawn half the time (choices [1, 1, 2, 4]): the weakest budget gets twice the steps,
+    # and a K = 1 step is the cheapest.
+    "main_k1x2": [*MAIN, "trajectory.num_steps_choices=[1,1,2,4]"],
+    # K = 1 drawn three times in five (choices [1, 1, 1, 2, 4]).
+    "main_k1x3": [*MAIN, "trajectory.num_steps_choices=[1,1,1,2,4]"],
+    # main_k1x2 with a 32-step teacher (the base's 32-step DDIM scores 34.4 against 37.5 at 16
+    # steps): a better target at twice the teacher's cost.
+    "main_k1x2_t32": [
+        *MAIN,
+        "trajectory.num_steps_choices=[1,1,2,4]",
+        "objective.teacher_steps=32",
+    ],
+    # main_k1x2 for 1.5x the optimizer steps (450, the ramp scaled alike).
+    "main_k1x2_450": [
+        *MAIN,
+        "trajectory.num_steps_choices=[1,1,2,4]",
+        "run.max_steps=450",
+        "run.checkpoint_every_steps=450",
+        "run.sample_every_steps=450",
+        "gan.weight_start_step=225",
+        "gan.weight_warmup_steps=75",
+    ],
+    # The generator's learning rate 3e-4 -> 1e-3.
+    "main_lr1e3": [*MAIN, "optim.lr=1e-3"],
+    # The GAN's generator weight ramped to 0.03 instead of 0.01.
+    "main_gan03": [*MAIN, "gan.weight=0.03"],
+    # Three times the optimizer steps (the ramp scaled alike): how far more compute goes.
+    "main_900": [
+        *MAIN,
+        "run.max_steps=900",
+        "run.checkpoint_every_steps=900",
+        "run.sample_every_steps=900",
+        "gan.weight_start_step=450",
+        "gan.weight_warmup_steps=150",
     ],
     # The feature discriminator's conv heads (the token grid read jointly), t in [0, 250].
     "start_ddim_ladd_warm": [
@@ -122,6 +176,10 @@ CD_RUNS: dict[str, list[str]] = {
     # 300 x the side-by-side CPU ratio (cost.json): path_lcm / cd = 7.04 -> 2112 steps;
     # start_ddim / cd = 5.46 -> 1638 steps, exported on the way (identical to a shorter run).
     "cd_compute": ["--steps", "2112", "--export-at", "1638"],
+    # The fourth batch's main job (main_k1x2_450): 450 x 6.8 (cost_main.json and
+    # cost_main_from200.json: main_k1x2 / cd = 6.81 over steps 0-11, 6.76 over steps 200-211,
+    # the ramped GAN included) -> 3060 steps; its export at 2040 is main_k1x2's 300 steps.
+    "cd_compute_450": ["--steps", "3060", "--export-at", "2040"],
 }
 
 
@@ -180,6 +238,7 @@ def run(name: str, seed: int) -> None:
             "run.compare_with_base=false",
             "run.overwrite=true",
             "run.resume=false",
+            *BUDGET_300,
             *ENGINE_RUNS[name],
         ]
         settings = ENGINE_RUNS[name]
@@ -301,7 +360,7 @@ def _write_base_export(export: Path, kind: str) -> None:
     write_export(export, config, net, net.state_dict())
 
 
-def cost(steps: int) -> None:
+def cost(steps: int, names: list[str], label: str = "", from_step: int = 0) -> None:
     """CPU seconds per optimizer step of each method, side by side in this one process (one
     thread): the engine's trainers (the preset's K draw) and the consistency distiller, each run
     for ``steps`` steps after one warm-up step, interleaved in rounds so that a change of the
@@ -320,9 +379,12 @@ def cost(steps: int) -> None:
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
     methods = {}
-    for name in ("start_ddim", "path_lcm", "path_lcm_gan"):
+    for name in names:
         overrides = [f"run.output_dir={tmp / name}", "run.compare_with_base=false"]
-        trainer = Trainer(load_config("embedded", overrides + ENGINE_RUNS[name]))
+        trainer = Trainer(load_config("embedded", overrides + BUDGET_300 + ENGINE_RUNS[name]))
+        # Timing a later phase of the run (a weight schedule's ramped part): the step counter
+        # drives the schedules and the K draw, nothing else the cost depends on.
+        trainer.step = from_step
         batches = iter(trainer.loader)
         methods[name] = lambda t=trainer, b=batches: t.train_step(b)
     config = load_config("embedded", ["sampler.kind=lcm"])
@@ -348,12 +410,15 @@ def cost(steps: int) -> None:
     per_step = {name: value / steps for name, value in seconds.items()}
     result = {
         "steps": steps,
+        "from_step": from_step,
         "threads": torch.get_num_threads(),
         "cpu_s_per_step": {k: round(v, 4) for k, v in per_step.items()},
         "ratio_to_cd": {k: round(v / per_step["cd"], 2) for k, v in per_step.items()},
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    (OUT / (f"cost_{label}.json" if label else "cost.json")).write_text(
+        json.dumps(result, indent=2) + "\n"
+    )
     print(json.dumps(result))
 
 
@@ -385,6 +450,12 @@ def table() -> None:
             f"| teacher alone (base, 16-step DDIM; every K) | — | {teacher16} | {teacher16} "
             f"| {teacher16} | — | — |"
         )
+        if "ddim:32" in fd:  # scored separately: `e2ed2 evaluate base_ddim --num-steps 32`
+            teacher32 = _fmt(fd["ddim:32"])
+            lines.append(
+                f"| teacher alone (base, 32-step DDIM; every K) | — | {teacher32} | {teacher32} "
+                f"| {teacher32} | — | — |"
+            )
         lines.append(
             "| base, LCM | — | "
             + " | ".join(_fmt(fd[f"lcm:{k}"]) for k in NUM_STEPS)
@@ -419,6 +490,16 @@ def main() -> None:
     sub.add_parser("table")
     costs = sub.add_parser("cost")
     costs.add_argument("--steps", type=int, default=12)
+    costs.add_argument(
+        "--methods",
+        nargs="+",
+        default=["start_ddim", "path_lcm", "path_lcm_gan"],
+        help="engine runs timed beside the consistency distiller",
+    )
+    costs.add_argument("--label", default="", help="writes cost_LABEL.json instead of cost.json")
+    costs.add_argument(
+        "--from-step", type=int, default=0, help="the engine trainers' step counter at the start"
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.command == "run":
@@ -426,7 +507,7 @@ def main() -> None:
     elif args.command == "teacher":
         teacher()
     elif args.command == "cost":
-        cost(args.steps)
+        cost(args.steps, args.methods, args.label, args.from_step)
     else:
         table()
 

@@ -45,8 +45,9 @@ class TrajectoryConfig:
     """Where ``offload`` / ``block_offload`` keep what they offload (a torch device, e.g. cpu)."""
     num_steps_choices: tuple[int, ...] = ()
     """K drawn per optimizer step (uniformly, the same on every rank) from these, e.g. [1, 2, 4]:
-    one network trained for several step budgets. Empty = always num_steps, which must be one
-    of the choices (it stays the K of sample grids and of the export's default).
+    one network trained for several step budgets; a K listed twice is drawn twice as often
+    ([1, 1, 2, 4]: K = 1 half the time). Empty = always num_steps, which must be one of the
+    choices (it stays the K of sample grids and of the export's default).
     """
     per_step_backward: bool = False
     """Backpropagate one sampler step at a time, each step as one DeepSpeed micro-step
