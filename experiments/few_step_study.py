@@ -126,6 +126,17 @@ ENGINE_RUNS: dict[str, list[str]] = {
         "gan.weight_start_step=225",
         "gan.weight_warmup_steps=75",
     ],
+    # main_k1x2_450 with 2 discriminator updates per step instead of 5 (a cheaper step).
+    "main_k1x2_450_d2": [
+        *MAIN,
+        "trajectory.num_steps_choices=[1,1,2,4]",
+        "run.max_steps=450",
+        "run.checkpoint_every_steps=450",
+        "run.sample_every_steps=450",
+        "gan.weight_start_step=225",
+        "gan.weight_warmup_steps=75",
+        "gan.disc_steps_per_gen_step=2",
+    ],
     # The generator's learning rate 3e-4 -> 1e-3.
     "main_lr1e3": [*MAIN, "optim.lr=1e-3"],
     # The GAN's generator weight ramped to 0.03 instead of 0.01.
