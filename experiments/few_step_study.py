@@ -67,6 +67,17 @@ MAIN = [
     "gan.weight_start_step=150",
     "gan.weight_warmup_steps=50",
 ]
+#: The main job of the fourth batch before its discriminator change: K = 1 half the time, 450
+#: steps, the GAN's ramp scaled with the run (held at 0 for 225 steps, ramped over 75).
+K1X2_450 = [
+    *MAIN,
+    "trajectory.num_steps_choices=[1,1,2,4]",
+    "run.max_steps=450",
+    "run.checkpoint_every_steps=450",
+    "run.sample_every_steps=450",
+    "gan.weight_start_step=225",
+    "gan.weight_warmup_steps=75",
+]
 ENGINE_RUNS: dict[str, list[str]] = {
     # The main job before issue 25: start-noise teacher, DDIM student (sampled with DDIM).
     "start_ddim": ["objective.teacher_path=start", "sampler.kind=ddim", *NO_GAN],
@@ -95,14 +106,7 @@ ENGINE_RUNS: dict[str, list[str]] = {
     # The same two GANs with their generator weight at 0 for the first half of the run (the
     # teacher term alone), then ramped linearly to 0.01 over 50 steps; the discriminator trains
     # from the first step.
-    "start_ddim_gan_warm": [
-        "objective.teacher_path=start",
-        "sampler.kind=ddim",
-        "gan.enabled=true",
-        "gan.weight_schedule=linear_warmup",
-        "gan.weight_start_step=150",
-        "gan.weight_warmup_steps=50",
-    ],
+    "start_ddim_gan_warm": MAIN,
     # Issue 25, fourth batch: the main job (start_ddim_gan_warm) with one change each.
     # K = 1 drawn half the time (choices [1, 1, 2, 4]): the weakest budget gets twice the steps,
     # and a K = 1 step is the cheapest.
@@ -117,39 +121,14 @@ ENGINE_RUNS: dict[str, list[str]] = {
         "objective.teacher_steps=32",
     ],
     # main_k1x2 for 1.5x the optimizer steps (450, the ramp scaled alike).
-    "main_k1x2_450": [
-        *MAIN,
-        "trajectory.num_steps_choices=[1,1,2,4]",
-        "run.max_steps=450",
-        "run.checkpoint_every_steps=450",
-        "run.sample_every_steps=450",
-        "gan.weight_start_step=225",
-        "gan.weight_warmup_steps=75",
-    ],
-    # main_k1x2_450 with 2 discriminator updates per step instead of 5 (a cheaper step).
-    "main_k1x2_450_d2": [
-        *MAIN,
-        "trajectory.num_steps_choices=[1,1,2,4]",
-        "run.max_steps=450",
-        "run.checkpoint_every_steps=450",
-        "run.sample_every_steps=450",
-        "gan.weight_start_step=225",
-        "gan.weight_warmup_steps=75",
-        "gan.disc_steps_per_gen_step=2",
-    ],
+    "main_k1x2_450": K1X2_450,
+    # main_k1x2_450 with 2 discriminator updates per step instead of 5 (a cheaper step): the
+    # main job since the fourth batch.
+    "main_k1x2_450_d2": [*K1X2_450, "gan.disc_steps_per_gen_step=2"],
     # The generator's learning rate 3e-4 -> 1e-3.
     "main_lr1e3": [*MAIN, "optim.lr=1e-3"],
     # The GAN's generator weight ramped to 0.03 instead of 0.01.
     "main_gan03": [*MAIN, "gan.weight=0.03"],
-    # Three times the optimizer steps (the ramp scaled alike): how far more compute goes.
-    "main_900": [
-        *MAIN,
-        "run.max_steps=900",
-        "run.checkpoint_every_steps=900",
-        "run.sample_every_steps=900",
-        "gan.weight_start_step=450",
-        "gan.weight_warmup_steps=150",
-    ],
     # The feature discriminator's conv heads (the token grid read jointly), t in [0, 250].
     "start_ddim_ladd_warm": [
         "objective.teacher_path=start",
