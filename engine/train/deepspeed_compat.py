@@ -297,11 +297,18 @@ def release_shm_allreduce_buffer(rank: int, world_size: int) -> None:
     runs many short jobs (a test suite, a sweep) they add up until the machine swaps. Each rank's
     ``shm_initialize`` returns only after it has mapped every peer's buffer, so after a barrier
     the names can go: the mappings stay valid until the processes exit, and a rank that is
-    killed later leaves nothing behind. A no-op where DeepSpeed did not create one (a world of
-    one, ranks on several nodes; on a GPU accelerator the name does not exist: one barrier).
+    killed later leaves nothing behind. A no-op, without the barrier, where DeepSpeed created
+    none: no shm op built (GPU accelerators: a barrier there would run before the trainer has set
+    the rank's CUDA device), a world of one, ranks on several nodes.
     """
-    # DeepSpeed's own condition, the same on every rank (so every rank or none meets the barrier).
-    if world_size < 2 or os.environ.get("LOCAL_SIZE") != str(world_size):
+    # lazy: a DeepSpeed internal, imported where used: this module must not pay deepspeed (~0.6
+    # s), and a release that moves it breaks only this function
+    from deepspeed.comm import comm as ds_comm
+
+    # DeepSpeed's own condition (TorchBackend built the op; shm_interface.cpp's LOCAL_SIZE test),
+    # the same on every rank, so every rank or none meets the barrier.
+    built = getattr(ds_comm.cdb, "shm_comm_op", None) is not None
+    if not built or world_size < 2 or os.environ.get("LOCAL_SIZE") != str(world_size):
         return
     torch.distributed.barrier()
     shm_allreduce_buffer(rank).unlink(missing_ok=True)
