@@ -288,8 +288,8 @@ def run(name: str, seed: int) -> None:
 
 
 def teacher() -> None:
-    """The frozen base as the 16-step DDIM sampler (the main job's teacher) and as the LCM-path
-    teacher's own sampler is not an export; score the base with DDIM 16 (the issue's teacher)."""
+    """The frozen base as the 16-step DDIM sampler (the main job's teacher; and at 32 steps) and
+    with LCM at K = 1, 2, 4 (the LCM-path teacher's own sampler is not an export)."""
     from e2ed2.engine.config import load_config
 
     config = load_config("embedded", [])
@@ -299,7 +299,8 @@ def teacher() -> None:
     for kind in ("ddim", "lcm"):
         export = WORK / f"base_{kind}"
         _write_base_export(export, kind)
-        steps = ["--num-steps", "16"] if kind == "ddim" else []
+        # DDIM: the main job's 16-step teacher, and 32 steps (a teacher twice as long).
+        steps = ["--num-steps", "16", "32"] if kind == "ddim" else []
         out = WORK / f"base_{kind}.eval.json"
         command = [
             sys.executable,
@@ -435,17 +436,13 @@ def table() -> None:
     base = records.pop("base", None)
     if base is not None:
         fd = base["fd"]
-        teacher16 = _fmt(fd["ddim:16"])
-        lines.append(
-            f"| teacher alone (base, 16-step DDIM; every K) | — | {teacher16} | {teacher16} "
-            f"| {teacher16} | — | — |"
-        )
-        if "ddim:32" in fd:  # scored separately: `e2ed2 evaluate base_ddim --num-steps 32`
-            teacher32 = _fmt(fd["ddim:32"])
-            lines.append(
-                f"| teacher alone (base, 32-step DDIM; every K) | — | {teacher32} | {teacher32} "
-                f"| {teacher32} | — | — |"
-            )
+        for steps in (16, 32):
+            if f"ddim:{steps}" in fd:
+                cell = _fmt(fd[f"ddim:{steps}"])
+                lines.append(
+                    f"| teacher alone (base, {steps}-step DDIM; every K) | — | {cell} | {cell} "
+                    f"| {cell} | — | — |"
+                )
         lines.append(
             "| base, LCM | — | "
             + " | ".join(_fmt(fd[f"lcm:{k}"]) for k in NUM_STEPS)
