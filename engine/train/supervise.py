@@ -98,6 +98,22 @@ class _Ranks:
         live = self.alive()
         return {rank: self.code(rank) for rank in self.procs if rank not in live}
 
+    def failure_order(self, ended: dict[int, int | None]) -> list[int]:
+        """The ranks of ``ended`` that failed, the likely cause first. Ranks that end within one
+        poll of each other (a rank fails, its peers' next collective then fails at once) are
+        ordered by when they wrote their exit code, so the first to fail is named, not the
+        lowest rank; a rank that ended without a code (killed: no time to compare) comes first,
+        since a peer's death is what makes the others fail."""
+        failed = [rank for rank, code in ended.items() if code != 0]
+
+        def reported_ns(rank: int) -> int:
+            try:
+                return os.stat(os.path.join(self.status_dir, f"rank{rank}")).st_mtime_ns
+            except OSError:
+                return -1  # no exit code written: killed
+
+        return sorted(failed, key=lambda rank: (reported_ns(rank), rank))
+
     def code(self, rank: int) -> int | None:
         try:
             with open(os.path.join(self.status_dir, f"rank{rank}")) as f:
@@ -162,19 +178,20 @@ def _watch(runner: subprocess.Popen, ranks: _Ranks, received: list[int]) -> int:
             else:
                 _signal_group(runner, signum)
         if failed is None and not forwarded:
-            for rank, code in sorted(ranks.ended().items()):
-                if code != 0:
-                    failed = (rank, code)
-                    how = "was killed (no exit code)" if code is None else f"exited {code}"
-                    _say(
-                        f"rank {rank} {how} (its own message above says why); the other ranks "
-                        f"{sorted(live)} are stopped within {FAILURE_GRACE_S:.0f} s"
-                    )
-                    if not frozen:
-                        ranks.signal_launch(signal.SIGSTOP)
-                        frozen = True
-                    kill_at = time.monotonic() + FAILURE_GRACE_S
-                    break
+            ended = ranks.ended()
+            first = ranks.failure_order(ended)
+            if first:
+                rank, code = first[0], ended[first[0]]
+                failed = (rank, code)
+                how = "was killed (no exit code)" if code is None else f"exited {code}"
+                _say(
+                    f"rank {rank} {how} (its own message above says why); the other ranks "
+                    f"{sorted(live)} are stopped within {FAILURE_GRACE_S:.0f} s"
+                )
+                if not frozen:
+                    ranks.signal_launch(signal.SIGSTOP)
+                    frozen = True
+                kill_at = time.monotonic() + FAILURE_GRACE_S
         if kill_at is not None and time.monotonic() >= kill_at and live:
             ranks.send(signal.SIGKILL, live)
             kill_at = None
