@@ -20,7 +20,7 @@ __all__ = [
 ObjectiveKind = Literal["e2ed2", "diffusion"]
 LpipsNet = Literal["vgg", "alex", "squeeze"]
 EnergySpace = Literal["latent", "pixels"]
-TeacherSampler = Literal["ddim", "lcm", "flow_euler"]
+TeacherSampler = Literal["ddim", "lcm", "flow_euler", "dpm_solver"]
 TeacherPath = Literal["start", "student"]
 RewardKind = Literal["digit", "clip"]
 
@@ -108,6 +108,9 @@ class ObjectiveConfig:
     """The teacher's sampler: deterministic DDIM over the student's schedule (trailing spacing,
     eta 0), or the student's own sampler (then teacher_steps = K reproduces the student). A flow
     matching student (sampler.kind = "flow_euler", itself deterministic) needs "flow_euler".
+    ``dpm_solver``: diffusers' DPM-Solver++(2M) over the same schedule, deterministic (a second-
+    order multistep solver: the DDIM teacher's quality in about half the network calls on the
+    digits base; objectives/teacher.py); with teacher_path = "start" only.
     """
     teacher_path: TeacherPath = "start"
     """``start``: the teacher samples from the student's start noise alone (its own path).

@@ -106,7 +106,8 @@ class TrainConfig:
             raise ConfigError(
                 f"objective.teacher_sampler={objective.teacher_sampler!r} cannot sample a "
                 f"sampler.kind={sampler.kind!r} model: a flow matching network (velocity) needs "
-                "teacher_sampler='flow_euler', an epsilon / v network 'ddim' or 'lcm'"
+                "teacher_sampler='flow_euler', an epsilon / v network 'ddim', 'lcm' or "
+                "'dpm_solver'"
             )
         if sampler.use_dynamic_shifting:
             raise ConfigError(

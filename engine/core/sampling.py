@@ -4,7 +4,7 @@ validation grids, ``e2ed2 sample`` and ``e2ed2 evaluate`` all draw through
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,14 @@ def generate_pixels(
     seed: int,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    solver: Callable[[Conditioning, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Pixels in [-1, 1], (B, C, H, W): K sampler steps from pure noise, then ``decode``."""
+    """Pixels in [-1, 1], (B, C, H, W): K sampler steps from pure noise, then ``decode``.
+
+    ``solver(cond, start)``: a deterministic sampler run from the same start noise in place of
+    ``schedule``'s steps (the DPM-Solver teacher: objectives/teacher.py); ``schedule`` then only
+    draws the start, so a deterministic ``schedule`` and a solver see identical noise.
+    """
     batch = cond.encoder_hidden_states.shape[0]
     # No graph: plain autograd ("none") costs nothing here and checkpointing would only add work.
     trajectory = Trajectory(
@@ -46,7 +52,10 @@ def generate_pixels(
     )
     # Keeps PixArt-MS's size conditions (added_cond_kwargs) with the text.
     cond = cond.to(device, dtype)
-    sample = trajectory.run(networks, cond, start, noises, plan)
+    if solver is not None:
+        sample = solver(cond, start)
+    else:
+        sample = trajectory.run(networks, cond, start, noises, plan)
     return decode(sample).float().clamp(-1, 1)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -283,9 +283,11 @@ def score_networks(
     seeds: Sequence[int],
     device: torch.device,
     grid_dir: str | Path | None = None,
+    solver: Callable[[Conditioning, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Per K: the digit scores of each sampling seed and their mean / std (see
-    :func:`evaluate_export`); ``config`` gives the sampler and whether networks are per step."""
+    :func:`evaluate_export`); ``config`` gives the sampler and whether networks are per step.
+    ``solver``: a deterministic sampler in place of the config's (``generate_pixels``)."""
     cond, labels = digit_prompts(evaluator.train_set, evaluator.per_class)
     by_k: dict[str, Any] = {}
     for k, schedule in scored_schedules(config, num_steps, by_k):
@@ -299,6 +301,7 @@ def score_networks(
                 evaluator.train_set.latent_shape,
                 seed=seed,
                 device=device,
+                solver=solver,
             )
             scores.append(evaluator.score(pixels, labels))
             if grid_dir is not None and seed == seeds[0]:

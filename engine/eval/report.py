@@ -9,6 +9,7 @@ shows one digit per prompt per row, upscaled with nearest-neighbour so a person 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from ..core.models import resolve_model_folder
 from ..core.sampler import build_schedule
 from ..core.sampling import generate_pixels
 from ..data.digits import DIGIT_WORDS
-from ..objectives.teacher import teacher_sampler_config
+from ..objectives.teacher import dpm_solver_sample, teacher_sampler_config
 from .common import load_export
 from .digits import DigitEvaluator, digit_prompts, score_networks
 
@@ -119,8 +120,12 @@ def compare_with_base(
         teacher_config = dataclasses.replace(config, sampler=sampler)
         k = objective.teacher_steps
         teacher_seeds = list(seeds[:1] if teacher_seeds is None else teacher_seeds)
+        solver = None
+        if objective.teacher_sampler == "dpm_solver":
+            # The DDIM schedule of k steps draws the same start noise; the solver replaces it.
+            solver = functools.partial(dpm_solver_sample, base, sampler, k)
         teacher = {
-            "sampler": sampler.kind,
+            "sampler": objective.teacher_sampler,
             "num_steps": k,
             "seeds": teacher_seeds,
             **score_networks(
@@ -131,6 +136,7 @@ def compare_with_base(
                 num_steps=(k,),
                 seeds=teacher_seeds,
                 device=device,
+                solver=solver,
             )[str(k)],
         }
     # The grid: digits 0..9 once per row, sampling seed = the first scoring seed.
@@ -170,6 +176,10 @@ def compare_with_base(
     return report
 
 
+#: How the report line names a teacher's sampler (others: upper case, e.g. DDIM).
+_SAMPLER_NAMES = {"dpm_solver": "DPM-Solver++", "flow_euler": "flow Euler"}
+
+
 def format_report(report: dict[str, Any]) -> str:
     """One line: FD of base and fine-tuned per K (mean ± std over the seeds) and the change."""
     parts = []
@@ -184,7 +194,8 @@ def format_report(report: dict[str, Any]) -> str:
         )
     teacher = report.get("teacher")
     if teacher is not None and "fd_mean" in teacher:
-        what = f"teacher (base, {teacher['num_steps']}-step {teacher['sampler'].upper()}"
+        solver = _SAMPLER_NAMES.get(teacher["sampler"], teacher["sampler"].upper())
+        what = f"teacher (base, {teacher['num_steps']}-step {solver}"
         if len(teacher["seeds"]) == 1:
             parts.append(f"{what}, seed {teacher['seeds'][0]}) {teacher['fd_mean']:.1f}")
         else:

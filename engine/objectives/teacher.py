@@ -34,6 +34,17 @@ base's own x0 prediction: teacher = student walks the student's states exactly (
 target is a function of the start and injected noises alone, so its L2 minimiser is that
 function again. Hand-written DDIM coefficients (:func:`solve_schedule`): diffusers' DDIMScheduler
 cannot start its grid at an arbitrary timestep; the formulas are those of core/sampler.py.
+
+``objective.teacher_sampler = "dpm_solver"``: the start-noise teacher samples with diffusers'
+DPM-Solver++(2M) (Lu et al. 2022; ``DPMSolverMultistepScheduler``, deterministic, over the
+student's beta schedule and prediction type with trailing spacing, first order at the last
+step, which lands on the clean sample). The teacher needs no graph, so diffusers' scheduler runs
+it as it is. A second-order multistep solver reaches a given sample quality in fewer network
+calls than DDIM; the teacher's calls are most of a training step's (16 no-grad calls against
+the student's one to four with backward). On the digits base, sampling seeds 0-2: DPM-Solver++
+8 steps 36.8 digit FD against DDIM 16 steps 37.5; 16 steps 32.2 against DDIM 32 steps 34.3
+(issue 25, fifth batch). Its first step is first order, which is DDIM's step, so with one or two
+steps it equals the DDIM teacher (tested).
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -49,14 +60,34 @@ from torch import nn
 
 from ..config.objective import ObjectiveConfig
 from ..config.sampler import SamplerConfig
-from ..core.network import Conditioning
+from ..core.network import Conditioning, denoise
 from ..core.sampler import SamplerSchedule, build_schedule
 from ..core.trajectory import run_steps
 
 if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
-__all__ = ["NoisePairedTeacher", "solve_schedule", "solve_steps", "teacher_sampler_config"]
+__all__ = [
+    "NoisePairedTeacher",
+    "dpm_solver_sample",
+    "dpm_solver_scheduler",
+    "solve_schedule",
+    "solve_steps",
+    "teacher_sampler_config",
+]
+
+#: The DDIM config fields DPMSolverMultistepScheduler shares (the beta schedule, the prediction
+#: type and the grid); DDIM's clip_sample has no counterpart there and is refused when on.
+_DPM_SOLVER_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "rescale_betas_zero_snr",
+)
 
 
 def teacher_sampler_config(objective: ObjectiveConfig, student: SamplerConfig) -> SamplerConfig:
@@ -71,9 +102,69 @@ def teacher_sampler_config(objective: ObjectiveConfig, student: SamplerConfig) -
         raise ValueError(
             f"objective.teacher_sampler={objective.teacher_sampler!r} cannot sample a "
             f"sampler.kind={student.kind!r} model; use teacher_sampler='flow_euler' for a flow "
-            "matching student (and 'ddim' / 'lcm' otherwise)"
+            "matching student (and 'ddim' / 'lcm' / 'dpm_solver' otherwise)"
         )
+    if objective.teacher_sampler == "dpm_solver" and student.kind not in ("ddim", "lcm"):
+        raise ValueError(
+            "objective.teacher_sampler='dpm_solver' samples an epsilon / v network over a beta "
+            f"schedule: a sampler.kind 'ddim' or 'lcm' student, got {student.kind!r}"
+        )
+    # dpm_solver: DPMSolverMultistepScheduler is built from this DDIM config (dpm_solver_scheduler).
     return dataclasses.replace(student, kind="ddim", eta=0.0, timestep_spacing="trailing")
+
+
+def dpm_solver_scheduler(sampler: SamplerConfig, num_steps: int) -> Any:
+    """A fresh DPM-Solver++(2M) scheduler over ``sampler``'s beta schedule, prediction type and
+    timestep spacing, set to ``num_steps`` steps (fresh: it keeps the solver's history)."""
+    # lazy: diffusers adds seconds over torch; only this teacher needs it here
+    from diffusers.schedulers.scheduling_dpmsolver_multistep import (
+        DPMSolverMultistepScheduler,
+    )
+
+    if sampler.kind != "ddim" or sampler.clip_sample:
+        raise ValueError(
+            "objective.teacher_sampler='dpm_solver' builds on a DDIM config without clip_sample "
+            f"(teacher_sampler_config), got sampler.kind={sampler.kind!r}, "
+            f"clip_sample={sampler.clip_sample}; set sampler.clip_sample=false or use "
+            "teacher_sampler='ddim'"
+        )
+    kwargs = {
+        key: value for key, value in sampler.diffusers_kwargs().items() if key in _DPM_SOLVER_KEYS
+    }
+    scheduler = DPMSolverMultistepScheduler(
+        **kwargs,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+@torch.no_grad()
+def dpm_solver_sample(
+    network: nn.Module,
+    sampler: SamplerConfig,
+    num_steps: int,
+    cond: Conditioning,
+    start: torch.Tensor,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) in ``num_steps`` steps from ``start`` (B, C, h, w) pure noise to the clean
+    sample, guided as ``sampler`` guides (``denoise``); no graph."""
+    scheduler = dpm_solver_scheduler(sampler, num_steps)
+    x = start * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        output = denoise(
+            network,
+            x,
+            int(t),
+            cond,
+            guidance_scale=sampler.guidance_scale,
+            embedded_guidance=sampler.embedded_guidance_scale,
+        )
+        x = scheduler.step(output, t, x, return_dict=False)[0]
+    return x
 
 
 def solve_steps(teacher_steps: int, timestep: int, num_train_timesteps: int) -> int:
@@ -151,6 +242,9 @@ class NoisePairedTeacher:
         self.schedule = build_schedule(self.sampler, objective.teacher_steps)
         self.path = objective.teacher_path
         self.steps = objective.teacher_steps
+        self.solver = objective.teacher_sampler
+        if self.solver == "dpm_solver":
+            dpm_solver_scheduler(self.sampler, self.steps)  # refuses a config it cannot follow
         if self.path == "student" and student_sampler.kind not in ("lcm", "ddim"):
             raise ValueError(
                 "objective.teacher_path='student' needs sampler.kind 'lcm' or 'ddim' (a sampler "
@@ -165,6 +259,8 @@ class NoisePairedTeacher:
     def walks_student_path(self, student_schedule: SamplerSchedule) -> bool:
         """The teacher follows the student's path with its noise: teacher_path = "student", or
         the student's own sampler with as many steps."""
+        if self.solver == "dpm_solver":
+            return False
         return self.path == "student" or self.schedule == student_schedule
 
     def solve(self, timestep: int) -> SamplerSchedule:
@@ -214,6 +310,8 @@ class NoisePairedTeacher:
         """
         if self.path == "student":
             return self.path_sample(cond, start, student_schedule, student_noises)
+        if self.solver == "dpm_solver":
+            return dpm_solver_sample(self.network, self.sampler, self.steps, cond, start).detach()
         if self.walks_student_path(student_schedule):
             noises = list(student_noises)
         else:

@@ -54,5 +54,7 @@ def test_format_report_adds_the_teachers_fd() -> None:
     assert format_report(report).endswith("; teacher (base, 16-step DDIM) 34.5 ± 0.7")
     report["teacher"].update(seeds=[0], fd_std=0.0)
     assert format_report(report).endswith("; teacher (base, 16-step DDIM, seed 0) 34.5")
+    report["teacher"]["sampler"] = "dpm_solver"
+    assert format_report(report).endswith("; teacher (base, 16-step DPM-Solver++, seed 0) 34.5")
     del report["teacher"]
     assert "teacher" not in format_report(report)
