@@ -95,6 +95,9 @@ def _steps(max_steps: int) -> list[str]:
     ]
 
 
+#: The fifth batch's 12-step DPM-Solver++ teacher for 600 steps.
+DPM12_600 = [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=12", *_steps(600)]
+
 ENGINE_RUNS: dict[str, list[str]] = {
     # The main job before issue 25: start-noise teacher, DDIM student (sampled with DDIM).
     "start_ddim": ["objective.teacher_path=start", "sampler.kind=ddim", *NO_GAN],
@@ -152,6 +155,14 @@ ENGINE_RUNS: dict[str, list[str]] = {
     "main_dpm8_600": [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=8", *_steps(600)],
     # A better target at the DDIM teacher's cost: 16 DPM-Solver++ steps score 32.2 (DDIM 32: 34.3).
     "main_dpm16": [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=16"],
+    # main_dpm8_600 for 800 steps (about the CPU of the fourth batch's main job).
+    "main_dpm8_800": [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=8", *_steps(800)],
+    # The better 16-step target for 600 steps.
+    "main_dpm16_600": [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=16", *_steps(600)],
+    # Between the two: 12 steps (33.1 alone) for 600 steps.
+    "main_dpm12_600": DPM12_600,
+    # main_dpm12_600 with the EMA's decay 0.995 instead of 0.99 (a longer average).
+    "main_dpm12_600_ema995": [*DPM12_600, "ema.decay=0.995"],
     # The generator's learning rate 3e-4 -> 1e-3.
     "main_lr1e3": [*MAIN, "optim.lr=1e-3"],
     # The GAN's generator weight ramped to 0.03 instead of 0.01.
@@ -355,9 +366,42 @@ def teacher() -> None:
         for k, v in result["num_steps"].items()
     }
     record["noise_floor"] = scores["ddim"].get("noise_floor")
+    record["fd"].update(_dpm_solver_teacher(WORK / "base_ddim", (8, 16)))
     OUT.joinpath("records").mkdir(parents=True, exist_ok=True)
     (OUT / "records" / "base.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["fd"]))
+
+
+def _dpm_solver_teacher(export: Path, steps: tuple[int, ...]) -> dict[str, list[float]]:
+    """The base as the DPM-Solver++(2M) teacher (objective.teacher_sampler = "dpm_solver") at
+    each step count, scored as ``e2ed2 evaluate`` scores an export (the same classifier, prompts
+    and start noise: the DDIM schedule of as many steps draws it)."""
+    import functools
+
+    import torch
+
+    from e2ed2.engine.eval.common import load_export
+    from e2ed2.engine.eval.digits import DigitEvaluator, score_networks
+    from e2ed2.engine.objectives.teacher import dpm_solver_sample
+
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    config, network, decode = load_export(export, device)
+    evaluator = DigitEvaluator(config.data, cache_dir=CLASSIFIER_CACHE)
+    fd = {}
+    for k in steps:
+        scores = score_networks(
+            network,
+            config,
+            decode,
+            evaluator,
+            num_steps=(k,),
+            seeds=SAMPLING_SEEDS,
+            device=device,
+            solver=functools.partial(dpm_solver_sample, network, config.sampler, k),
+        )[str(k)]
+        fd[f"dpm_solver:{k}"] = [s["fd"] for s in scores["per_seed"]]
+    return fd
 
 
 def _write_base_export(export: Path, kind: str) -> None:
@@ -463,11 +507,16 @@ def table() -> None:
     base = records.pop("base", None)
     if base is not None:
         fd = base["fd"]
-        for steps in (16, 32):
-            if f"ddim:{steps}" in fd:
-                cell = _fmt(fd[f"ddim:{steps}"])
+        for solver, name, steps in (
+            ("ddim", "DDIM", 16),
+            ("ddim", "DDIM", 32),
+            ("dpm_solver", "DPM-Solver++", 8),
+            ("dpm_solver", "DPM-Solver++", 16),
+        ):
+            if f"{solver}:{steps}" in fd:
+                cell = _fmt(fd[f"{solver}:{steps}"])
                 lines.append(
-                    f"| teacher alone (base, {steps}-step DDIM; every K) | — | {cell} | {cell} "
+                    f"| teacher alone (base, {steps}-step {name}; every K) | — | {cell} | {cell} "
                     f"| {cell} | — | — |"
                 )
         lines.append(

@@ -61,8 +61,10 @@ def build_ds_config(
     world_size: int,
     optim: OptimConfig,
     precision: Precision,
+    total_steps: int | None = None,
 ) -> dict[str, Any]:
-    """The full DeepSpeed config dict of one engine."""
+    """The full DeepSpeed config dict of one engine. ``total_steps``: the run's optimizer steps
+    (run.max_steps), where optim.lr_schedule = "cosine" ends."""
     path = resolve_ds_config(ds_config)
     try:
         with open(path) as f:
@@ -125,7 +127,22 @@ def build_ds_config(
             "weight_decay": optim.weight_decay,
         },
     }
-    if optim.warmup_steps > 0:
+    if optim.lr_schedule == "cosine":
+        if total_steps is None:
+            raise ValueError("optim.lr_schedule='cosine' needs the run's length (run.max_steps)")
+        # WarmupCosineLR warms up over max(2, n) steps from warmup_min_ratio x lr and refuses
+        # n = 0: without a warmup, a ratio of 1 holds lr over those first steps (no step at 0).
+        config["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total_steps,
+                "warmup_min_ratio": 0.0 if optim.warmup_steps > 0 else 1.0,
+                "warmup_num_steps": max(1, optim.warmup_steps),
+                "cos_min_ratio": optim.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        }
+    elif optim.warmup_steps > 0:
         # Without warmup no scheduler at all: WarmupLR would give step 0 a learning rate of 0.
         config["scheduler"] = {
             "type": "WarmupLR",
@@ -182,6 +199,8 @@ def build_discriminator_engine(
             beta2=config.gan.beta2,
             weight_decay=config.gan.weight_decay,
             warmup_steps=0,
+            lr_schedule="constant",
+            min_lr_ratio=0.0,
         ),
         precision=run.precision,
     )

@@ -41,6 +41,7 @@ def check_launch(config: TrainConfig, world_size: int) -> dict[str, Any]:
             world_size=world_size,
             optim=config.optim,
             precision=run.precision,
+            total_steps=run.max_steps,
         )
         _keep_linear_for_selective(config, ds_config)
         stage = ds_config.get("zero_optimization", {}).get("stage", 0)

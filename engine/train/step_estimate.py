@@ -329,6 +329,7 @@ def estimate_step(
         world_size=world_size,
         optim=config.optim,
         precision=config.run.precision,
+        total_steps=config.run.max_steps,
     )
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     step = build_fake_step(config, resolution_px)
