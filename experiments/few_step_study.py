@@ -52,11 +52,18 @@ CONSTANT_GAN = [
 #: The budget every engine row was measured with, put before each row's own overrides (which win):
 #: 300 optimizer steps with K drawn uniformly from {1, 2, 4}, the preset's until issue 25's
 #: fourth batch (the preset now runs 450 steps, K = 1 half the time: main_k1x2_450).
+#: Also pinned there, for the same reason: the preset's teacher (16-step DDIM), discriminator
+#: updates (5) and EMA decay (0.99) until the fifth batch (the preset since: 12-step DPM-Solver++,
+#: 2 updates from the fourth batch on, EMA 0.98). Rows that changed them say so in their own list.
 BUDGET_300 = [
     "run.max_steps=300",
     "run.checkpoint_every_steps=300",
     "run.sample_every_steps=300",
     "trajectory.num_steps_choices=[1,2,4]",
+    "objective.teacher_sampler=ddim",
+    "objective.teacher_steps=16",
+    "gan.disc_steps_per_gen_step=5",
+    "ema.decay=0.99",
 ]
 #: The main job's settings from the second batch to the fourth (start_ddim_gan_warm).
 MAIN = [
@@ -97,6 +104,9 @@ def _steps(max_steps: int) -> list[str]:
 
 #: The fifth batch's 12-step DPM-Solver++ teacher for 600 steps.
 DPM12_600 = [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=12", *_steps(600)]
+
+#: The main job since the fifth batch (main_dpm12_600_ema98).
+MAIN5 = [*DPM12_600, "ema.decay=0.98"]
 
 ENGINE_RUNS: dict[str, list[str]] = {
     # The main job before issue 25: start-noise teacher, DDIM student (sampled with DDIM).
@@ -163,6 +173,18 @@ ENGINE_RUNS: dict[str, list[str]] = {
     "main_dpm12_600": DPM12_600,
     # main_dpm12_600 with the EMA's decay 0.995 instead of 0.99 (a longer average).
     "main_dpm12_600_ema995": [*DPM12_600, "ema.decay=0.995"],
+    # ... and 0.98 (a shorter one).
+    "main_dpm12_600_ema98": MAIN5,
+    # ... and 0.95 (the paper's).
+    "main_dpm12_600_ema95": [*DPM12_600, "ema.decay=0.95"],
+    # main_dpm12_600_ema98 (the main job since the fifth batch) with one change each:
+    # the GAN's generator term from step 200 instead of 300 (ramped over 100 steps either way);
+    "main5_gan200": [*MAIN5, "gan.weight_start_step=200"],
+    # the GAN's generator weight ramped to 0.02 instead of 0.01.
+    "main5_gan02": [*MAIN5, "gan.weight=0.02"],
+    # main_dpm12_600 with the generator's learning rate decayed on a half cosine to 0.1 x 3e-4 at
+    # the last step (optim.lr_schedule = "cosine") instead of held.
+    "main_dpm12_600_cos": [*DPM12_600, "optim.lr_schedule=cosine", "optim.min_lr_ratio=0.1"],
     # The generator's learning rate 3e-4 -> 1e-3.
     "main_lr1e3": [*MAIN, "optim.lr=1e-3"],
     # The GAN's generator weight ramped to 0.03 instead of 0.01.
@@ -366,7 +388,7 @@ def teacher() -> None:
         for k, v in result["num_steps"].items()
     }
     record["noise_floor"] = scores["ddim"].get("noise_floor")
-    record["fd"].update(_dpm_solver_teacher(WORK / "base_ddim", (8, 16)))
+    record["fd"].update(_dpm_solver_teacher(WORK / "base_ddim", (8, 12, 16)))
     OUT.joinpath("records").mkdir(parents=True, exist_ok=True)
     (OUT / "records" / "base.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["fd"]))
@@ -511,6 +533,7 @@ def table() -> None:
             ("ddim", "DDIM", 16),
             ("ddim", "DDIM", 32),
             ("dpm_solver", "DPM-Solver++", 8),
+            ("dpm_solver", "DPM-Solver++", 12),
             ("dpm_solver", "DPM-Solver++", 16),
         ):
             if f"{solver}:{steps}" in fd:
@@ -543,6 +566,35 @@ def table() -> None:
     print("\n".join(lines))
 
 
+def compare(name: str, other: str) -> None:
+    """``name`` minus ``other`` at each K: paired by fine-tune and sampling seed (the seeds both
+    rows have), mean ± std of the differences and how many favour ``name``; and unpaired, the
+    difference of the means in units of the pooled spread sqrt((s_a^2 + s_b^2) / 2) of the two
+    rows' per-image-set FDs (what the issue's "more than 2 standard deviations" is read as)."""
+    records = [json.loads(p.read_text()) for p in sorted((OUT / "records").glob("*.json"))]
+    rows = {n: {r["seed"]: r for r in records if r["name"] == n} for n in (name, other)}
+    seeds = sorted(set(rows[name]) & set(rows[other]))
+    if not seeds:
+        raise SystemExit(f"no fine-tune seed has records of both {name!r} and {other!r}")
+    result = {"name": name, "other": other, "fine_tune_seeds": seeds, "by_k": {}}
+    for k in map(str, NUM_STEPS):
+        a = [v for seed in seeds for v in rows[name][seed]["fd"][k]]
+        b = [v for seed in seeds for v in rows[other][seed]["fd"][k]]
+        diffs = [x - y for x, y in zip(a, b, strict=True)]
+        pooled = ((statistics.stdev(a) ** 2 + statistics.stdev(b) ** 2) / 2) ** 0.5
+        gap = statistics.mean(a) - statistics.mean(b)
+        result["by_k"][k] = {
+            "mean": [round(statistics.mean(a), 2), round(statistics.mean(b), 2)],
+            "paired_diff": round(statistics.mean(diffs), 2),
+            "paired_std": round(statistics.stdev(diffs), 2),
+            "pairs_favouring": sum(d < 0 for d in diffs),
+            "pairs": len(diffs),
+            "pooled_std": round(pooled, 2),
+            "gap_in_pooled_std": round(gap / pooled, 2),
+        }
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -551,6 +603,9 @@ def main() -> None:
     one.add_argument("--seed", type=int, default=0)
     sub.add_parser("teacher")
     sub.add_parser("table")
+    pair = sub.add_parser("compare")
+    pair.add_argument("name")
+    pair.add_argument("other")
     costs = sub.add_parser("cost")
     costs.add_argument("--steps", type=int, default=12)
     costs.add_argument(
@@ -571,6 +626,8 @@ def main() -> None:
         teacher()
     elif args.command == "cost":
         cost(args.steps, args.methods, args.label, args.from_step)
+    elif args.command == "compare":
+        compare(args.name, args.other)
     else:
         table()
 
