@@ -182,6 +182,14 @@ ENGINE_RUNS: dict[str, list[str]] = {
     "main5_gan200": [*MAIN5, "gan.weight_start_step=200"],
     # the GAN's generator weight ramped to 0.02 instead of 0.01.
     "main5_gan02": [*MAIN5, "gan.weight=0.02"],
+    # ... ramped to 0.03;
+    "main5_gan03": [*MAIN5, "gan.weight=0.03"],
+    # ... 0.02 from step 200.
+    "main5_gan02_200": [*MAIN5, "gan.weight=0.02", "gan.weight_start_step=200"],
+    # ... 0.03 from step 200;
+    "main5_gan03_200": [*MAIN5, "gan.weight=0.03", "gan.weight_start_step=200"],
+    # ... 0.05 from step 200.
+    "main5_gan05_200": [*MAIN5, "gan.weight=0.05", "gan.weight_start_step=200"],
     # main_dpm12_600 with the generator's learning rate decayed on a half cosine to 0.1 x 3e-4 at
     # the last step (optim.lr_schedule = "cosine") instead of held.
     "main_dpm12_600_cos": [*DPM12_600, "optim.lr_schedule=cosine", "optim.min_lr_ratio=0.1"],
