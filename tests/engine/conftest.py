@@ -106,6 +106,31 @@ def _real_models():
     return sys.modules[name]
 
 
+#: A tiny single-process training run: a 1-block PixArt on 8 px digits, batch 2, no DeepSpeed
+#: JSON, no samples or export, every step logged. Tests add the keys they are about.
+TINY_RUN = (
+    "model.num_layers=1",
+    "model.num_attention_heads=2",
+    "model.attention_head_dim=8",
+    "data.resolution=8",
+    "data.text_dim=16",
+    "data.caption_max_tokens=8",
+    "run.batch_per_rank=2",
+    "run.log_every_steps=1",
+    "run.checkpoint_every_steps=1000",
+    "run.num_sample_images=0",
+    "run.export_at_end=false",
+    "run.deepspeed_config=none",
+    "run.cpu_threads=1",
+)
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path) -> list[str]:
+    """:data:`TINY_RUN`'s overrides with ``run.output_dir`` in the test's tmp_path."""
+    return [*TINY_RUN, f"run.output_dir={tmp_path / 'run'}"]
+
+
 @pytest.fixture(scope="session")
 def real_models():
     """The builders of tests/engine/real_models.py (tiny models with real checkpoints' structure)."""

@@ -101,7 +101,7 @@ def test_configs_the_solver_cannot_follow_are_refused() -> None:
         NoisePairedTeacher(torch.nn.Linear(1, 1), _objective(8), clipped)
 
 
-def test_the_trainer_runs_a_step_with_the_dpm_teacher(tmp_path) -> None:
+def test_the_trainer_runs_a_step_with_the_dpm_teacher(tiny_run) -> None:
     """Through the trainer and the config loader: a finite, positive teacher loss."""
     from e2ed2.engine.config import load_config
     from e2ed2.engine.train.trainer import Trainer
@@ -110,14 +110,8 @@ def test_the_trainer_runs_a_step_with_the_dpm_teacher(tmp_path) -> None:
         load_config(
             None,
             [
-                f"run.output_dir={tmp_path}",
+                *tiny_run,
                 "run.max_steps=1",
-                "run.batch_per_rank=2",
-                "run.num_sample_images=0",
-                "run.export_at_end=false",
-                "run.deepspeed_config=none",
-                "model.num_layers=1",
-                "data.resolution=8",
                 "sampler.kind=ddim",
                 "sampler.prediction_type=v_prediction",
                 "trajectory.num_steps=1",

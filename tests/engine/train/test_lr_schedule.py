@@ -9,27 +9,9 @@ from e2ed2.engine.config import ConfigError, load_config
 from e2ed2.engine.config.optim import OptimConfig
 from e2ed2.engine.train.distributed import build_ds_config
 
-TINY = [
-    "model.num_layers=1",
-    "model.num_attention_heads=2",
-    "model.attention_head_dim=8",
-    "data.resolution=8",
-    "data.text_dim=16",
-    "data.caption_max_tokens=8",
-    "trajectory.num_steps=1",
-    "run.batch_per_rank=2",
-    "run.log_every_steps=1",
-    "run.checkpoint_every_steps=1000",
-    "run.num_sample_images=0",
-    "run.export_at_end=false",
-    "run.deepspeed_config=none",
-    "run.cpu_threads=1",
-    "optim.lr=1e-3",
-]
-
 
 @pytest.mark.parametrize("warmup_steps", [0, 3])
-def test_cosine_ends_at_the_floor_on_the_last_step(tmp_path, warmup_steps: int) -> None:
+def test_cosine_ends_at_the_floor_on_the_last_step(tiny_run, warmup_steps: int) -> None:
     """The rate each logged step sets for the next: without a warmup it starts at lr, with one it
     rises towards lr; then it falls every step to min_lr_ratio x lr by step run.max_steps. (As
     with DeepSpeed's WarmupLR, the very first step trains at rate 0: its schedulers start so.)"""
@@ -38,8 +20,9 @@ def test_cosine_ends_at_the_floor_on_the_last_step(tmp_path, warmup_steps: int) 
     config = load_config(
         None,
         [
-            *TINY,
-            f"run.output_dir={tmp_path}",
+            *tiny_run,
+            "trajectory.num_steps=1",
+            "optim.lr=1e-3",
             "run.max_steps=9",
             "optim.lr_schedule=cosine",
             "optim.min_lr_ratio=0.1",
