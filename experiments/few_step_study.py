@@ -53,8 +53,9 @@ CONSTANT_GAN = [
 #: 300 optimizer steps with K drawn uniformly from {1, 2, 4}, the preset's until issue 25's
 #: fourth batch (the preset now runs 450 steps, K = 1 half the time: main_k1x2_450).
 #: Also pinned there, for the same reason: the preset's teacher (16-step DDIM), discriminator
-#: updates (5) and EMA decay (0.99) until the fifth batch (the preset since: 12-step DPM-Solver++,
-#: 2 updates from the fourth batch on, EMA 0.98). Rows that changed them say so in their own list.
+#: updates (5), GAN weight (0.01) and EMA decay (0.99) until the fifth batch (the preset since:
+#: 12-step DPM-Solver++, 2 updates from the fourth batch on, 0.03, EMA 0.98). Rows that changed
+#: them say so in their own list.
 BUDGET_300 = [
     "run.max_steps=300",
     "run.checkpoint_every_steps=300",
@@ -63,6 +64,7 @@ BUDGET_300 = [
     "objective.teacher_sampler=ddim",
     "objective.teacher_steps=16",
     "gan.disc_steps_per_gen_step=5",
+    "gan.weight=0.01",
     "ema.decay=0.99",
 ]
 #: The main job's settings from the second batch to the fourth (start_ddim_gan_warm).
@@ -190,6 +192,13 @@ ENGINE_RUNS: dict[str, list[str]] = {
     "main5_gan03_200": [*MAIN5, "gan.weight=0.03", "gan.weight_start_step=200"],
     # ... 0.05 from step 200.
     "main5_gan05_200": [*MAIN5, "gan.weight=0.05", "gan.weight_start_step=200"],
+    # main5_gan03_200 (the main job now) with K = 4 drawn twice as often (choices [1, 1, 2, 4, 4]).
+    "main5_gan03_200_k4x2": [
+        *MAIN5,
+        "gan.weight=0.03",
+        "gan.weight_start_step=200",
+        "trajectory.num_steps_choices=[1,1,2,4,4]",
+    ],
     # main_dpm12_600 with the generator's learning rate decayed on a half cosine to 0.1 x 3e-4 at
     # the last step (optim.lr_schedule = "cosine") instead of held.
     "main_dpm12_600_cos": [*DPM12_600, "optim.lr_schedule=cosine", "optim.min_lr_ratio=0.1"],
