@@ -300,8 +300,14 @@ def build_fake_step(config: TrainConfig, resolution_px: int | None) -> FakeStep:
             # Its schedule is built from real tensors (outside the mode); its network, the
             # trainer's frozen copy of the pretrained denoiser, is one more built from config (a
             # deep copy of fake tensors would belong to another fake mode).
+            objective = config.objective
+            if objective.teacher_sampler == "dpm_solver":
+                # diffusers' DPM-Solver builds its grid with numpy, which fake tensors cannot
+                # give. Its memory is the DDIM teacher's (one no-grad network call at a time, as
+                # many calls) plus its previous x0 prediction: one latent of the batch more.
+                objective = dataclasses.replace(objective, teacher_sampler="ddim")
             with _outside(mode):
-                teacher = NoisePairedTeacher(nn.Module(), config.objective, config.sampler)
+                teacher = NoisePairedTeacher(nn.Module(), objective, config.sampler)
             teacher.network = denoiser_from_config().requires_grad_(False).eval()
         layout = NetworkLayout(config.model)
         # peft moves each new adapter (and layer) to its base layer's device and dtype with
