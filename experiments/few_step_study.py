@@ -89,7 +89,6 @@ K1X2_450 = [
 ]
 #: The main job since the fourth batch (main_k1x2_450_d2).
 MAIN_D2 = [*K1X2_450, "gan.disc_steps_per_gen_step=2"]
-DPM_TEACHER = ["objective.teacher_sampler=dpm_solver"]
 
 
 def _steps(max_steps: int) -> list[str]:
@@ -104,11 +103,23 @@ def _steps(max_steps: int) -> list[str]:
     ]
 
 
-#: The fifth batch's 12-step DPM-Solver++ teacher for 600 steps.
-DPM12_600 = [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=12", *_steps(600)]
+def _dpm(teacher_steps: int, max_steps: int) -> list[str]:
+    """MAIN_D2 with the DPM-Solver++(2M) teacher (objective.teacher_sampler = "dpm_solver") of
+    ``teacher_steps`` steps, run for ``max_steps`` (:func:`_steps`)."""
+    return [
+        *MAIN_D2,
+        "objective.teacher_sampler=dpm_solver",
+        f"objective.teacher_steps={teacher_steps}",
+        *_steps(max_steps),
+    ]
 
-#: The main job since the fifth batch (main_dpm12_600_ema98).
+
+#: The fifth batch's 12-step DPM-Solver++ teacher for 600 steps.
+DPM12_600 = _dpm(12, 600)
+#: The fifth batch's main job before its GAN change (main_dpm12_600_ema98).
 MAIN5 = [*DPM12_600, "ema.decay=0.98"]
+#: The main job since the fifth batch (main5_gan03_200): MAIN5 with the GAN at 0.03 from step 200.
+MAIN5_GAN = [*MAIN5, "gan.weight=0.03", "gan.weight_start_step=200"]
 
 ENGINE_RUNS: dict[str, list[str]] = {
     # The main job before issue 25: start-noise teacher, DDIM student (sampled with DDIM).
@@ -160,17 +171,13 @@ ENGINE_RUNS: dict[str, list[str]] = {
     # Issue 25, fifth batch: the main job for 600 optimizer steps (the 16-step DDIM teacher): what
     # more steps alone give, against which the cheaper teachers below are read.
     "main_600": [*MAIN_D2, *_steps(600)],
-    # The teacher as diffusers' DPM-Solver++(2M) (objective.teacher_sampler = "dpm_solver"): 8
-    # steps score about what DDIM does in 16 (36.8 against 37.5) at half the teacher's calls.
-    "main_dpm8": [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=8"],
-    # The same for 600 steps: the calls it saves spent on more optimizer steps.
-    "main_dpm8_600": [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=8", *_steps(600)],
-    # A better target at the DDIM teacher's cost: 16 DPM-Solver++ steps score 32.2 (DDIM 32: 34.3).
-    "main_dpm16": [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=16"],
+    # The teacher as diffusers' DPM-Solver++(2M) for 600 steps: 8 steps score about what DDIM
+    # does in 16 (36.8 against 37.5) at half the teacher's calls, spent on more optimizer steps.
+    "main_dpm8_600": _dpm(8, 600),
     # main_dpm8_600 for 800 steps (about the CPU of the fourth batch's main job).
-    "main_dpm8_800": [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=8", *_steps(800)],
-    # The better 16-step target for 600 steps.
-    "main_dpm16_600": [*MAIN_D2, *DPM_TEACHER, "objective.teacher_steps=16", *_steps(600)],
+    "main_dpm8_800": _dpm(8, 800),
+    # A better target: 16 DPM-Solver++ steps score 32.2 (DDIM 32: 34.3), for 600 steps.
+    "main_dpm16_600": _dpm(16, 600),
     # Between the two: 12 steps (33.1 alone) for 600 steps.
     "main_dpm12_600": DPM12_600,
     # main_dpm12_600 with the EMA's decay 0.995 instead of 0.99 (a longer average).
@@ -189,16 +196,11 @@ ENGINE_RUNS: dict[str, list[str]] = {
     # ... 0.02 from step 200.
     "main5_gan02_200": [*MAIN5, "gan.weight=0.02", "gan.weight_start_step=200"],
     # ... 0.03 from step 200;
-    "main5_gan03_200": [*MAIN5, "gan.weight=0.03", "gan.weight_start_step=200"],
+    "main5_gan03_200": MAIN5_GAN,
     # ... 0.05 from step 200.
     "main5_gan05_200": [*MAIN5, "gan.weight=0.05", "gan.weight_start_step=200"],
     # main5_gan03_200 (the main job now) with K = 4 drawn twice as often (choices [1, 1, 2, 4, 4]).
-    "main5_gan03_200_k4x2": [
-        *MAIN5,
-        "gan.weight=0.03",
-        "gan.weight_start_step=200",
-        "trajectory.num_steps_choices=[1,1,2,4,4]",
-    ],
+    "main5_gan03_200_k4x2": [*MAIN5_GAN, "trajectory.num_steps_choices=[1,1,2,4,4]"],
     # main_dpm12_600 with the generator's learning rate decayed on a half cosine to 0.1 x 3e-4 at
     # the last step (optim.lr_schedule = "cosine") instead of held.
     "main_dpm12_600_cos": [*DPM12_600, "optim.lr_schedule=cosine", "optim.min_lr_ratio=0.1"],
@@ -365,8 +367,9 @@ def run(name: str, seed: int) -> None:
 
 
 def teacher() -> None:
-    """The frozen base as the 16-step DDIM sampler (the main job's teacher; and at 32 steps) and
-    with LCM at K = 1, 2, 4 (the LCM-path teacher's own sampler is not an export)."""
+    """The frozen base as the teacher samplers alone: DDIM at 16 and 32 steps, DPM-Solver++(2M)
+    at 8, 12 and 16 (the main job's teacher since the fifth batch: 12), and LCM at K = 1, 2, 4
+    (the LCM-path teacher's own sampler is not an export)."""
     from e2ed2.engine.config import load_config
 
     config = load_config("embedded", [])
